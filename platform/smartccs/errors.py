@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Everything a user can act on (a bad file, a bad id, a missing mpp) is a ``CCSError``: the CLI
+prints its message as one line and exits non-zero, the tile stream turns it into an error row.
+Anything else is a bug and keeps its traceback.
+"""
+
+
+class CCSError(Exception):
+    """An error whose message alone tells the user what is wrong and where."""
+
+
+class InvalidIdError(CCSError, ValueError):
+    """A center, batch or slide id that is not a safe path segment."""
+
+
+class ManifestError(CCSError):
+    """A manifest that cannot be read or does not validate."""
+
+
+class SlideError(CCSError):
+    """A slide that cannot be opened or read."""
+
+
+class MissingMppError(SlideError):
+    """A slide whose pixel size is unknown: we never guess it."""
+
+
+class NoForegroundError(SlideError):
+    """A slide with no cells on it at the foreground threshold."""
+
+
+class StoreError(CCSError):
+    """A store URI, object or commit that is not as expected."""
+
+
+class AlreadyCommittedError(StoreError):
+    """A committed batch, table partition or model version is never overwritten."""

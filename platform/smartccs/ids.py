@@ -1,0 +1,35 @@
+"""Ids that become path segments in the store (center, batch, slide, model, run)."""
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from smartccs.errors import InvalidIdError
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_id(value: str, field: str = "id") -> str:
+    """Return ``value`` if it is a safe single path segment, else raise naming ``field``.
+
+    Ids end up in S3 keys and local paths, so anything that could climb (``..``), nest (``/``)
+    or hide (leading ``.``/``_``, which Parquet readers skip) is refused.
+    """
+    if not isinstance(value, str) or not _ID_RE.match(value) or ".." in value:
+        raise InvalidIdError(
+            f"invalid {field} {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, no '..'"
+        )
+    return value
+
+
+def _check(value: str) -> str:
+    try:
+        return validate_id(value)
+    except InvalidIdError as exc:  # pydantic reports ValueError with the field path
+        raise ValueError(str(exc).replace("invalid id ", "invalid ")) from None
+
+
+Id = Annotated[str, AfterValidator(_check)]
+"""A pydantic field type for ids."""

@@ -1,0 +1,30 @@
+"""Where things live inside a store (DESIGN.md, Contracts: Store).
+
+``incoming/<center>/<batch>/``, ``results/<table>/center=<c>/batch=<b>/``,
+``models/<name>/<version>/``, ``runs/<run_id>/``. Every id is validated here, so no caller can
+build a key that escapes its prefix.
+"""
+
+from smartccs.ids import validate_id
+
+COMMIT_MARKER = "_COMMITTED"
+"""Written last, create-if-absent: its presence is what makes a prefix visible to readers."""
+
+
+def incoming(center: str, batch: str) -> str:
+    return f"incoming/{validate_id(center, 'center')}/{validate_id(batch, 'batch')}"
+
+
+def results(table: str, center: str, batch: str) -> str:
+    return (
+        f"results/{validate_id(table, 'table')}/center={validate_id(center, 'center')}"
+        f"/batch={validate_id(batch, 'batch')}"
+    )
+
+
+def model(name: str, version: str) -> str:
+    return f"models/{validate_id(name, 'model name')}/{validate_id(version, 'model version')}"
+
+
+def run(run_id: str) -> str:
+    return f"runs/{validate_id(run_id, 'run id')}"

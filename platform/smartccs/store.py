@@ -1,0 +1,307 @@
+"""One store URI (local directory, ``file://`` or ``s3://``) as filesystems with atomic writes.
+
+Everything the platform persists goes through a ``Store``: it hands out an fsspec filesystem
+(for byte-level work) and a pyarrow filesystem (for Parquet) configured from the same
+settings, and offers the two primitives every commit protocol here is built on: an atomic
+whole-object write and a create-if-absent write for commit markers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from smartccs.errors import StoreError
+
+if TYPE_CHECKING:
+    import fsspec
+    import pyarrow.fs as pafs
+
+DEFAULT_STORE_URI = "./ccs-data"
+
+
+class S3Options(BaseModel):
+    """S3 connection settings; unset fields fall back to the standard AWS variables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = Field(default=None, description="e.g. http://127.0.0.1:9000")
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+    def resolved(self) -> S3Options:
+        """Fill unset fields from AWS_* variables (what boto3 would read), explicitly.
+
+        pyarrow ignores some of these variables (AWS_ENDPOINT_URL_S3), so both filesystems are
+        given the same resolved values rather than left to guess.
+        """
+        env = os.environ
+
+        def secret(name: str) -> SecretStr | None:
+            return SecretStr(env[name]) if env.get(name) else None
+
+        return S3Options(
+            endpoint_url=self.endpoint_url
+            or env.get("AWS_ENDPOINT_URL_S3")
+            or env.get("AWS_ENDPOINT_URL"),
+            region=self.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            access_key_id=self.access_key_id or env.get("AWS_ACCESS_KEY_ID"),
+            secret_access_key=self.secret_access_key or secret("AWS_SECRET_ACCESS_KEY"),
+            session_token=self.session_token or secret("AWS_SESSION_TOKEN"),
+        )
+
+
+class StoreConfig(BaseModel):
+    """Where the platform keeps everything; picklable, so it travels to Ray workers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = DEFAULT_STORE_URI
+    s3: S3Options = S3Options()
+
+    @classmethod
+    def from_env(cls, uri: str | None = None) -> StoreConfig:
+        """``uri`` if given, else ``CCS_STORE``, else the embedded default ``./ccs-data``."""
+        return cls(uri=uri or os.environ.get("CCS_STORE") or DEFAULT_STORE_URI)
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+class Store:
+    """A store root. Keys are '/'-separated paths relative to the root."""
+
+    def __init__(self, config: StoreConfig | str | None = None):
+        if not isinstance(config, StoreConfig):
+            config = StoreConfig.from_env(config)
+        self.config = config
+        parsed = urlparse(config.uri)
+        if parsed.scheme in ("", "file"):
+            path = parsed.path if parsed.scheme == "file" else config.uri
+            self.protocol = "file"
+            self.root = str(Path(path).expanduser().resolve())
+        elif parsed.scheme in ("s3", "s3a"):
+            if not parsed.netloc:
+                raise StoreError(f"store URI {config.uri!r} has no bucket (s3://bucket/prefix)")
+            self.protocol = "s3"
+            self.root = _join(parsed.netloc, parsed.path)
+            # resolve AWS_* here, on the driver: Ray workers need not share its environment
+            self.config = config = config.model_copy(update={"s3": config.s3.resolved()})
+        else:
+            raise StoreError(
+                f"store URI {config.uri!r}: unsupported scheme {parsed.scheme!r} "
+                "(use a local path, file:// or s3://)"
+            )
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri()!r})"
+
+    def __reduce__(self):  # filesystems are rebuilt on the other side, from the config
+        return (Store, (self.config,))
+
+    # --- addressing -------------------------------------------------------------------------
+    def path(self, *key: str) -> str:
+        """Filesystem path of a key, as both fsspec and pyarrow filesystems take it."""
+        rel = _join(*key)
+        if self.protocol == "file":
+            return os.path.join(self.root, rel) if rel else self.root
+        return _join(self.root, rel)
+
+    def uri(self, *key: str) -> str:
+        """Full URI of a key (``s3://bucket/...`` or ``file:///...``)."""
+        scheme = "s3://" if self.protocol == "s3" else "file://"
+        return scheme + self.path(*key)
+
+    def key_of(self, uri_or_path: str) -> str:
+        """Inverse of :meth:`uri`/:meth:`path`: the key of a URI inside this store."""
+        p = urlparse(uri_or_path)
+        path = _join(p.netloc, p.path) if p.scheme in ("s3", "s3a") else p.path or uri_or_path
+        if self.protocol == "file":
+            path = str(Path(path).resolve())
+            root = self.root
+        else:
+            root = self.root
+        if path != root and not path.startswith(root.rstrip("/") + "/"):
+            raise StoreError(f"{uri_or_path!r} is not inside store {self.uri()!r}")
+        return path[len(root) :].strip("/")
+
+    # --- filesystems ------------------------------------------------------------------------
+    @functools.cached_property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self.protocol == "file":
+            from fsspec.implementations.local import LocalFileSystem
+
+            return LocalFileSystem(auto_mkdir=True)
+        import s3fs
+
+        o = self.config.s3.resolved()
+        client_kwargs = {"region_name": o.region} if o.region else {}
+        return s3fs.S3FileSystem(
+            key=o.access_key_id,
+            secret=o.secret_access_key.get_secret_value() if o.secret_access_key else None,
+            token=o.session_token.get_secret_value() if o.session_token else None,
+            endpoint_url=o.endpoint_url,
+            client_kwargs=client_kwargs,
+            skip_instance_cache=True,
+        )
+
+    @functools.cached_property
+    def arrow_fs(self) -> pafs.FileSystem:
+        import pyarrow.fs as pafs
+
+        if self.protocol == "file":
+            return pafs.LocalFileSystem()
+        o = self.config.s3.resolved()
+        kwargs: dict = {}
+        if o.endpoint_url:
+            ep = urlparse(o.endpoint_url)
+            kwargs["endpoint_override"] = ep.netloc or ep.path
+            kwargs["scheme"] = ep.scheme or "https"
+        if o.region:
+            kwargs["region"] = o.region
+        if o.access_key_id:
+            kwargs["access_key"] = o.access_key_id
+            kwargs["secret_key"] = (
+                o.secret_access_key.get_secret_value() if o.secret_access_key else None
+            )
+            if o.session_token:
+                kwargs["session_token"] = o.session_token.get_secret_value()
+        return pafs.S3FileSystem(**kwargs)
+
+    @functools.cached_property
+    def _s3_client(self):
+        import boto3
+
+        o = self.config.s3.resolved()
+        return boto3.client(
+            "s3",
+            endpoint_url=o.endpoint_url,
+            region_name=o.region,
+            aws_access_key_id=o.access_key_id,
+            aws_secret_access_key=o.secret_access_key.get_secret_value()
+            if o.secret_access_key
+            else None,
+            aws_session_token=o.session_token.get_secret_value() if o.session_token else None,
+        )
+
+    # --- reads ------------------------------------------------------------------------------
+    def exists(self, *key: str) -> bool:
+        return self.fs.exists(self.path(*key))
+
+    def read_bytes(self, *key: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(*key))
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri(*key)} does not exist") from None
+
+    def list(self, *prefix: str) -> list[str]:
+        """Keys of every object under ``prefix`` (recursive), relative to the store root."""
+        base = self.path(*prefix)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        return sorted(self.key_of(self._as_uri(p)) for p in found)
+
+    def list_dirs(self, *prefix: str) -> list[str]:
+        """Names of the immediate sub-folders of ``prefix``."""
+        base = self.path(*prefix)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
+        )
+
+    def get_file(self, key: str, local_path: str | Path) -> None:
+        self.fs.get_file(self.path(key), str(local_path))
+
+    def open_input(self, *key: str):
+        """A seekable binary file object for reading (ranged reads on S3)."""
+        return self.fs.open(self.path(*key), "rb")
+
+    # --- writes -----------------------------------------------------------------------------
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write a whole object so that readers see the old content or the new, never a part."""
+        path = self.path(key)
+        if self.protocol == "s3":
+            self.fs.pipe_file(path, data)  # a single PUT is atomic on S3
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def put_file(self, local_path: str | Path, key: str) -> None:
+        """Copy a local file to ``key`` atomically (multipart on S3 completes all-or-nothing)."""
+        path = self.path(key)
+        if self.protocol == "s3":
+            self.fs.put_file(str(local_path), path)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            self.fs.cp_file(str(local_path), tmp)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create ``key`` with ``data`` unless it exists; True if this call created it.
+
+        The commit marker of a batch, table partition or model version is written this way, so
+        two writers racing for the same commit cannot both win.
+        """
+        path = self.path(key)
+        if self.protocol == "s3":
+            bucket, _, obj = path.partition("/")
+            try:
+                self._s3_client.put_object(Bucket=bucket, Key=obj, Body=data, IfNoneMatch="*")
+            except self._s3_client.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                    return False
+                raise
+            self.fs.invalidate_cache(path)
+            return True
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, fails if the target exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def delete(self, *prefix: str) -> None:
+        """Remove an object or everything under a prefix; missing is fine."""
+        path = self.path(*prefix)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def _as_uri(self, fs_path: str) -> str:
+        return ("s3://" if self.protocol == "s3" else "") + fs_path
