@@ -69,8 +69,11 @@ def test_commit_refuses_objects_that_do_not_match_the_manifest(any_store: Store)
 
 
 def test_second_concurrent_upload_of_a_batch_is_refused(any_store: Store):
-    with UploadLease(any_store, "c1", "b1"):
-        with pytest.raises(StoreError, match="another upload of this batch is in progress"):
-            UploadLease(any_store, "c1", "b1").__enter__()
+    with (
+        UploadLease(any_store, "c1", "b1"),
+        pytest.raises(StoreError, match="another upload of this batch is in progress"),
+        UploadLease(any_store, "c1", "b1"),
+    ):
+        pass
     with UploadLease(any_store, "c1", "b1"):  # released: free again
         pass

@@ -128,7 +128,8 @@ def commit_batch(store: Store, manifest: Manifest, *, verify_checksums: bool = F
         bytes=total,
         committed_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    if not store.put_if_absent(f"{prefix}/{layout.COMMIT_MARKER}", record.model_dump_json().encode()):
+    marker = f"{prefix}/{layout.COMMIT_MARKER}"
+    if not store.put_if_absent(marker, record.model_dump_json().encode()):
         raise AlreadyCommittedError(f"{store.uri(prefix)} was committed by someone else meanwhile")
     return BatchRef(center=manifest.center, batch=manifest.batch, prefix=prefix, manifest=manifest)
 
@@ -137,9 +138,7 @@ def load_batch(store: Store, center: str, batch: str) -> BatchRef:
     """A committed batch; an uncommitted or tampered one is an error, never half-read."""
     prefix = layout.incoming(center, batch)
     try:
-        record = CommitRecord.model_validate_json(
-            store.read_bytes(prefix, layout.COMMIT_MARKER)
-        )
+        record = CommitRecord.model_validate_json(store.read_bytes(prefix, layout.COMMIT_MARKER))
     except StoreError:
         raise StoreError(
             f"{store.uri(prefix)} is not a committed batch (no {layout.COMMIT_MARKER} marker)"
