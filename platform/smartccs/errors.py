@@ -26,6 +26,10 @@ class MissingMppError(SlideError):
     """A slide whose pixel size is unknown: we never guess it."""
 
 
+class TooCoarseError(SlideError):
+    """A slide scanned coarser than the model's tiles need: upsampling would invent detail."""
+
+
 class NoForegroundError(SlideError):
     """A slide with no cells on it at the foreground threshold."""
 

@@ -1,0 +1,148 @@
+"""``ccs inspect``: what a slide file is and what screening would make of it, before a run.
+
+A center uploading a batch wants to know, per slide, that it opens, its pixel size (and
+where that came from), how much of it has cells, and how many tiles screening will read.
+The same functions open and tile the slide as the screening pipeline does, so what inspect
+says is what a run will do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs.errors import NoForegroundError, SlideError
+from smartccs.slide.cache import SlideCache
+from smartccs.slide.reader import MppSource, open_slide
+from smartccs.slide.tiling import TilingConfig, TooCoarseError, plan_tiles
+from smartccs.store import Store, StoreConfig
+
+
+class SlideReport(BaseModel):
+    """One slide as the platform sees it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: str = Field(description="local path or store URI")
+    vendor: str
+    width: int
+    height: int
+    levels: list[tuple[int, int, float]] = Field(description="(width, height, downsample)")
+    mpp: float
+    mpp_source: MppSource
+    objective_power: float | None
+    bytes: int
+    foreground_fraction: float | None = Field(description="None when tiling failed")
+    tile_count: int | None = Field(description="tiles screening would read; None on failure")
+    tiling: TilingConfig
+    tiling_error: str | None = Field(
+        default=None, description="why screening would fail this slide (no cells, too coarse)"
+    )
+
+
+def inspect_slide(
+    target: str,
+    *,
+    store: Store | None = None,
+    mpp_override: float | None = None,
+    tiling: TilingConfig | None = None,
+    cache: SlideCache | None = None,
+) -> SlideReport:
+    """Open, describe and plan the tiles of a local slide or an ``s3://`` object.
+
+    Raises a ``SlideError`` (one line) when the file cannot be opened or has no pixel size;
+    a slide that opens but would not tile (no cells, scanned too coarse) is reported, with
+    the reason in ``tiling_error``.
+    """
+    tiling = tiling or TilingConfig()
+    remote = "://" in target and not target.startswith("file://")
+    name = PurePosixPath(urlparse(target).path).name if remote else Path(target).name
+    path = _local_copy(target, store, cache) if remote else Path(target.removeprefix("file://"))
+    with open_slide(path, mpp_override=mpp_override, name=name) as slide:
+        info = slide.info
+        fg_fraction: float | None = None
+        tile_count: int | None = None
+        error = None
+        try:
+            plan = plan_tiles(slide, tiling)
+            fg_fraction, tile_count = plan.foreground_fraction, len(plan.tiles)
+        except (NoForegroundError, TooCoarseError) as exc:
+            error = str(exc).removeprefix(f"{name}: ")
+    return SlideReport(
+        name=name,
+        path=target if remote else str(path.resolve()),
+        vendor=info.vendor,
+        width=info.width,
+        height=info.height,
+        levels=[
+            (w, h, d)
+            for (w, h), d in zip(info.level_dimensions, info.level_downsamples, strict=True)
+        ],
+        mpp=info.mpp,
+        mpp_source=info.mpp_source,
+        objective_power=info.objective_power,
+        bytes=info.bytes,
+        foreground_fraction=fg_fraction,
+        tile_count=tile_count,
+        tiling=tiling,
+        tiling_error=error,
+    )
+
+
+def _local_copy(uri: str, store: Store | None, cache: SlideCache | None) -> Path:
+    """A cached local copy of an object in an S3 store (OpenSlide reads local files only)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("s3", "s3a"):
+        raise SlideError(f"{uri}: unsupported location (a local path or s3://bucket/key)")
+    if store is None or store.protocol != "s3":
+        store = Store(StoreConfig.from_env(f"s3://{parsed.netloc}"))
+    key = store.key_of(uri)
+    return (cache or SlideCache.from_env()).local_path(store, key, sha256=None, size=None)
+
+
+def format_report(report: SlideReport) -> str:
+    """The report as aligned ``label  value`` lines for a terminal."""
+    r = report
+    mm = f"{r.width * r.mpp / 1000:.2f} x {r.height * r.mpp / 1000:.2f} mm"
+    levels = [
+        f"{i}: {w} x {h} px  x{d:g}  {r.mpp * d:.3g} µm/px" for i, (w, h, d) in enumerate(r.levels)
+    ]
+    t = r.tiling
+    if r.tiling_error:
+        tiles = f"none: {r.tiling_error}"
+    else:
+        tiles = (
+            f"{r.tile_count} of {t.tile_px} px at {t.target_mpp:g} µm/px "
+            f"({t.tile_um:g} µm), min foreground {t.min_foreground:.0%}"
+        )
+    rows = [
+        ("slide", r.name),
+        ("path", r.path),
+        ("vendor", r.vendor),
+        ("dimensions", f"{r.width} x {r.height} px ({mm})"),
+        ("levels", levels[0]),
+        *(("", line) for line in levels[1:]),
+        ("mpp", f"{r.mpp:.4g} µm/px (from {r.mpp_source})"),
+        ("objective", f"{r.objective_power:g}x" if r.objective_power else "not declared"),
+        ("size", _human_bytes(r.bytes)),
+        (
+            "foreground",
+            "n/a" if r.foreground_fraction is None else f"{r.foreground_fraction:.1%} of the slide",
+        ),
+        ("tiles", tiles),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"

@@ -1,0 +1,89 @@
+"""Real vendor slide files, from the openslide-python source distribution on PyPI.
+
+The sdist ships OpenSlide's own test slides: a real Aperio SVS, a generic tiled TIFF, a DICOM
+WSI and two deliberately broken files. They are downloaded once with pip (the ordinary PyPI
+client) into ``<repo>/.cache/vendor-fixtures`` (git-ignored; never committed) and the tests
+that use them skip, saying why, when PyPI cannot be reached.
+
+Register with ``pytest_plugins = ["vendor_fixtures"]`` in ``tests/conftest.py``, or import the
+fixture into a test module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "vendor-fixtures"
+FILES = (
+    "small.svs",
+    "boxes.tiff",
+    "boxes_0.dcm",
+    "boxes_1.dcm",
+    "unopenable.tiff",
+    "unreadable.svs",
+)
+
+
+def fetch_openslide_fixtures(cache: Path = CACHE) -> Path:
+    """The fixtures folder of the installed openslide-python's sdist, downloading it once."""
+    ver = version("openslide-python")
+    target = cache / f"openslide-python-{ver}"
+    if all((target / name).is_file() for name in FILES):
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"openslide_python-{ver}.tar.gz"
+    if not sdist.is_file():
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"openslide-python=={ver}",
+            "-d",
+            str(cache),
+        ]
+        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("pip download timed out (is PyPI reachable?)") from None
+        if res.returncode != 0 or not sdist.is_file():
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"pip download failed: {tail[0]}")
+    tmp = Path(tempfile.mkdtemp(dir=cache))
+    try:
+        with tarfile.open(sdist) as tar:
+            prefix = f"openslide_python-{ver}/tests/fixtures/"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
+            for m in members:
+                m.name = m.name[len(prefix) :]
+            tar.extractall(tmp, members=members, filter="data")
+        if not all((tmp / name).is_file() for name in FILES):
+            raise RuntimeError(f"{sdist.name} does not contain the expected test slides")
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier extraction
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def openslide_fixtures() -> Path:
+    """Folder with OpenSlide's real test slides; skips when PyPI is unreachable."""
+    try:
+        return fetch_openslide_fixtures()
+    except RuntimeError as exc:
+        pytest.skip(f"openslide-python test slides unavailable: {exc}")
