@@ -17,6 +17,8 @@ import pytest
 
 from smartccs.store import S3Options, Store, StoreConfig
 
+pytest_plugins = ["vendor_fixtures"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -86,3 +88,15 @@ def local_store(tmp_path: Path) -> Store:
 def any_store(request: pytest.FixtureRequest) -> Store:
     """Runs a test once on a local directory store and once on the moto S3 store."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic cohort (2 centers x 2 slides), generated once per session."""
+    from smartccs.synth.cohort import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(
+        out, centers=2, slides_per_center=2, size="tiny", seed=0, workers=2, progress=False
+    )
+    return out

@@ -36,14 +36,14 @@ def level_dimensions(
 
 
 def aperio_description(
-    width: int, height: int, tile_size: int, quality: int, mpp: float, stem: str
+    width: int, height: int, tile_size: int, quality: int, mpp: float | None, stem: str
 ) -> str:
     """The ImageDescription OpenSlide's Aperio driver recognises (vendor, mpp, magnification)."""
-    app_mag = round(10.0 / mpp)
+    scale = f"|AppMag = {round(10.0 / mpp)}|MPP = {mpp:.4f}" if mpp else ""
     return (
         f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] "
         f"({tile_size}x{tile_size}) JPEG/YCC Q={quality}"
-        f"|AppMag = {app_mag}|MPP = {mpp:.4f}|ScanScope ID = SMARTCCS-SYNTH|Filename = {stem}"
+        f"{scale}|ScanScope ID = SMARTCCS-SYNTH|Filename = {stem}"
     )
 
 
@@ -52,7 +52,7 @@ def write_pyramid(
     *,
     width: int,
     height: int,
-    mpp: float,
+    mpp: float | None,
     fmt: SlideFormat,
     render: TileRenderer,
     tile_size: int = 256,
@@ -60,12 +60,15 @@ def write_pyramid(
     pyramid_factor: int = 2,
     min_level_px: int = 1024,
 ) -> list[tuple[int, int, float]]:
-    """Write a pyramidal slide tile by tile; return its level dimensions and downsamples."""
+    """Write a pyramidal slide tile by tile; return its level dimensions and downsamples.
+
+    ``mpp=None`` writes a slide that carries no pixel size at all (no resolution tags, no
+    Aperio MPP), as some scanners and converters do: readers must refuse it, not guess.
+    """
     if tile_size % 16:
         raise ValueError(f"tile_size {tile_size} must be a multiple of 16 (TIFF tiling)")
     path = Path(path)
     levels = level_dimensions(width, height, pyramid_factor, min_level_px)
-    res_per_cm = 1e4 / mpp
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tw:
         for level, (w, h, d) in enumerate(levels):
             description = None
@@ -75,6 +78,11 @@ def write_pyramid(
                     if level == 0
                     else f"Aperio Image Library v12.0.15 \r\n{width}x{height} -> {w}x{h} - "
                 )
+            resolution = (
+                {"resolution": (1e4 / mpp / d, 1e4 / mpp / d), "resolutionunit": "CENTIMETER"}
+                if mpp
+                else {"resolutionunit": "NONE"}
+            )
             tw.write(
                 _tiles(render, level, d, w, h, tile_size),
                 shape=(h, w, 3),
@@ -84,8 +92,7 @@ def write_pyramid(
                 subsampling=(2, 2),
                 compression="jpeg",
                 compressionargs={"level": jpeg_quality},
-                resolution=(res_per_cm / d, res_per_cm / d),
-                resolutionunit="CENTIMETER",
+                **resolution,
                 subfiletype=0 if level == 0 else 1,
                 description=description,
                 software=SOFTWARE,

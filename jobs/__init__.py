@@ -1,0 +1,1 @@
+"""Ray job entrypoints: thin doors onto smartccs (``python -m jobs.<name>``)."""

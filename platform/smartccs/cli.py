@@ -1,0 +1,164 @@
+"""``ccs``: the command line door onto the library. Every command is a thin call into it.
+
+Errors a user can act on print as ``ccs: error: ...`` on stderr (one line per problem) and exit
+1; usage errors exit 2; anything unexpected prints one line too, with the traceback behind
+``CCS_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+
+from smartccs import __version__
+from smartccs.errors import CCSError
+from smartccs.logs import configure_logging
+from smartccs.manifest import describe_validation_error
+from smartccs.store import DEFAULT_STORE_URI, Store, StoreConfig
+
+log = logging.getLogger("smartccs.cli")
+
+SIZES = ("tiny", "small", "medium", "large")
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        default=None,
+        help=f"store URI: local path or s3://bucket/prefix (default: $CCS_STORE or "
+        f"{DEFAULT_STORE_URI}); S3 endpoint and keys from the AWS_* variables",
+    )
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from smartccs.synth.cohort import generate_cohort
+
+    summary = generate_cohort(
+        args.out,
+        centers=args.centers,
+        center_names=args.center or None,
+        slides_per_center=args.slides_per_center,
+        size=args.size,
+        seed=args.seed,
+        profiles=args.profiles,
+        workers=args.workers,
+    )
+    print(summary.model_dump_json(indent=2) if args.json else summary.describe())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from smartccs.slide.inspect import format_report, inspect_slide
+
+    store = Store(StoreConfig.from_env(args.store)) if args.slide.startswith("s3://") else None
+    report = inspect_slide(args.slide, store=store, mpp_override=args.mpp)
+    print(report.model_dump_json(indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from smartccs.upload import upload_batch
+
+    store = Store(StoreConfig.from_env(args.store))
+    ref = upload_batch(args.dir, center=args.center, batch=args.batch, store=store)
+    print(f"committed {len(ref.manifest.slides)} slides to {store.uri(ref.prefix)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from smartccs.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        store=args.store or os.environ.get("CCS_STORE") or DEFAULT_STORE_URI,
+        cohort_dir=args.cohort_dir,
+        centers=args.centers,
+        slides_per_center=args.slides_per_center,
+        size=args.size,
+        seed=args.seed,
+        address=args.address,
+    )
+    run_demo(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccs", description="Smart-CCS cervical screening platform on Ray"
+    )
+    parser.add_argument("--version", action="version", version=f"ccs {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate a synthetic multi-center cohort")
+    p.add_argument("out", help="output folder (one sub-folder per center)")
+    p.add_argument("--centers", type=int, default=3, help="take the first N profiles")
+    p.add_argument("--center", action="append", help="a profile by name (repeatable)")
+    p.add_argument("--slides-per-center", type=int, default=4)
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profiles", help="YAML file of center profiles (docs/synth.md)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("inspect", help="what a slide is: vendor, size, levels, mpp, tiles")
+    p.add_argument("slide", help="local path or s3:// URI")
+    p.add_argument("--mpp", type=float, default=None, help="override microns per pixel")
+    p.add_argument("--json", action="store_true")
+    _store_arg(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("upload", help="validate a folder of slides and commit it as a batch")
+    p.add_argument("dir", help="folder of slides, with or without a manifest.json")
+    p.add_argument("--center", required=True)
+    p.add_argument("--batch", required=True)
+    _store_arg(p)
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("demo", help="the main job on embedded defaults (local Ray, local store)")
+    _store_arg(p)
+    p.add_argument("--cohort-dir", default="./ccs-cohort")
+    p.add_argument("--centers", type=int, default=3)
+    p.add_argument("--slides-per-center", type=int, default=4)
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> int:
+    lines = message.strip().splitlines() or ["unknown error"]
+    print(f"ccs: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"  {line}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CCSError as exc:
+        return _fail(str(exc))
+    except ValidationError as exc:
+        return _fail(describe_validation_error(exc))
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        return _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:
+        if os.environ.get("CCS_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (set CCS_DEBUG=1 for the traceback)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ray Data pipelines over slides in the store."""

@@ -1,0 +1,231 @@
+"""The tile stream on Ray Data: slide rows -> planned tiles -> tile pixels.
+
+Planning (open the slide, find foreground on a thumbnail, lay the physical grid) runs as tasks,
+one slide each; reading runs on a pool of actors, each keeping a few slides open and a local
+slide cache, fed batches of neighbouring tiles so a handle is opened once and reused. Only tile
+coordinates and tile pixels ever enter the object store, never a whole slide, and Ray Data's
+streaming executor bounds how many are in flight. A slide that cannot be planned becomes one
+error row and a tile that cannot be read becomes an error tile row: both travel downstream to
+the results instead of failing the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs.batches import BatchRef
+from smartccs.errors import CCSError
+from smartccs.slide.cache import SlideCache
+from smartccs.slide.qc import tile_qc
+from smartccs.slide.reader import Slide, open_slide
+from smartccs.slide.tiling import TileSpec, TilingConfig, plan_tiles, read_tile
+from smartccs.store import Store, StoreConfig
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+NO_TILE = -1
+"""``tile_index`` of the single row that stands for a slide that could not be planned."""
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("CCS_CACHE_DIR", str(Path.home() / ".cache" / "smartccs" / "slides"))
+
+
+class StreamConfig(BaseModel):
+    """How tiles are planned and read; shared by the batch job and the service."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tiling: TilingConfig = TilingConfig()
+    readers: int = Field(default=2, ge=1, description="maximum number of reader actors")
+    reader_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per reader actor")
+    planner_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per planning task")
+    batch_size: int = Field(default=16, ge=1, description="tiles per reader call")
+    open_slides: int = Field(default=2, ge=1, description="slide handles kept open per actor")
+    cache_dir: str = Field(default_factory=default_cache_dir, description="local slide cache")
+    cache_max_bytes: int = Field(default=20 << 30, gt=0, description="slide cache bound")
+
+
+def slide_rows(batches: Iterable[BatchRef]) -> list[dict[str, Any]]:
+    """One row per slide of the given committed batches: the input of :func:`tile_stream`."""
+    return [
+        {
+            "center": b.center,
+            "batch": b.batch,
+            "slide_id": s.slide_id,
+            "key": b.slide_key(s.path),
+            "sha256": s.sha256,
+            "bytes": s.bytes,
+            "mpp_override": float(s.mpp) if s.mpp else float("nan"),
+        }
+        for b in batches
+        for s in b.manifest.slides
+    ]
+
+
+class _SlideHandles:
+    """The slides one process has open, least recently used closed first."""
+
+    def __init__(self, store_config: StoreConfig, cfg: StreamConfig):
+        self.store = Store(store_config)
+        self.cache = SlideCache(Path(cfg.cache_dir), cfg.cache_max_bytes)
+        self.capacity = cfg.open_slides
+        self._open: OrderedDict[str, Slide] = OrderedDict()
+
+    def get(self, row: dict[str, Any]) -> Slide:
+        key = row["key"]
+        slide = self._open.get(key)
+        if slide is not None:
+            self._open.move_to_end(key)
+            return slide
+        local = self.cache.local_path(self.store, key, row["sha256"], int(row["bytes"]))
+        mpp = row["mpp_override"]
+        slide = open_slide(local, mpp_override=None if np.isnan(mpp) else float(mpp), name=key)
+        self._open[key] = slide
+        while len(self._open) > self.capacity:
+            self._open.popitem(last=False)[1].close()
+        return slide
+
+
+def _slide_columns(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("center", "batch", "slide_id", "key", "sha256", "bytes")} | {
+        "mpp_override": row["mpp_override"]
+    }
+
+
+def _tile_row(row: dict[str, Any], spec: TileSpec | None, n_tiles: int, **extra) -> dict:
+    return (
+        _slide_columns(row)
+        | {
+            "tile_index": spec.index if spec else NO_TILE,
+            "n_tiles": n_tiles,
+            "col": spec.col if spec else NO_TILE,
+            "row": spec.row if spec else NO_TILE,
+            "x0": spec.x0 if spec else NO_TILE,
+            "y0": spec.y0 if spec else NO_TILE,
+            "w0": spec.w0 if spec else NO_TILE,
+            "h0": spec.h0 if spec else NO_TILE,
+            "level": spec.level if spec else NO_TILE,
+            "fg_fraction": float(spec.fg_fraction) if spec else float("nan"),
+            "slide_mpp": float("nan"),
+            "status": STATUS_OK,
+            "error": "",
+        }
+        | extra
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CCSError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def plan_slide(row: dict[str, Any], *, store_config: StoreConfig, cfg: StreamConfig) -> list[dict]:
+    """Tile rows of one slide, or one error row when the slide cannot be planned."""
+    try:
+        slide = _SlideHandles(store_config, cfg).get(row)
+        try:
+            plan = plan_tiles(slide, cfg.tiling)
+        finally:
+            slide.close()
+    except Exception as exc:  # every failure of one slide becomes its error row
+        log.warning("slide %s/%s/%s: %s", row["center"], row["batch"], row["slide_id"], exc)
+        return [_tile_row(row, None, 0, status=STATUS_ERROR, error=_describe(exc))]
+    n = len(plan.tiles)
+    return [_tile_row(row, t, n, slide_mpp=float(plan.info.mpp)) for t in plan.tiles]
+
+
+class TileReader:
+    """Ray Data actor: reads the pixels and QC of a batch of planned tiles."""
+
+    def __init__(self, store_config: StoreConfig, cfg: StreamConfig):
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+        self.cfg = cfg
+        self.handles = _SlideHandles(store_config, cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["slide_id"])
+        px = self.cfg.tiling.tile_px
+        images = np.zeros((n, px, px, 3), dtype=np.uint8)
+        status = batch["status"].astype(object).copy()
+        error = batch["error"].astype(object).copy()
+        bg = np.full(n, np.nan, dtype=np.float32)
+        blur = np.full(n, np.nan, dtype=np.float32)
+        od = np.full(n, np.nan, dtype=np.float32)
+        for i in range(n):
+            if status[i] != STATUS_OK:
+                continue
+            row = {k: batch[k][i] for k in batch}
+            try:
+                slide = self.handles.get(row)
+                spec = TileSpec(
+                    index=int(row["tile_index"]),
+                    col=int(row["col"]),
+                    row=int(row["row"]),
+                    x0=int(row["x0"]),
+                    y0=int(row["y0"]),
+                    w0=int(row["w0"]),
+                    h0=int(row["h0"]),
+                    level=int(row["level"]),
+                    fg_fraction=float(row["fg_fraction"]),
+                )
+                images[i] = read_tile(slide, spec, self.cfg.tiling)
+                q = tile_qc(images[i])
+                bg[i], blur[i], od[i] = q.background_fraction, q.blur, q.mean_od
+            except Exception as exc:  # one unreadable tile must not sink its slide's batch
+                status[i], error[i] = STATUS_ERROR, _describe(exc)
+        return dict(batch) | {
+            "status": status.astype(str),
+            "error": error.astype(str),
+            "image": images,
+            "background_fraction": bg,
+            "blur": blur,
+            "mean_od": od,
+        }
+
+
+def tile_stream(
+    rows: list[dict[str, Any]], store_config: StoreConfig, cfg: StreamConfig | None = None
+):
+    """A Ray Dataset of tile rows (coordinates, status, ``image`` uint8 HxWx3, QC) for ``rows``.
+
+    ``rows`` come from :func:`slide_rows`. The dataset is lazy and streams: iterate it, or chain
+    the detector onto it, and memory stays bounded by Ray Data's backpressure.
+    """
+    import ray
+
+    cfg = cfg or StreamConfig()
+    planned = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).flat_map(
+        plan_slide,
+        fn_kwargs={"store_config": store_config, "cfg": cfg},
+        num_cpus=cfg.planner_cpus,
+    )
+    return planned.map_batches(
+        TileReader,
+        fn_constructor_kwargs={"store_config": store_config, "cfg": cfg},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.readers),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_cpus=cfg.reader_cpus,
+    )
+
+
+def iter_tiles(ds, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of a tile dataset as numpy dicts (for consumers outside Ray Data)."""
+    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")

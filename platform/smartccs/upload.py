@@ -1,0 +1,153 @@
+"""The screening center's door: validate a folder of slides, upload it as one committed batch.
+
+Every file is checked before a byte is sent (OpenSlide opens it, its mpp is known, its checksum
+matches the manifest when one is given), so a bad file costs the center one clear message and
+never a partial batch in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from smartccs import layout
+from smartccs.batches import UPLOAD_LEASE, BatchRef, UploadLease, commit_batch, is_committed
+from smartccs.errors import AlreadyCommittedError, CCSError, InvalidIdError, ManifestError
+from smartccs.ids import validate_id
+from smartccs.manifest import MANIFEST_NAME, Manifest, SlideEntry
+from smartccs.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class UploadError(CCSError):
+    """One or more files of a batch cannot be uploaded; nothing was uploaded."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_batch(
+    directory: str | Path, center: str, batch: str, *, progress: bool = True
+) -> tuple[Manifest, Path]:
+    """Validate a local batch folder and return its manifest (for ``center``/``batch``).
+
+    With a ``manifest.json`` in the folder its slide ids, paths, mpp overrides and grades are
+    kept and its checksums verified; without one, every visible file at the top level is a
+    slide whose id is its file name without extension.
+    """
+    from smartccs.slide.reader import open_slide
+
+    center = validate_id(center, "center")
+    batch = validate_id(batch, "batch")
+    root = Path(directory)
+    if not root.is_dir():
+        raise UploadError(f"{directory}: not a directory")
+    problems: list[str] = []
+    candidates: list[tuple[SlideEntry | None, str, str]] = []  # (entry, slide_id, relpath)
+    manifest_path = root / MANIFEST_NAME
+    if manifest_path.exists():
+        given = Manifest.loads(manifest_path.read_bytes(), str(manifest_path))
+        candidates = [(s, s.slide_id, s.path) for s in given.slides]
+    else:
+        files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise UploadError(f"{directory}: no slide files and no {MANIFEST_NAME}")
+        for p in files:
+            stem = p.name.split(".", 1)[0]
+            try:
+                candidates.append((None, validate_id(stem, "slide id"), p.name))
+            except InvalidIdError as exc:
+                problems.append(f"{p.name}: {exc}")
+        ids = [sid for _, sid, _ in candidates]
+        problems += [
+            f"slide id {sid!r} is used by more than one file"
+            for sid in sorted({i for i in ids if ids.count(i) > 1})
+        ]
+
+    entries: list[SlideEntry] = []
+    bar = tqdm(
+        candidates, desc="validating slides", unit="slide", disable=None if progress else True
+    )
+    for given_entry, slide_id, rel in bar:
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: listed in {MANIFEST_NAME} but not found")
+            continue
+        size = path.stat().st_size
+        try:
+            info = open_slide(
+                path, mpp_override=given_entry.mpp if given_entry else None, name=rel
+            ).info
+        except CCSError as exc:
+            problems.append(str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}")
+            continue
+        digest = sha256_file(path)
+        if given_entry is not None:
+            if given_entry.sha256 != digest:
+                problems.append(f"{rel}: sha256 does not match {MANIFEST_NAME}")
+                continue
+            if given_entry.bytes != size:
+                problems.append(f"{rel}: {size} bytes, {MANIFEST_NAME} says {given_entry.bytes}")
+                continue
+        log.debug("%s: %s, %dx%d, %.4f mpp", rel, info.vendor, info.width, info.height, info.mpp)
+        entries.append(
+            SlideEntry(
+                slide_id=slide_id,
+                path=rel,
+                sha256=digest,
+                bytes=size,
+                mpp=given_entry.mpp if given_entry else None,
+                grade=given_entry.grade if given_entry else None,
+            )
+        )
+    if problems:
+        raise UploadError(
+            f"{len(problems)} problem(s) in {directory}, nothing uploaded:\n" + "\n".join(problems)
+        )
+    try:
+        manifest = Manifest(center=center, batch=batch, slides=entries)
+    except ValueError as exc:
+        raise ManifestError(f"{directory}: {exc}") from None
+    return manifest, root
+
+
+def upload_batch(
+    directory: str | Path, *, center: str, batch: str, store: Store, progress: bool = True
+) -> BatchRef:
+    """Validate, copy and commit a batch; refuses to touch a batch that is already committed."""
+    if is_committed(store, center, batch):
+        raise AlreadyCommittedError(
+            f"{store.uri(layout.incoming(center, batch))} is already committed; "
+            "batches are never overwritten, upload under a new batch id"
+        )
+    manifest, root = prepare_batch(directory, center, batch, progress=progress)
+    prefix = layout.incoming(center, batch)
+    total = sum(s.bytes for s in manifest.slides)
+    with UploadLease(store, center, batch):
+        stale = [k for k in store.list(prefix) if not k.endswith(f"/{UPLOAD_LEASE}")]
+        if stale:
+            log.info("removing %d objects left by an unfinished upload of %s", len(stale), prefix)
+            for key in stale:
+                store.delete(key)
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"uploading {center}/{batch}",
+            disable=None if progress else True,  # None: only on a terminal
+        ) as bar:
+            for s in manifest.slides:
+                store.put_file(root / s.path, f"{prefix}/{s.path}")
+                bar.update(s.bytes)
+        ref = commit_batch(store, manifest)
+    log.info("committed %s: %d slides, %d bytes", store.uri(prefix), len(manifest.slides), total)
+    return ref
