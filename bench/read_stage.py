@@ -35,10 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from cytology_slide import write_cytology_slide
 
 from smartccs.slide.qc import tile_qc

@@ -40,7 +40,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     summary = generate_cohort(
         args.out,
-        centers=args.centers,
+        centers=None if args.center else args.centers,
         center_names=args.center or None,
         slides_per_center=args.slides_per_center,
         size=args.size,

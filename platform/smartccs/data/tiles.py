@@ -150,12 +150,6 @@ class TileReader:
     """Ray Data actor: reads the pixels and QC of a batch of planned tiles."""
 
     def __init__(self, store_config: StoreConfig, cfg: StreamConfig):
-        try:
-            import torch
-
-            torch.set_num_threads(1)
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
         self.cfg = cfg
         self.handles = _SlideHandles(store_config, cfg)
 
