@@ -16,7 +16,7 @@ Each method gets its own slide handle (OpenSlide's tile cache is per handle), me
 rotating order, and the median of the repeats is reported, per CPU second (the per-core figure,
 robust to other work sharing the machine) and per wall second.
 
-    python bench/read_stage.py                    # writes bench/out/cytology-20k-f2.svs once
+    python bench/read_stage.py                    # writes bench/out/synth-20k-f2.svs once
     python bench/read_stage.py --pyramid-factor 4 # Aperio-style 4x pyramid: level 0 + reduce
     python bench/read_stage.py --slide some.svs   # any slide with an mpp (e.g. a synth one)
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-from cytology_slide import write_cytology_slide
+from slides import write_bench_slide
 
 from smartccs.slide.qc import tile_qc
 from smartccs.slide.reader import open_slide
@@ -146,12 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.slide
     if path is None:
-        path = OUT / f"cytology-{args.size // 1000}k-f{args.pyramid_factor}.svs"
+        path = OUT / f"synth-{args.size // 1000}k-f{args.pyramid_factor}.svs"
         if not path.exists():
             print(f"writing {path} ...", flush=True)
-            write_cytology_slide(
-                path, width=args.size, height=args.size, pyramid_factor=args.pyramid_factor
-            )
+            write_bench_slide(path, side_px=args.size, pyramid_factor=args.pyramid_factor)
     cfg = TilingConfig()
     with open_slide(path) as slide:
         native = slide.info.mpp

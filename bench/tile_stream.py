@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import openslide
-from cytology_slide import write_cytology_slide
+from slides import write_bench_slide
 
 from smartccs.batches import is_committed, load_batch
 from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_stream
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
 
-    src = OUT / "stream-slide"
+    src = OUT / "stream-slide-synth"
     slide_path = src / "s1.svs"
     if not slide_path.exists():
         src.mkdir(parents=True, exist_ok=True)
         print(f"writing {slide_path} ...", flush=True)
-        write_cytology_slide(slide_path, width=args.size, height=args.size, pyramid_factor=2)
+        write_bench_slide(slide_path, side_px=args.size)
     # level 0 declared at the target mpp: tiles are read 600 px from level 0, as raw is
     tiling = TilingConfig()
     store = Store(StoreConfig(uri=str(OUT / "stream-store")))

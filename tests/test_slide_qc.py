@@ -66,3 +66,26 @@ def test_qc_of_the_read_view_equals_qc_of_a_copy(tile):
 def test_qc_round_trips_as_a_row(tile, tmp_path: Path):
     qc = tile_qc(tile)
     assert type(qc).model_validate(qc.model_dump()) == qc
+
+
+def test_tinted_glass_is_glass_under_the_slides_own_thresholds(tmp_path):
+    """An external center's cream glass (saturation above the clean-glass floor) is not cells."""
+    cream = (249, 242, 230)
+    path = disc_slide(
+        tmp_path / "cream.svs",
+        mpp=0.5,
+        size_um=(1200, 1200),
+        discs=[(300, 300, 40), (900, 800, 40)],
+        glass=cream,
+    )
+    with open_slide(path) as slide:
+        plan = plan_tiles(slide, CFG)
+    glass_only = np.full((CFG.tile_px, CFG.tile_px, 3), cream, np.uint8)
+    fixed = tile_qc(glass_only)
+    own = tile_qc(
+        glass_only,
+        saturation_threshold=plan.saturation_threshold,
+        od_threshold=plan.od_threshold,
+    )
+    assert fixed.background_fraction < 0.5  # the fixed floor mistakes cream glass for cells
+    assert own.background_fraction == 1.0

@@ -118,6 +118,8 @@ def _tile_row(row: dict[str, Any], spec: TileSpec | None, n_tiles: int, **extra)
             "level": spec.level if spec else NO_TILE,
             "fg_fraction": float(spec.fg_fraction) if spec else float("nan"),
             "slide_mpp": float("nan"),
+            "sat_threshold": float("nan"),
+            "od_threshold": float("nan"),
             "status": STATUS_OK,
             "error": "",
         }
@@ -143,7 +145,12 @@ def plan_slide(row: dict[str, Any], *, store_config: StoreConfig, cfg: StreamCon
         log.warning("slide %s/%s/%s: %s", row["center"], row["batch"], row["slide_id"], exc)
         return [_tile_row(row, None, 0, status=STATUS_ERROR, error=_describe(exc))]
     n = len(plan.tiles)
-    return [_tile_row(row, t, n, slide_mpp=float(plan.info.mpp)) for t in plan.tiles]
+    slide = {
+        "slide_mpp": float(plan.info.mpp),
+        "sat_threshold": float(plan.saturation_threshold),
+        "od_threshold": float(plan.od_threshold),
+    }
+    return [_tile_row(row, t, n, **slide) for t in plan.tiles]
 
 
 class TileReader:
@@ -180,7 +187,11 @@ class TileReader:
                     fg_fraction=float(row["fg_fraction"]),
                 )
                 images[i] = read_tile(slide, spec, self.cfg.tiling)
-                q = tile_qc(images[i])
+                q = tile_qc(
+                    images[i],
+                    saturation_threshold=float(row["sat_threshold"]),
+                    od_threshold=float(row["od_threshold"]),
+                )
                 bg[i], blur[i], od[i] = q.background_fraction, q.blur, q.mean_od
             except Exception as exc:  # one unreadable tile must not sink its slide's batch
                 status[i], error[i] = STATUS_ERROR, _describe(exc)

@@ -38,15 +38,25 @@ class TileQC(BaseModel):
     mean_od: float = Field(description="mean optical density: stain and cell amount")
 
 
-def tile_qc(rgb: np.ndarray, config: ForegroundConfig = DEFAULT_FOREGROUND) -> TileQC:
-    """Quality numbers of an RGB tile; background uses the foreground floors of ``config``.
+def tile_qc(
+    rgb: np.ndarray,
+    *,
+    saturation_threshold: float | None = None,
+    od_threshold: float | None = None,
+    config: ForegroundConfig = DEFAULT_FOREGROUND,
+) -> TileQC:
+    """Quality numbers of an RGB tile.
 
-    Focus is the Laplacian along the rows only: the sampled rows are 8 px apart, too far for
-    a vertical difference, and cells have edges in every direction.
+    Glass is whatever falls below the slide's own foreground thresholds (from its plan), so a
+    center whose glass scans cream or grey is not counted as covered in cells; without them,
+    the floors of ``config``. Focus is the Laplacian along the rows only: the sampled rows
+    are 8 px apart, too far for a vertical difference, and cells have edges in every direction.
     """
+    s_thr = config.saturation_floor if saturation_threshold is None else saturation_threshold
+    od_thr = config.od_floor if od_threshold is None else od_threshold
     rows = rgb[::ROW_STEP]
     sat, od = pixel_features(rows[:, ::STATS_STEP])
-    cells = (sat > config.saturation_floor) | (od > config.od_floor)
+    cells = (sat > s_thr) | (od > od_thr)
     grey = rows[:, ::FOCUS_STEP, 1].astype(np.float32)  # green: both stains absorb it
     second = 2 * grey[:, 1:-1] - grey[:, :-2] - grey[:, 2:]
     on_cells = np.repeat(cells, STATS_STEP // FOCUS_STEP, 1)[:, 1 : grey.shape[1] - 1]

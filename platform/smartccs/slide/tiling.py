@@ -89,6 +89,8 @@ class TilePlan(BaseModel):
     cols: int
     rows: int
     foreground_fraction: float = Field(description="fraction of the slide that is foreground")
+    saturation_threshold: float = Field(description="this slide's glass/cell saturation cut")
+    od_threshold: float = Field(description="this slide's glass/cell optical-density cut")
     tiles: list[TileSpec]
 
 
@@ -136,6 +138,8 @@ def plan_tiles(slide: Slide, cfg: TilingConfig) -> TilePlan:
         cols=cols,
         rows=rows,
         foreground_fraction=fg.fraction,
+        saturation_threshold=fg.saturation_threshold,
+        od_threshold=fg.od_threshold,
         tiles=tiles,
     )
 
