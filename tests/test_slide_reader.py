@@ -12,7 +12,7 @@ from PIL import Image
 from slide_factory import CELL, GLASS, disc_slide, plain_tiff, tiff_bomb, write_disc_slide
 
 from smartccs.errors import CCSError, MissingMppError, SlideError
-from smartccs.slide.reader import open_slide
+from smartccs.slide.reader import copy_rgb, open_slide
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +216,11 @@ def test_best_level_is_the_coarsest_fine_enough(svs: Path):
         assert slide.best_level(3.9) == 1
         assert slide.best_level(4.05) == 2  # within the 2% tolerance of level 2
         assert slide.best_level(0.5) == 0
+
+
+def test_copy_rgb_equals_plain_assignment_from_a_strided_view():
+    rgba = np.random.default_rng(0).integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    view = rgba[..., :3]
+    out = np.empty((37, 53, 3), np.uint8)
+    copy_rgb(out, view)
+    assert np.array_equal(out, view)

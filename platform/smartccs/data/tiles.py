@@ -25,7 +25,7 @@ from smartccs.batches import BatchRef
 from smartccs.errors import CCSError
 from smartccs.slide.cache import SlideCache
 from smartccs.slide.qc import tile_qc
-from smartccs.slide.reader import Slide, open_slide
+from smartccs.slide.reader import Slide, copy_rgb, open_slide
 from smartccs.slide.tiling import TileSpec, TilingConfig, plan_tiles, read_tile
 from smartccs.store import Store, StoreConfig
 
@@ -163,7 +163,7 @@ class TileReader:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["slide_id"])
         px = self.cfg.tiling.tile_px
-        images = np.zeros((n, px, px, 3), dtype=np.uint8)
+        images = np.empty((n, px, px, 3), dtype=np.uint8)
         status = batch["status"].astype(object).copy()
         error = batch["error"].astype(object).copy()
         bg = np.full(n, np.nan, dtype=np.float32)
@@ -171,6 +171,7 @@ class TileReader:
         od = np.full(n, np.nan, dtype=np.float32)
         for i in range(n):
             if status[i] != STATUS_OK:
+                images[i] = 0
                 continue
             row = {k: batch[k][i] for k in batch}
             try:
@@ -186,7 +187,7 @@ class TileReader:
                     level=int(row["level"]),
                     fg_fraction=float(row["fg_fraction"]),
                 )
-                images[i] = read_tile(slide, spec, self.cfg.tiling)
+                copy_rgb(images[i], read_tile(slide, spec, self.cfg.tiling))
                 q = tile_qc(
                     images[i],
                     saturation_threshold=float(row["sat_threshold"]),
@@ -195,6 +196,7 @@ class TileReader:
                 bg[i], blur[i], od[i] = q.background_fraction, q.blur, q.mean_od
             except Exception as exc:  # one unreadable tile must not sink its slide's batch
                 status[i], error[i] = STATUS_ERROR, _describe(exc)
+                images[i] = 0
         return dict(batch) | {
             "status": status.astype(str),
             "error": error.astype(str),

@@ -137,6 +137,17 @@ def rgb_array(image: Image.Image) -> np.ndarray:
     return out
 
 
+def copy_rgb(out: np.ndarray, rgb: np.ndarray) -> None:
+    """Copy an ``(h, w, 3)`` array (typically a strided view from :func:`rgb_array`) into
+    ``out``, channel by channel.
+
+    numpy copies a 3-byte innermost axis pixel by pixel; one plane at a time its inner loops
+    run along whole rows, about three times faster (0.55 vs 1.6 ms for a 600 px tile here).
+    """
+    for c in range(3):
+        out[..., c] = rgb[..., c]
+
+
 def on_white(rgba: Image.Image) -> Image.Image:
     """The image composited onto white, for resampling: opaque pixels are not copied.
 
