@@ -74,7 +74,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from smartccs.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(
-        store=args.store or os.environ.get("CCS_STORE") or DEFAULT_STORE_URI,
+        store=args.store,
         cohort_dir=args.cohort_dir,
         centers=args.centers,
         slides_per_center=args.slides_per_center,

@@ -26,7 +26,7 @@ from smartccs.batches import BatchRef, is_committed, load_batch
 from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_stream
 from smartccs.errors import AlreadyCommittedError
 from smartccs.manifest import MANIFEST_NAME, Manifest
-from smartccs.store import DEFAULT_STORE_URI, Store, StoreConfig
+from smartccs.store import Store, StoreConfig
 from smartccs.upload import upload_batch
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    store: str = DEFAULT_STORE_URI
+    store: str | None = Field(default=None, description="store URI; $CCS_STORE or ./ccs-data")
     cohort_dir: str = Field(default="./ccs-cohort", description="where slides are generated")
     centers: int = Field(default=3, ge=1)
     slides_per_center: int = Field(default=4, ge=1)

@@ -128,9 +128,7 @@ class Store:
         path = _join(p.netloc, p.path) if p.scheme in ("s3", "s3a") else p.path or uri_or_path
         if self.protocol == "file":
             path = str(Path(path).resolve())
-            root = self.root
-        else:
-            root = self.root
+        root = self.root
         if path != root and not path.startswith(root.rstrip("/") + "/"):
             raise StoreError(f"{uri_or_path!r} is not inside store {self.uri()!r}")
         return path[len(root) :].strip("/")
