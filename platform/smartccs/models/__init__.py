@@ -1,0 +1,1 @@
+"""Model artifacts in the store and the networks they hold."""

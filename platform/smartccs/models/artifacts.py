@@ -1,0 +1,210 @@
+"""Versioned model artifacts: safetensors weights plus a JSON card, committed like a batch.
+
+A version lives under ``models/<name>/<version>/`` as ``weights.safetensors`` and ``card.json``
+and becomes visible only when its ``_COMMITTED`` marker is written (create-if-absent), so a
+crashed save leaves nothing a reader would load, and a committed version is never overwritten.
+``models/<name>/LATEST`` names the newest committed version. The card records the weights'
+sha256 and the marker records the card's, so tampering after the commit is refused on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs import layout
+from smartccs.errors import AlreadyCommittedError, StoreError
+from smartccs.ids import Id, validate_id
+from smartccs.slide.tiling import TilingConfig
+from smartccs.store import Store
+
+WEIGHTS_NAME = "weights.safetensors"
+CARD_NAME = "card.json"
+LATEST_NAME = "LATEST"
+
+Task = Literal["encoder", "detector", "classifier"]
+
+
+class Architecture(BaseModel):
+    """What to build before loading the weights: a timm model name and its keyword arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timm_name: str = Field(description="e.g. vit_large_patch14_dinov2")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model kwargs")
+
+
+class Normalization(BaseModel):
+    """Per-channel RGB mean/std applied to [0, 1] pixels before the network."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class ModelCard(BaseModel):
+    """Everything needed to use a model without the code or data that trained it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Id
+    version: Id | None = Field(default=None, description="assigned by save_model")
+    architecture: Architecture
+    task: Task
+    classes: list[str] = Field(default_factory=list, description="output classes, in order")
+    tiling: TilingConfig = Field(description="mpp and tile size the model was trained at")
+    normalization: Normalization = Normalization()
+    training_config: dict[str, Any] = Field(default_factory=dict)
+    training_config_sha256: str = Field(default="", description="config_sha256 of the above")
+    data_manifest_sha256: str = Field(default="", description="data_sha256 of the training data")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created_at: str = Field(default="", description="ISO 8601 UTC; set by save_model if empty")
+    synthetic: bool = Field(description="trained on synthetic data: results say nothing clinical")
+    weights_sha256: str | None = Field(default=None, description="set by save_model")
+
+
+class _Commit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    card_sha256: str
+    committed_at: str
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """Hash of a config independent of key order, so equal configs hash equal."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def data_sha256(manifest_sha256s: list[str]) -> str:
+    """One hash for a training set: sha256 of its batches' sorted manifest sha256s."""
+    return hashlib.sha256("\n".join(sorted(manifest_sha256s)).encode()).hexdigest()
+
+
+def new_version(now: datetime | None = None) -> str:
+    """A version id that sorts by creation time, with a random tail so two saves never clash."""
+    now = now or datetime.now(UTC)
+    return validate_id(f"v{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", "model version")
+
+
+def is_committed(store: Store, name: str, version: str) -> bool:
+    return store.exists(layout.model(name, version), layout.COMMIT_MARKER)
+
+
+def list_versions(store: Store, name: str) -> list[str]:
+    """Committed versions of a model, oldest first; uncommitted (crashed) saves are skipped."""
+    found = []
+    for v in store.list_dirs("models", validate_id(name, "model name")):
+        try:
+            committed = is_committed(store, name, v)
+        except ValueError:  # a folder whose name is not a valid id is not ours
+            continue
+        if committed:
+            found.append(v)
+    return sorted(found)
+
+
+def latest_version(store: Store, name: str) -> str:
+    """The version ``models/<name>/LATEST`` names."""
+    key = f"models/{validate_id(name, 'model name')}/{LATEST_NAME}"
+    try:
+        return validate_id(json.loads(store.read_bytes(key))["version"], "model version")
+    except StoreError:
+        raise StoreError(f"model {name!r} has no committed version in {store.uri()}") from None
+    except (ValueError, KeyError, TypeError):
+        raise StoreError(f"{store.uri(key)} is not a valid LATEST pointer") from None
+
+
+def save_model(store: Store, card: ModelCard, state_dict: dict[str, Any]) -> str:
+    """Write weights and card, commit them, move LATEST; returns the version id.
+
+    The version is ``card.version`` if set (a retry of the same save), else a new one.
+    """
+    from safetensors.torch import save as save_safetensors
+
+    version = card.version or new_version()
+    prefix = layout.model(card.name, version)
+    if is_committed(store, card.name, version):
+        raise AlreadyCommittedError(
+            f"{store.uri(prefix)} is already committed; model versions are never overwritten"
+        )
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    weights = save_safetensors(tensors)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    card = card.model_copy(
+        update={
+            "version": version,
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            "created_at": card.created_at or now,
+        }
+    )
+    card_bytes = card.model_dump_json(indent=2).encode()
+    store.write_bytes(f"{prefix}/{WEIGHTS_NAME}", weights)
+    store.write_bytes(f"{prefix}/{CARD_NAME}", card_bytes)
+    record = _Commit(
+        name=card.name,
+        version=version,
+        card_sha256=hashlib.sha256(card_bytes).hexdigest(),
+        committed_at=now,
+    )
+    if not store.put_if_absent(
+        f"{prefix}/{layout.COMMIT_MARKER}", record.model_dump_json().encode()
+    ):
+        raise AlreadyCommittedError(f"{store.uri(prefix)} was committed by someone else meanwhile")
+    _advance_latest(store, card.name, version)
+    return version
+
+
+def _advance_latest(store: Store, name: str, version: str) -> None:
+    """Point LATEST at ``version`` unless it already names a newer one (versions sort by time)."""
+    try:
+        current = latest_version(store, name)
+    except StoreError:
+        current = ""
+    if version > current:
+        body = json.dumps({"name": name, "version": version}).encode()
+        store.write_bytes(f"models/{name}/{LATEST_NAME}", body)
+
+
+def load_card(store: Store, name: str, version: str = "latest") -> ModelCard:
+    """The card of a committed version, checked against its commit marker."""
+    version = latest_version(store, name) if version == "latest" else version
+    prefix = layout.model(name, version)
+    try:
+        record = _Commit.model_validate_json(store.read_bytes(prefix, layout.COMMIT_MARKER))
+    except StoreError:
+        raise StoreError(
+            f"{store.uri(prefix)} is not a committed model version (no {layout.COMMIT_MARKER})"
+        ) from None
+    card_bytes = store.read_bytes(prefix, CARD_NAME)
+    if hashlib.sha256(card_bytes).hexdigest() != record.card_sha256:
+        raise StoreError(f"{store.uri(prefix, CARD_NAME)} changed after the version was committed")
+    card = ModelCard.model_validate_json(card_bytes)
+    if (card.name, card.version) != (name, version):
+        raise StoreError(
+            f"{store.uri(prefix, CARD_NAME)} names {card.name}/{card.version}, "
+            f"but lives under {name}/{version}"
+        )
+    return card
+
+
+def load_model(store: Store, name: str, version: str = "latest") -> tuple[ModelCard, dict]:
+    """Card and state dict of a committed version; weights that do not match the card fail."""
+    from safetensors.torch import load as load_safetensors
+
+    card = load_card(store, name, version)
+    prefix = layout.model(name, card.version)
+    weights = store.read_bytes(prefix, WEIGHTS_NAME)
+    if hashlib.sha256(weights).hexdigest() != card.weights_sha256:
+        raise StoreError(
+            f"{store.uri(prefix, WEIGHTS_NAME)}: sha256 differs from the card; refusing to load"
+        )
+    return card, load_safetensors(weights)

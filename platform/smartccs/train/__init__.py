@@ -1,0 +1,1 @@
+"""Training: self-supervised pretraining of the tile encoder (DINO) on Ray Train."""

@@ -1,0 +1,156 @@
+"""The DINO self-distillation objective, in plain torch.
+
+A student sees every view of a tile (2 global, N local) and is trained to predict, on each,
+the teacher's output on the *other* global views. The teacher gets no gradient: it is an
+exponential moving average of the student (momentum rising to 1 over training), which makes
+it a slowly improving ensemble. Collapse is avoided by centering the teacher's outputs (an EMA
+of their batch mean is subtracted) and sharpening them (a low temperature, warmed up from a
+softer one). Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", 2021.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class DinoConfig(BaseModel):
+    """Objective hyper-parameters; schedules are in optimizer steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out_dim: int = Field(default=4096, ge=2, description="prototypes (65536 in the paper)")
+    hidden_dim: int = Field(default=512, ge=1)
+    bottleneck_dim: int = Field(default=128, ge=1)
+    head_layers: int = Field(default=3, ge=1)
+    student_temp: float = Field(default=0.1, gt=0)
+    teacher_temp: float = Field(default=0.04, gt=0)
+    warmup_teacher_temp: float = Field(default=0.04, gt=0)
+    warmup_teacher_temp_steps: int = Field(default=0, ge=0)
+    center_momentum: float = Field(default=0.9, ge=0, le=1, description="1 freezes the center")
+    momentum_teacher: float = Field(default=0.996, ge=0, le=1, description="EMA start")
+    momentum_teacher_final: float = Field(default=1.0, ge=0, le=1, description="EMA end")
+
+
+class DINOHead(nn.Module):
+    """MLP, L2-normalized bottleneck, then a weight-normalized linear layer onto prototypes.
+
+    The last layer's norm is fixed at 1 (weight_norm with a frozen gain), as in DINO: only the
+    prototype directions are learned, which keeps training stable.
+    """
+
+    def __init__(self, in_dim: int, cfg: DinoConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(cfg.head_layers - 1):
+            layers += [nn.Linear(dim, cfg.hidden_dim), nn.GELU()]
+            dim = cfg.hidden_dim
+        layers.append(nn.Linear(dim, cfg.bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_norm(nn.Linear(cfg.bottleneck_dim, cfg.out_dim, bias=False))
+        gain = self.last_layer.parametrizations.weight.original0
+        gain.data.fill_(1.0)
+        gain.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class MultiCropNet(nn.Module):
+    """Backbone + head over a list of views; views of one size go through the backbone at once."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = []
+        start = 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
+                end += 1
+            feats = self.backbone(torch.cat(views[start:end]))
+            outputs += list(self.head(feats).chunk(end - start))
+            start = end
+        return outputs
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of the student, to be moved only by :func:`ema_update`."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
+        pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+
+
+def teacher_momentum(step: int, total_steps: int, cfg: DinoConfig) -> float:
+    """Cosine schedule from ``momentum_teacher`` to ``momentum_teacher_final``."""
+    frac = min(1.0, step / max(1, total_steps))
+    base, final = cfg.momentum_teacher, cfg.momentum_teacher_final
+    return final - (final - base) * (math.cos(math.pi * frac) + 1) / 2
+
+
+def teacher_temperature(step: int, cfg: DinoConfig) -> float:
+    """Linear warm-up from a softer teacher: a sharp teacher early on can collapse training."""
+    if step >= cfg.warmup_teacher_temp_steps:
+        return cfg.teacher_temp
+    frac = step / cfg.warmup_teacher_temp_steps
+    return cfg.warmup_teacher_temp + frac * (cfg.teacher_temp - cfg.warmup_teacher_temp)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the centered, sharpened teacher and the student, across views."""
+
+    def __init__(self, cfg: DinoConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+
+    def forward(
+        self, student_out: list[torch.Tensor], teacher_out: list[torch.Tensor], step: int
+    ) -> torch.Tensor:
+        """Mean over (teacher global view, different student view) pairs; updates the center."""
+        temp = teacher_temperature(step, self.cfg)
+        targets = [F.softmax((t - self.center) / temp, dim=-1).detach() for t in teacher_out]
+        logps = [F.log_softmax(s / self.cfg.student_temp, dim=-1) for s in student_out]
+        total, pairs = student_out[0].new_zeros(()), 0
+        for ti, target in enumerate(targets):
+            for si, logp in enumerate(logps):
+                if si == ti:  # the same view: nothing to predict
+                    continue
+                total = total + torch.sum(-target * logp, dim=-1).mean()
+                pairs += 1
+        self.update_center(torch.cat(teacher_out))
+        return total / pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA of the teacher's mean output, averaged over all workers."""
+        total = teacher_out.sum(dim=0, keepdim=True)
+        count = torch.tensor([teacher_out.shape[0]], dtype=total.dtype, device=total.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        m = self.cfg.center_momentum
+        self.center.mul_(m).add_(total / count, alpha=1 - m)

@@ -1,0 +1,204 @@
+"""DINO pieces: EMA, centering, the loss learns; multi-crop views are well-formed and seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from smartccs.models.encoder import build_encoder
+from smartccs.train.dino import (
+    DinoConfig,
+    DINOHead,
+    DINOLoss,
+    MultiCropNet,
+    ema_update,
+    make_teacher,
+    teacher_momentum,
+    teacher_temperature,
+)
+from smartccs.train.multicrop import (
+    MultiCropConfig,
+    brightness_contrast,
+    flip_rotate,
+    gaussian_blur,
+    multi_crop,
+    random_resized_crop,
+    stain_jitter,
+)
+
+SMALL = DinoConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16)
+CROPS = MultiCropConfig(global_size=32, local_size=16, n_local=2)
+
+
+def toy_tiles(n: int = 8, px: int = 48) -> np.ndarray:
+    """Bright glass with dark round 'nuclei' of a few colours and sizes."""
+    rng = np.random.default_rng(0)
+    tiles = np.full((n, px, px, 3), 230, np.uint8)
+    yy, xx = np.ogrid[:px, :px]
+    for i in range(n):
+        colour = [(60, 40, 120), (150, 60, 90), (40, 110, 60), (120, 120, 30)][i % 4]
+        for _ in range(4):
+            y, x = rng.integers(4, px - 4, 2)
+            r = 3 + 3 * (i % 2)
+            tiles[i][(yy - y) ** 2 + (xx - x) ** 2 < r * r] = colour
+    return tiles
+
+
+def tiny_net(cfg: DinoConfig, seed: int) -> MultiCropNet:
+    torch.manual_seed(seed)
+    backbone = build_encoder(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        dynamic_img_size=True,
+    )
+    return MultiCropNet(backbone, DINOHead(32, cfg))
+
+
+def test_ema_moves_the_teacher_by_the_expected_amount():
+    student = nn.Linear(3, 2)
+    teacher = make_teacher(student)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    before = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema_update(student, teacher, 0.9)
+    for t0, s, t in zip(before, student.parameters(), teacher.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
+        torch.testing.assert_close(t - t0, torch.full_like(t, 0.1))  # 10% of the 1.0 gap
+    moved = [p.clone() for p in teacher.parameters()]
+    ema_update(student, teacher, 1.0)  # momentum 1: the teacher stays put
+    for m, t in zip(moved, teacher.parameters(), strict=True):
+        assert torch.equal(m, t)
+
+
+def test_schedules():
+    cfg = DinoConfig(
+        momentum_teacher=0.99, warmup_teacher_temp=0.02, teacher_temp=0.06,
+        warmup_teacher_temp_steps=10,
+    )  # fmt: skip
+    assert teacher_momentum(0, 100, cfg) == pytest.approx(0.99)
+    assert teacher_momentum(50, 100, cfg) == pytest.approx(0.995)
+    assert teacher_momentum(100, 100, cfg) == pytest.approx(1.0)
+    assert teacher_temperature(0, cfg) == pytest.approx(0.02)
+    assert teacher_temperature(5, cfg) == pytest.approx(0.04)
+    assert teacher_temperature(10, cfg) == teacher_temperature(99, cfg) == pytest.approx(0.06)
+
+
+def test_center_tracks_the_teacher_mean():
+    loss = DINOLoss(SMALL)
+    teacher_out = torch.randn(16, SMALL.out_dim)
+    mean = teacher_out.mean(0, keepdim=True)
+    for n in range(1, 31):
+        loss.update_center(teacher_out)
+        torch.testing.assert_close(loss.center, (1 - 0.9**n) * mean)
+    assert torch.allclose(loss.center, mean, atol=0.05 * mean.abs().max().item())
+
+
+def test_loss_pairs_only_different_views():
+    loss = DINOLoss(SMALL.model_copy(update={"center_momentum": 0.0}))
+    a, b = torch.randn(4, SMALL.out_dim), torch.randn(4, SMALL.out_dim)
+    # student == teacher on view 0 and 1; the loss must not reward a view predicting itself
+    value = loss([a, b], [a, b], step=0)
+    q = torch.softmax(b / SMALL.teacher_temp, -1)
+    expected = (-q * torch.log_softmax(a / SMALL.student_temp, -1)).sum(-1).mean()
+    p = torch.softmax(a / SMALL.teacher_temp, -1)
+    expected = (expected + (-p * torch.log_softmax(b / SMALL.student_temp, -1)).sum(-1).mean()) / 2
+    torch.testing.assert_close(value, expected)
+
+
+def test_student_learns_to_match_the_teacher():
+    """A few dozen steps against a frozen, differently initialized teacher lower the loss.
+
+    Teacher and center are frozen so that the targets hold still and only learning moves it.
+    """
+    cfg = SMALL.model_copy(update={"momentum_teacher": 1.0, "center_momentum": 1.0})
+    student, teacher = tiny_net(cfg, seed=0), make_teacher(tiny_net(cfg, seed=1))
+    loss_fn = DINOLoss(cfg)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    g, tiles, losses = torch.Generator().manual_seed(0), toy_tiles(), []
+    for step in range(40):
+        views = multi_crop(tiles, CROPS, g)
+        with torch.no_grad():
+            targets = teacher(views[:2])
+        loss = loss_fn(student(views), targets, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema_update(student, teacher, teacher_momentum(step, 40, cfg))
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), np.round(losses, 2)
+
+
+def test_full_dino_step_moves_the_teacher_toward_the_student():
+    student = tiny_net(SMALL, seed=0)
+    teacher = make_teacher(student)
+    loss_fn = DINOLoss(SMALL)
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    views = multi_crop(toy_tiles(4), CROPS, torch.Generator().manual_seed(0))
+    out = student(views)
+    assert [o.shape for o in out] == [(4, SMALL.out_dim)] * CROPS.n_crops
+    with torch.no_grad():
+        t_out = teacher(views[:2])
+    loss_fn(out, t_out, 0).backward()
+    opt.step()
+    gap = [
+        (s - t).abs().sum() for s, t in zip(student.parameters(), teacher.parameters(), strict=True)
+    ]
+    ema_update(student, teacher, 0.5)
+    after = [
+        (s - t).abs().sum() for s, t in zip(student.parameters(), teacher.parameters(), strict=True)
+    ]
+    assert sum(gap) > 0
+    torch.testing.assert_close(sum(after), 0.5 * sum(gap))
+
+
+def test_augmentations_keep_shape_dtype_and_range():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 40, 40)
+    for out in (
+        flip_rotate(img, g),
+        stain_jitter(img, g, 0.2, 0.1),
+        gaussian_blur(img, 1.5),
+        brightness_contrast(img, g, 0.3, 0.3),
+    ):
+        assert out.shape == img.shape and out.dtype == img.dtype
+        assert out.min() >= 0 and out.max() <= 1
+    crop = random_resized_crop(img, 24, (0.1, 0.5), g)
+    assert crop.shape == (3, 24, 24) and crop.dtype == torch.float32
+    # no jitter is the identity: the OD round trip is exact
+    torch.testing.assert_close(stain_jitter(img, g, 0.0, 0.0), img)
+    assert not torch.allclose(stain_jitter(img, g, 0.2, 0.1), img)
+
+
+def test_stain_jitter_changes_stained_pixels_not_white_glass():
+    g = torch.Generator().manual_seed(3)
+    img = torch.ones(3, 8, 8)
+    img[:, :4] = torch.tensor([0.3, 0.2, 0.5]).view(3, 1, 1)  # a purple nucleus on white glass
+    out = stain_jitter(img, g, 0.3, 0.0)  # scale only: zero stain stays zero
+    torch.testing.assert_close(out[:, 4:], img[:, 4:])
+    assert (out[:, :4] - img[:, :4]).abs().max() > 0.01
+
+
+def test_multi_crop_views_are_seeded_and_well_formed():
+    tiles = toy_tiles(3)
+    views = multi_crop(tiles, CROPS, torch.Generator().manual_seed(7))
+    assert len(views) == CROPS.n_crops == 4
+    assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 2
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+    again = multi_crop(torch.from_numpy(tiles), CROPS, torch.Generator().manual_seed(7))
+    for a, b in zip(views, again, strict=True):
+        assert torch.equal(a, b)
+    other = multi_crop(tiles, CROPS, torch.Generator().manual_seed(8))
+    assert not torch.equal(views[0], other[0])
+    assert not torch.equal(views[0], views[1])  # two global views of one tile differ
+    with pytest.raises(ValueError, match="uint8"):
+        multi_crop(tiles.astype(np.float32), CROPS, torch.Generator())
