@@ -31,5 +31,4 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         include_dashboard=False,
         runtime_env={"env_vars": env},
         configure_logging=False,
-        log_to_driver=False,
     )
