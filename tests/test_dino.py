@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +205,68 @@ def test_multi_crop_views_are_seeded_and_well_formed():
     assert not torch.equal(views[0], views[1])  # two global views of one tile differ
     with pytest.raises(ValueError, match="uint8"):
         multi_crop(tiles.astype(np.float32), CROPS, torch.Generator())
+
+
+@pytest.fixture(scope="module")
+def cytology_tiles(tmp_path_factory) -> np.ndarray:
+    """Real synthetic cytology tiles (mostly bright glass), as the demo job streams them."""
+    from smartccs.slide.reader import open_slide
+    from smartccs.slide.tiling import TilingConfig, plan_tiles, read_tile
+    from smartccs.synth.cohort import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, centers=1, slides_per_center=2, size="tiny", seed=0, workers=1,
+                    progress=False)  # fmt: skip
+    tiling = TilingConfig(target_mpp=0.5, tile_px=256)
+    tiles = []
+    for path in sorted(out.rglob("*.svs")):
+        slide = open_slide(path)
+        tiles += [read_tile(slide, spec, tiling) for spec in plan_tiles(slide, tiling).tiles]
+    assert len(tiles) >= 16
+    return np.stack(tiles)
+
+
+def test_demo_config_does_not_collapse_on_cytology_tiles(cytology_tiles):
+    """A short DINO run with the demo job's settings keeps a per-tile signal.
+
+    Regression: with ImageNet normalization and an unscaled lr the teacher's sharpened, centered
+    output went uniform (entropy ln(out_dim), loss 8.318) within 20 steps and the backbone
+    features stopped depending on the tile.
+    """
+    import yaml
+
+    from smartccs.train.pretrain import PretrainConfig, _build, _lr_at
+
+    raw = yaml.safe_load(
+        (Path(__file__).parents[1] / "jobs/configs/pretrain-demo.yaml").read_text()
+    )
+    raw["store"] = {"uri": "/nonexistent"}
+    cfg = PretrainConfig.model_validate(raw)
+    torch.manual_seed(0)
+    student, teacher = _build(cfg)
+    loss_fn = DINOLoss(cfg.dino)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    entropies, feature_std = [], []
+    for step in range(30):
+        idx = rng.choice(len(cytology_tiles), cfg.batch_size, replace=False)
+        views = multi_crop(cytology_tiles[idx], cfg.crops, g)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        with torch.no_grad():
+            teacher_out = teacher(views[:2])
+            t = torch.cat(teacher_out) - loss_fn.center
+            p = torch.softmax(t / teacher_temperature(step, cfg.dino), dim=-1)
+            entropies.append(float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()))
+            feature_std.append(float(teacher.backbone(views[0]).std(0).mean()))
+        loss = loss_fn(student(views), teacher_out, step)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.clip_grad)
+        opt.step()
+        ema_update(student, teacher, teacher_momentum(step, cfg.max_steps, cfg.dino))
+    uniform = math.log(cfg.dino.out_dim)
+    late_entropy, late_std = np.mean(entropies[-10:]), np.mean(feature_std[-10:])
+    assert late_entropy < uniform - 0.5, (np.round(entropies, 3), uniform)
+    assert late_std > 0.2, np.round(feature_std, 3)
