@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict
 
 from smartccs import layout
+from smartccs.commits import read_commit, read_pinned
 from smartccs.errors import AlreadyCommittedError, ManifestError, StoreError
 from smartccs.manifest import MANIFEST_NAME, Manifest
 from smartccs.store import Store
@@ -137,17 +138,10 @@ def commit_batch(store: Store, manifest: Manifest, *, verify_checksums: bool = F
 def load_batch(store: Store, center: str, batch: str) -> BatchRef:
     """A committed batch; an uncommitted or tampered one is an error, never half-read."""
     prefix = layout.incoming(center, batch)
-    try:
-        record = CommitRecord.model_validate_json(store.read_bytes(prefix, layout.COMMIT_MARKER))
-    except StoreError:
-        raise StoreError(
-            f"{store.uri(prefix)} is not a committed batch (no {layout.COMMIT_MARKER} marker)"
-        ) from None
-    data = store.read_bytes(prefix, MANIFEST_NAME)
-    if hashlib.sha256(data).hexdigest() != record.manifest_sha256:
-        raise ManifestError(
-            f"{store.uri(prefix, MANIFEST_NAME)} changed after the batch was committed"
-        )
+    record = read_commit(store, prefix, CommitRecord, "batch")
+    data = read_pinned(
+        store, prefix, MANIFEST_NAME, record.manifest_sha256, "batch", error=ManifestError
+    )
     manifest = Manifest.loads(data, store.uri(prefix, MANIFEST_NAME))
     if (manifest.center, manifest.batch) != (center, batch):
         raise ManifestError(

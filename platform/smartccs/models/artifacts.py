@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs import layout
+from smartccs.commits import read_commit, read_pinned
 from smartccs.errors import AlreadyCommittedError, StoreError
 from smartccs.ids import Id, validate_id
 from smartccs.slide.tiling import TilingConfig
@@ -178,15 +179,8 @@ def load_card(store: Store, name: str, version: str = "latest") -> ModelCard:
     """The card of a committed version, checked against its commit marker."""
     version = latest_version(store, name) if version == "latest" else version
     prefix = layout.model(name, version)
-    try:
-        record = _Commit.model_validate_json(store.read_bytes(prefix, layout.COMMIT_MARKER))
-    except StoreError:
-        raise StoreError(
-            f"{store.uri(prefix)} is not a committed model version (no {layout.COMMIT_MARKER})"
-        ) from None
-    card_bytes = store.read_bytes(prefix, CARD_NAME)
-    if hashlib.sha256(card_bytes).hexdigest() != record.card_sha256:
-        raise StoreError(f"{store.uri(prefix, CARD_NAME)} changed after the version was committed")
+    record = read_commit(store, prefix, _Commit, "model version")
+    card_bytes = read_pinned(store, prefix, CARD_NAME, record.card_sha256, "version")
     card = ModelCard.model_validate_json(card_bytes)
     if (card.name, card.version) != (name, version):
         raise StoreError(
