@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from smartccs.models.artifacts import Normalization
 from smartccs.models.encoder import build_encoder
 from smartccs.train.dino import (
     DinoConfig,
@@ -32,7 +33,12 @@ from smartccs.train.multicrop import (
 )
 
 SMALL = DinoConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16)
-CROPS = MultiCropConfig(global_size=32, local_size=16, n_local=2)
+CROPS = MultiCropConfig(
+    global_size=32,
+    local_size=16,
+    n_local=2,
+    normalization=Normalization(mean=(0.8, 0.8, 0.8), std=(0.15, 0.15, 0.15)),
+)
 
 
 def toy_tiles(n: int = 8, px: int = 48) -> np.ndarray:
@@ -235,6 +241,7 @@ def test_demo_config_does_not_collapse_on_cytology_tiles(cytology_tiles):
     """
     import yaml
 
+    from smartccs.train.normalization import tile_statistics
     from smartccs.train.pretrain import PretrainConfig, _build, _lr_at
 
     raw = yaml.safe_load(
@@ -242,6 +249,9 @@ def test_demo_config_does_not_collapse_on_cytology_tiles(cytology_tiles):
     )
     raw["store"] = {"uri": "/nonexistent"}
     cfg = PretrainConfig.model_validate(raw)
+    assert cfg.crops.normalization == "auto"  # the job estimates it from its tiles, as here
+    norm = tile_statistics([cytology_tiles], cfg.normalization_tiles)
+    cfg = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"normalization": norm})})
     torch.manual_seed(0)
     student, teacher = _build(cfg)
     loss_fn = DINOLoss(cfg.dino)

@@ -9,12 +9,13 @@ import torch
 import yaml
 
 from smartccs.data.tiles import StreamConfig
-from smartccs.models.artifacts import Architecture, list_versions, load_model
+from smartccs.models.artifacts import Architecture, Normalization, list_versions, load_model
 from smartccs.models.encoder import build_from
 from smartccs.slide.tiling import TilingConfig
 from smartccs.store import Store
 from smartccs.train.dino import DinoConfig
 from smartccs.train.multicrop import MultiCropConfig
+from smartccs.train.normalization import NORMALIZATION_FILE
 from smartccs.train.pretrain import PretrainConfig, pretrain
 from smartccs.upload import upload_batch
 
@@ -64,6 +65,9 @@ def test_pretrain_saves_an_encoder_and_resumes(tiny_cohort, local_store, tmp_pat
     assert card.version == first.version and card.task == "encoder" and card.synthetic
     assert card.tiling.tile_px == 128 and card.metrics["steps"] == 3
     assert len(card.data_manifest_sha256) == 64 and len(card.training_config_sha256) == 64
+    # normalization was estimated from the cytology tiles (bright glass), not ImageNet's
+    assert card.normalization != Normalization() and min(card.normalization.mean) > 0.7
+    assert local_store.exists(local_store.key_of(first.run_path), NORMALIZATION_FILE)
     encoder = build_from(card.architecture)
     encoder.load_state_dict(weights)  # strict: the artifact is exactly the encoder
     with torch.no_grad():

@@ -11,6 +11,7 @@ All randomness comes from one ``torch.Generator``, so a seed fixes every view.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,7 +45,11 @@ class MultiCropConfig(BaseModel):
     brightness: float = Field(default=0.2, ge=0, lt=1)
     contrast: float = Field(default=0.2, ge=0, lt=1)
     color_p: float = Field(default=0.8, ge=0, le=1, description="chance of stain + intensity")
-    normalization: Normalization = Normalization()
+    normalization: Normalization | Literal["auto"] = Field(
+        default="auto",
+        description="input mean/std; 'auto' = estimated from the run's own tiles at job start "
+        "(smartccs.train.normalization), which cytology needs: ImageNet's collapse it",
+    )
 
     @property
     def n_crops(self) -> int:
@@ -139,6 +144,8 @@ def multi_crop(
 
     Views are float32 and normalized with ``cfg.normalization``, ready for the encoder.
     """
+    if cfg.normalization == "auto":
+        raise ValueError("normalization 'auto' must be resolved from the tiles before cropping")
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:

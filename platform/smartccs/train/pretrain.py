@@ -44,6 +44,7 @@ from smartccs.train.dino import (
     teacher_momentum,
 )
 from smartccs.train.multicrop import MultiCropConfig, multi_crop
+from smartccs.train.normalization import resolve_normalization
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class PretrainConfig(BaseModel):
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=2, ge=0, description="worker failures survived")
     log_every: int = Field(default=1, ge=1)
+    normalization_tiles: int = Field(
+        default=256, ge=1, description="tiles to estimate crops.normalization from when 'auto'"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -281,6 +285,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     store = Store(cfg.store)
     refs = _batch_refs(store, cfg)
     ds = training_dataset(store, cfg)
+    if cfg.crops.normalization == "auto":
+        norm = resolve_normalization(store, cfg.run_name, ds, cfg.normalization_tiles)
+        cfg = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"normalization": norm})})
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
