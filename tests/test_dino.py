@@ -242,7 +242,7 @@ def test_demo_config_does_not_collapse_on_cytology_tiles(cytology_tiles):
     import yaml
 
     from smartccs.train.normalization import tile_statistics
-    from smartccs.train.pretrain import PretrainConfig, _build, _lr_at
+    from smartccs.train.pretrain import Learner, PretrainConfig
 
     raw = yaml.safe_load(
         (Path(__file__).parents[1] / "jobs/configs/pretrain-demo.yaml").read_text()
@@ -253,29 +253,19 @@ def test_demo_config_does_not_collapse_on_cytology_tiles(cytology_tiles):
     norm = tile_statistics([cytology_tiles], cfg.normalization_tiles)
     cfg = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"normalization": norm})})
     torch.manual_seed(0)
-    student, teacher = _build(cfg)
-    loss_fn = DINOLoss(cfg.dino)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
-    g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    learner = Learner(cfg, torch.device("cpu"))
+    learner.prepare()
+    g, probe, rng = torch.Generator().manual_seed(0), torch.Generator(), np.random.default_rng(0)
     entropies, feature_std = [], []
     for step in range(30):
-        idx = rng.choice(len(cytology_tiles), cfg.batch_size, replace=False)
-        views = multi_crop(cytology_tiles[idx], cfg.crops, g)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        with torch.no_grad():
-            teacher_out = teacher(views[:2])
-            t = torch.cat(teacher_out) - loss_fn.center
+        images = cytology_tiles[rng.choice(len(cytology_tiles), cfg.batch_size, replace=False)]
+        with torch.no_grad():  # measure the teacher on this batch, then take the job's step
+            views = multi_crop(images, cfg.crops, probe.manual_seed(step))
+            t = torch.cat(learner.teacher(views[:2])) - learner.loss_fn.center
             p = torch.softmax(t / teacher_temperature(step, cfg.dino), dim=-1)
             entropies.append(float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()))
-            feature_std.append(float(teacher.backbone(views[0]).std(0).mean()))
-        loss = loss_fn(student(views), teacher_out, step)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.clip_grad)
-        opt.step()
-        ema_update(student, teacher, teacher_momentum(step, cfg.max_steps, cfg.dino))
+            feature_std.append(float(learner.teacher.backbone(views[0]).std(0).mean()))
+        learner.step(images, step, g)
     uniform = math.log(cfg.dino.out_dim)
     late_entropy, late_std = np.mean(entropies[-10:]), np.mean(feature_std[-10:])
     assert late_entropy < uniform - 0.5, (np.round(entropies, 3), uniform)

@@ -13,6 +13,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from smartccs import layout
 from smartccs.batches import CommitRecord, list_batches, load_batch
+from smartccs.commits import read_commit
 from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_stream
 from smartccs.errors import CCSError
 from smartccs.ids import Id
@@ -139,6 +141,72 @@ def _build(cfg: PretrainConfig) -> tuple[MultiCropNet, MultiCropNet]:
     return student, make_teacher(student)
 
 
+class Learner:
+    """Student, teacher, loss and optimizer of one DINO run, and the step that moves them.
+
+    The Ray Train loop and ``bench/pretrain_throughput.py`` run this same step, so the bench
+    measures what the job does.
+    """
+
+    def __init__(
+        self, cfg: PretrainConfig, device: torch.device, wrap: Callable[[Any], Any] = lambda m: m
+    ):
+        self.cfg = cfg
+        self.device = device
+        student, self.teacher = _build(cfg)
+        self.loss_fn = DINOLoss(cfg.dino)
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
+        )
+        self.raw_student = student
+        self.student = student  # wrapped (DDP) by prepare() once the state is loaded
+        self.wrap = wrap
+        self.amp = cfg.scaling.use_gpu and cfg.scaling.mixed_precision and device.type == "cuda"
+
+    def prepare(self) -> None:
+        """Move to the device (and wrap for data parallelism) after any checkpoint is loaded."""
+        self.student = self.wrap(self.raw_student)
+        self.raw_student = getattr(self.student, "module", self.student)
+        self.teacher.to(self.device)
+        self.loss_fn.to(self.device)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "student": self.raw_student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.raw_student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.loss_fn.load_state_dict(state["loss"])
+
+    def step(self, images: np.ndarray, step: int, gen: torch.Generator) -> float:
+        """One DINO step on a batch of uint8 tiles; returns the loss."""
+        cfg = self.cfg
+        views = [v.to(self.device, non_blocking=True) for v in multi_crop(images, cfg.crops, gen)]
+        for group in self.opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.no_grad():
+                teacher_out = self.teacher(views[:2])
+            loss = self.loss_fn(self.student(views), teacher_out, step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optimizer.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optimizer.clip_grad)
+        self.opt.step()
+        ema_update(self.raw_student, self.teacher, teacher_momentum(step, cfg.max_steps, cfg.dino))
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            raise FloatingPointError(f"step {step + 1}: loss is {value}")
+        return value
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: DINO steps over this worker's shard of the tiles."""
     import ray.train
@@ -152,28 +220,17 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed)  # same init on every worker; DDP broadcasts it anyway
-    student, teacher = _build(cfg)
-    loss_fn = DINOLoss(cfg.dino)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    learner = Learner(cfg, ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
     step = epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        opt.load_state_dict(state["optimizer"])
-        loss_fn.load_state_dict(state["loss"])
+        learner.load(state)
         step, epoch = int(state["step"]), int(state["epoch"])
         log.info("resumed %s at step %d (epoch %d)", cfg.run_name, step, epoch)
     start_step = step
-    device = ray.train.torch.get_device()
-    student = ray.train.torch.prepare_model(student)
-    raw_student = getattr(student, "module", student)
-    teacher.to(device)
-    loss_fn.to(device)
-    amp = cfg.scaling.use_gpu and cfg.scaling.mixed_precision and device.type == "cuda"
+    learner.prepare()
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 100_003 + step)
     shard = ray.train.get_dataset_shard("train")
     loss_value, tiles_seen, t0 = float("nan"), 0, time.monotonic()
@@ -192,14 +249,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                state = {
-                    "student": raw_student.state_dict(),
-                    "teacher": teacher.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                    "step": step,
-                    "epoch": epoch,
-                }
+                state = learner.state() | {"step": step, "epoch": epoch}
                 torch.save(state, Path(d) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -208,23 +258,8 @@ def train_loop(config: dict[str, Any]) -> None:
     while step < cfg.max_steps and epoch < cfg.max_epochs:
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
             images = batch["image"]
-            views = [v.to(device, non_blocking=True) for v in multi_crop(images, cfg.crops, gen)]
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                with torch.no_grad():
-                    teacher_out = teacher(views[:2])
-                loss = loss_fn(student(views), teacher_out, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optimizer.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.clip_grad)
-            opt.step()
-            ema_update(raw_student, teacher, teacher_momentum(step, cfg.max_steps, cfg.dino))
+            loss_value = learner.step(images, step, gen)
             step += 1
-            loss_value = float(loss.detach())
-            if not np.isfinite(loss_value):
-                raise FloatingPointError(f"step {step}: loss is {loss_value}")
             tiles_seen += len(images)
             if rank == 0 and step % cfg.log_every == 0:
                 rate = tiles_seen / max(1e-9, time.monotonic() - t0)
@@ -258,10 +293,7 @@ def _batch_refs(store: Store, cfg: PretrainConfig):
 
 
 def _manifest_hash(store: Store, refs) -> str:
-    records = [
-        CommitRecord.model_validate_json(store.read_bytes(r.prefix, layout.COMMIT_MARKER))
-        for r in refs
-    ]
+    records = [read_commit(store, r.prefix, CommitRecord, "batch") for r in refs]
     return data_sha256([r.manifest_sha256 for r in records])
 
 
