@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from smartccs.errors import CCSError
+from smartccs.errors import CCSError, describe_validation_error
 from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
 from smartccs.train.pretrain import PretrainConfig, pretrain
@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PretrainConfig.model_validate(raw)
         init_ray()
         result = pretrain(cfg)
-    except (CCSError, ValidationError, OSError, yaml.YAMLError) as exc:
+    except ValidationError as exc:
+        print(f"jobs.pretrain: {args.config}: {describe_validation_error(exc)}", file=sys.stderr)
+        return 1
+    except (CCSError, OSError, yaml.YAMLError) as exc:
         print(f"jobs.pretrain: {exc}".replace("\n", "; "), file=sys.stderr)
         return 1
     print(f"saved encoder {result.version} after step {result.step} (loss {result.loss:.4f})")

@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from smartccs import __version__
-from smartccs.errors import CCSError
+from smartccs.errors import CCSError, describe_validation_error
 from smartccs.logs import configure_logging
-from smartccs.manifest import describe_validation_error
 from smartccs.store import DEFAULT_STORE_URI, Store, StoreConfig
 
 log = logging.getLogger("smartccs.cli")

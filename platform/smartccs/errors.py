@@ -5,6 +5,8 @@ prints its message as one line and exits non-zero, the tile stream turns it into
 Anything else is a bug and keeps its traceback.
 """
 
+from pydantic import ValidationError
+
 
 class CCSError(Exception):
     """An error whose message alone tells the user what is wrong and where."""
@@ -40,3 +42,13 @@ class StoreError(CCSError):
 
 class AlreadyCommittedError(StoreError):
     """A committed batch, table partition or model version is never overwritten."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field path (``slides.2.sha256: ...``)."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from smartccs.errors import ManifestError
+from smartccs.errors import ManifestError, describe_validation_error
 from smartccs.ids import Id
 from smartccs.taxonomy import Grade
 
@@ -85,13 +85,3 @@ class Manifest(BaseModel):
             return cls.model_validate_json(data)
         except ValidationError as exc:
             raise ManifestError(f"{source}: {describe_validation_error(exc)}") from None
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming the field path (``slides.2.sha256: ...``)."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)

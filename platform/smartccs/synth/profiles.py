@@ -17,9 +17,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from smartccs.errors import CCSError
+from smartccs.errors import CCSError, describe_validation_error
 from smartccs.ids import Id
-from smartccs.manifest import describe_validation_error
 from smartccs.taxonomy import GRADES, Grade
 
 BUILTIN_PROFILES = "profiles.yaml"
