@@ -12,9 +12,8 @@ the results instead of failing the batch.
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.batches import BatchRef
 from smartccs.errors import CCSError
-from smartccs.slide.cache import SlideCache
+from smartccs.slide.cache import SlideCache, default_max_bytes, default_root
 from smartccs.slide.qc import tile_qc
 from smartccs.slide.reader import Slide, copy_rgb, open_slide
 from smartccs.slide.tiling import TileSpec, TilingConfig, plan_tiles, read_tile
@@ -37,10 +36,6 @@ NO_TILE = -1
 """``tile_index`` of the single row that stands for a slide that could not be planned."""
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("CCS_CACHE_DIR", str(Path.home() / ".cache" / "smartccs" / "slides"))
-
-
 class StreamConfig(BaseModel):
     """How tiles are planned and read; shared by the batch job and the service."""
 
@@ -52,8 +47,12 @@ class StreamConfig(BaseModel):
     planner_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per planning task")
     batch_size: int = Field(default=16, ge=1, description="tiles per reader call")
     open_slides: int = Field(default=2, ge=1, description="slide handles kept open per actor")
-    cache_dir: str = Field(default_factory=default_cache_dir, description="local slide cache")
-    cache_max_bytes: int = Field(default=20 << 30, gt=0, description="slide cache bound")
+    cache_dir: str = Field(
+        default_factory=default_root, description="local slide cache ($CCS_SLIDE_CACHE)"
+    )
+    cache_max_bytes: int = Field(
+        default_factory=default_max_bytes, gt=0, description="slide cache bound"
+    )
 
 
 def slide_rows(batches: Iterable[BatchRef]) -> list[dict[str, Any]]:
@@ -231,8 +230,3 @@ def tile_stream(
         batch_format="numpy",
         num_cpus=cfg.reader_cpus,
     )
-
-
-def iter_tiles(ds, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of a tile dataset as numpy dicts (for consumers outside Ray Data)."""
-    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy")

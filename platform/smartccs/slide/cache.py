@@ -44,6 +44,17 @@ class _Entry:
     used: float  # mtime: set on download and on every hit
 
 
+def default_root() -> str:
+    """Where slides are cached on this node: ``CCS_SLIDE_CACHE`` or ``~/.cache/smartccs/slides``."""
+    return os.environ.get("CCS_SLIDE_CACHE") or "~/.cache/smartccs/slides"
+
+
+def default_max_bytes() -> int:
+    """The cache bound: ``CCS_SLIDE_CACHE_GB`` gibibytes, or ``DEFAULT_MAX_BYTES``."""
+    gb = os.environ.get("CCS_SLIDE_CACHE_GB")
+    return int(float(gb) * 2**30) if gb else DEFAULT_MAX_BYTES
+
+
 class SlideCache:
     """Local copies of store slides, at most ``max_bytes`` in total under ``root``."""
 
@@ -59,9 +70,7 @@ class SlideCache:
     @classmethod
     def from_env(cls) -> SlideCache:
         """``CCS_SLIDE_CACHE`` (default ``~/.cache/smartccs/slides``), ``CCS_SLIDE_CACHE_GB``."""
-        root = os.environ.get("CCS_SLIDE_CACHE") or "~/.cache/smartccs/slides"
-        gb = float(os.environ.get("CCS_SLIDE_CACHE_GB") or DEFAULT_MAX_BYTES / 2**30)
-        return cls(root, int(gb * 2**30))
+        return cls(default_root(), default_max_bytes())
 
     def local_path(self, store: Store, key: str, sha256: str | None, size: int | None) -> Path:
         """A local file with the content of ``key``; downloaded (and verified) if needed.
