@@ -26,12 +26,13 @@ import openslide
 from slides import write_bench_slide
 
 from smartccs.batches import is_committed, load_batch
+from smartccs.checksums import sha256_file
 from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_stream
 from smartccs.raycluster import init_ray
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import TilingConfig, plan_tiles
 from smartccs.store import Store, StoreConfig
-from smartccs.upload import sha256_file, upload_batch
+from smartccs.upload import upload_batch
 
 OUT = Path(__file__).resolve().parent / "out"
 

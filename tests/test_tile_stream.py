@@ -9,13 +9,14 @@ import pytest
 
 from smartccs import layout
 from smartccs.batches import BatchRef, commit_batch, load_batch
+from smartccs.checksums import sha256_file
 from smartccs.data.tiles import NO_TILE, STATUS_ERROR, STATUS_OK, StreamConfig, slide_rows
 from smartccs.data.tiles import tile_stream as make_stream
 from smartccs.manifest import Manifest, SlideEntry
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import TilingConfig, plan_tiles
 from smartccs.store import Store
-from smartccs.upload import sha256_file, upload_batch
+from smartccs.upload import upload_batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict
 
 from smartccs import layout
+from smartccs.checksums import sha256_stream
 from smartccs.commits import read_commit, read_pinned
 from smartccs.errors import AlreadyCommittedError, ManifestError, StoreError
 from smartccs.manifest import MANIFEST_NAME, Manifest
@@ -115,7 +116,7 @@ def commit_batch(store: Store, manifest: Manifest, *, verify_checksums: bool = F
         total += size
         if size != s.bytes:
             problems.append(f"{s.path}: {size} bytes in the store, manifest says {s.bytes}")
-        elif verify_checksums and _sha256_of(store, key) != s.sha256:
+        elif verify_checksums and _store_sha256(store, key) != s.sha256:
             problems.append(f"{s.path}: sha256 in the store differs from the manifest")
     if problems:
         raise ManifestError("batch does not match its manifest:\n" + "\n".join(problems))
@@ -166,9 +167,6 @@ def list_batches(store: Store, center: str | None = None) -> list[tuple[str, str
     return found
 
 
-def _sha256_of(store: Store, key: str) -> str:
-    h = hashlib.sha256()
+def _store_sha256(store: Store, key: str) -> str:
     with store.open_input(key) as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_stream(f)

@@ -7,7 +7,6 @@ never a partial batch in the store.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 
 from smartccs import layout
 from smartccs.batches import UPLOAD_LEASE, BatchRef, UploadLease, commit_batch, is_committed
+from smartccs.checksums import sha256_file
 from smartccs.errors import AlreadyCommittedError, CCSError, InvalidIdError, ManifestError
 from smartccs.ids import validate_id
 from smartccs.manifest import MANIFEST_NAME, Manifest, SlideEntry
@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 
 class UploadError(CCSError):
     """One or more files of a batch cannot be uploaded; nothing was uploaded."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def prepare_batch(

@@ -19,7 +19,6 @@ cell table plus a few tiles whatever the slide size.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from smartccs import __version__
+from smartccs.checksums import sha256_file
 from smartccs.errors import CCSError
 from smartccs.ids import validate_id
 from smartccs.manifest import MANIFEST_NAME, Manifest, SlideEntry
@@ -429,7 +429,7 @@ def _make_slide(job: _SlideJob, report: Callable[[int], None]) -> _SlideDone:
     counts = Counter(specimen.classes())
     return _SlideDone(
         job=job,
-        sha256=_sha256(final),
+        sha256=sha256_file(final),
         bytes=final.stat().st_size,
         width_px=width,
         height_px=height,
@@ -602,14 +602,6 @@ def _write_cohort_json(
         "centers": [p.model_dump(mode="json") for p in chosen],
     }
     _atomic_bytes((json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), out / "cohort.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_bytes(data: bytes, path: Path) -> None:

@@ -1,0 +1,19 @@
+"""sha256 of files and streams, read in chunks so a multi-GB slide never sits in memory."""
+
+import hashlib
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 8 << 20
+
+
+def sha256_stream(f: BinaryIO) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
