@@ -76,9 +76,9 @@ def prepare_batch(
             continue
         size = path.stat().st_size
         try:
-            info = open_slide(
-                path, mpp_override=given_entry.mpp if given_entry else None, name=rel
-            ).info
+            mpp = given_entry.mpp if given_entry else None
+            with open_slide(path, mpp_override=mpp, name=rel) as slide:
+                info = slide.info
         except CCSError as exc:
             problems.append(str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}")
             continue
