@@ -142,3 +142,15 @@ def test_processes_asking_for_one_slide_share_one_download(s3_store: Store, tmp_
     assert len(set(results)) == 1  # same path, same inode: the entry was never replaced
     cache = SlideCache(tmp_path / "cache", max_bytes=1)
     assert cache_files(cache) == [digest]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_bad_cache_size_setting_names_the_variable(monkeypatch, value):
+    from smartccs.errors import CCSError
+    from smartccs.slide.cache import default_max_bytes
+
+    monkeypatch.setenv("CCS_SLIDE_CACHE_GB", value)
+    with pytest.raises(CCSError, match="CCS_SLIDE_CACHE_GB"):
+        default_max_bytes()
+    monkeypatch.setenv("CCS_SLIDE_CACHE_GB", "1.5")
+    assert default_max_bytes() == int(1.5 * 2**30)

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from smartccs.errors import SlideError
+from smartccs.errors import CCSError, SlideError
 from smartccs.store import Store
 
 CHUNK = 8 * 2**20
@@ -52,7 +52,15 @@ def default_root() -> str:
 def default_max_bytes() -> int:
     """The cache bound: ``CCS_SLIDE_CACHE_GB`` gibibytes, or ``DEFAULT_MAX_BYTES``."""
     gb = os.environ.get("CCS_SLIDE_CACHE_GB")
-    return int(float(gb) * 2**30) if gb else DEFAULT_MAX_BYTES
+    if not gb:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = float(gb)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise CCSError(f"CCS_SLIDE_CACHE_GB={gb!r}: expected a positive number of gibibytes")
+    return int(value * 2**30)
 
 
 class SlideCache:
