@@ -1,0 +1,300 @@
+"""Slide-level binary metrics: ROC/AUC (Mann-Whitney), thresholds, bootstrap CI, confusion."""
+
+from __future__ import annotations
+
+import json
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from smartccs.metrics.classification import (
+    BinaryReport,
+    _weighted_aucs,
+    binary_report,
+    bootstrap_auc_ci,
+    choose_threshold,
+    confusion_matrix,
+    roc_auc,
+    roc_curve,
+    sensitivity_specificity,
+)
+
+
+@st.composite
+def labelled_scores(draw, min_size: int = 2, max_size: int = 40, max_score: int = 8):
+    """Labels with both classes, and integer-valued float scores (many ties, exact math)."""
+    n = draw(st.integers(min_size, max_size))
+    y = draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+    assume(0 < sum(y) < n)
+    s = draw(st.lists(st.integers(0, max_score), min_size=n, max_size=n))
+    return np.array(y), np.array(s, dtype=float)
+
+
+def _brute_force_auc(y: np.ndarray, s: np.ndarray) -> float:
+    pos, neg = s[y == 1], s[y == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def _separated(n_pos: int, n_neg: int, shift: float, seed: int):
+    rng = np.random.default_rng(seed)
+    s = np.r_[rng.normal(shift, 1.0, n_pos), rng.normal(0.0, 1.0, n_neg)]
+    y = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+    return y, s
+
+
+# --- roc_curve / roc_auc -------------------------------------------------------------------
+
+
+def test_roc_curve_has_one_point_per_distinct_score_starting_at_origin():
+    y = [1, 0, 1, 0]
+    s = [0.9, 0.9, 0.5, 0.1]
+    fpr, tpr, thr = roc_curve(y, s)
+    np.testing.assert_array_equal(thr, [np.inf, 0.9, 0.5, 0.1])
+    np.testing.assert_array_equal(tpr, [0.0, 0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(fpr, [0.0, 0.5, 0.5, 1.0])
+
+
+def test_roc_auc_hand_computed_example():
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+
+
+def test_roc_auc_counts_a_tie_between_classes_as_one_half():
+    assert roc_auc([0, 1], [0.3, 0.3]) == 0.5
+    assert roc_auc([False, True, True], [0.3, 0.3, 0.9]) == 0.75
+
+
+def test_roc_auc_with_one_class_raises_a_clear_error():
+    with pytest.raises(ValueError, match="needs both classes.*all 3 labels are positive"):
+        roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="all 2 labels are negative"):
+        roc_curve([0, 0], [0.1, 0.2])
+
+
+@given(labelled_scores())
+def test_roc_auc_equals_brute_force_pairwise_mann_whitney(data):
+    y, s = data
+    assert roc_auc(y, s) == pytest.approx(_brute_force_auc(y, s), abs=1e-12)
+
+
+@given(labelled_scores())
+def test_roc_auc_equals_trapezoidal_area_under_roc_curve(data):
+    y, s = data
+    fpr, tpr, _ = roc_curve(y, s)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert roc_auc(y, s) == pytest.approx(np.trapezoid(tpr, fpr), abs=1e-12)
+
+
+@given(labelled_scores(), st.sampled_from(["cube", "affine", "exp"]))
+def test_roc_auc_is_invariant_to_strictly_increasing_transforms(data, kind):
+    y, s = data
+    f = {"cube": lambda x: x**3 - 4.0, "affine": lambda x: 3.0 * x + 7.0, "exp": np.exp}[kind]
+    assert roc_auc(y, f(s)) == pytest.approx(roc_auc(y, s), abs=1e-12)
+
+
+@given(labelled_scores())
+def test_roc_auc_of_reversed_scores_is_one_minus_auc(data):
+    y, s = data
+    assert roc_auc(y, 1.0 - s) == pytest.approx(1.0 - roc_auc(y, s), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("y", "s", "match"),
+    [
+        ([0, 1, 1], [0.1, 0.2], "scores has length 2 but y_true has length 3"),
+        ([0, 1], [0.1, np.nan], "scores must be finite"),
+        ([0, 1], [0.1, np.inf], "scores must be finite"),
+        ([0, 2], [0.1, 0.2], "y_true must hold only 0/1"),
+        (["a", "b"], [0.1, 0.2], "y_true must hold 0/1 or bool"),
+        ([], [], "y_true must not be empty"),
+        ([[0, 1]], [[0.1, 0.2]], "y_true must be 1-D"),
+        ([0, 1], ["x", "y"], "scores must be numeric"),
+    ],
+)
+def test_inputs_are_validated_with_errors_naming_the_argument(y, s, match):
+    for fn in (roc_auc, roc_curve, choose_threshold, bootstrap_auc_ci):
+        with pytest.raises(ValueError, match=match):
+            fn(y, s)
+    with pytest.raises(ValueError, match=match):
+        sensitivity_specificity(y, s, 0.5)
+
+
+# --- sensitivity / specificity / thresholds ------------------------------------------------
+
+
+def test_sensitivity_specificity_counts_score_equal_to_threshold_as_positive():
+    y = [1, 1, 0, 0, 1]
+    s = [0.9, 0.5, 0.5, 0.2, 0.1]
+    assert sensitivity_specificity(y, s, 0.5) == (2 / 3, 1 / 2)
+    assert sensitivity_specificity(y, s, 0.50001) == (1 / 3, 1.0)
+
+
+@given(labelled_scores(), st.integers(-1, 9))
+def test_sensitivity_specificity_agree_with_confusion_matrix_counts(data, threshold):
+    y, s = data
+    names = np.array(["NILM", "abnormal"])
+    cm = confusion_matrix(names[y], names[(s >= threshold).astype(int)], list(names))
+    (tn, fp), (fn, tp) = cm
+    sens, spec = sensitivity_specificity(y, s, threshold)
+    assert sens == tp / (tp + fn)
+    assert spec == tn / (tn + fp)
+    assert cm.sum() == len(y)
+
+
+def test_choose_threshold_with_min_sensitivity_hand_computed():
+    y = [1, 1, 1, 1, 0, 0, 0, 0]
+    s = [0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1]
+    assert choose_threshold(y, s, min_sensitivity=0.5) == 0.8
+    assert choose_threshold(y, s, min_sensitivity=0.75) == 0.6
+    assert choose_threshold(y, s, min_sensitivity=1.0) == 0.3
+
+
+def test_choose_threshold_youden_hand_computed():
+    y = [1, 1, 1, 1, 0, 0, 0, 0]
+    s = [0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1]
+    # J at 0.9: .25, 0.8: .5, 0.7: .25, 0.6: .5, 0.4: .25, 0.3: .5, ... -> highest of ties
+    assert choose_threshold(y, s) == 0.8
+
+
+@given(labelled_scores(), st.sampled_from([0.1, 0.5, 0.8, 0.9, 0.95, 1.0]))
+def test_choose_threshold_is_highest_threshold_reaching_min_sensitivity(data, target):
+    y, s = data
+    t = choose_threshold(y, s, min_sensitivity=target)
+    assert t in s
+    assert sensitivity_specificity(y, s, t)[0] >= target
+    higher = np.unique(s[s > t])
+    assert all(sensitivity_specificity(y, s, h)[0] < target for h in higher)
+
+
+@given(labelled_scores())
+def test_choose_threshold_maximises_youden_j_over_all_observed_scores(data):
+    y, s = data
+    t = choose_threshold(y, s)
+    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
+    j = {  # exact rationals, so ties are ties
+        float(c): Fraction(int(((s >= c) & (y == 1)).sum()), n_pos)
+        - Fraction(int(((s >= c) & (y == 0)).sum()), n_neg)
+        for c in np.unique(s)
+    }
+    best = max(j.values())
+    assert t == max(c for c, v in j.items() if v == best)  # the highest of tied maximisers
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_choose_threshold_rejects_min_sensitivity_outside_unit_interval(bad):
+    with pytest.raises(ValueError, match="min_sensitivity must be in"):
+        choose_threshold([0, 1], [0.1, 0.9], min_sensitivity=bad)
+
+
+# --- bootstrap -----------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_contains_point_estimate_for_reasonable_data():
+    y, s = _separated(80, 120, shift=1.0, seed=1)
+    low, high = bootstrap_auc_ci(y, s, n_boot=500, seed=3)
+    auc = roc_auc(y, s)
+    assert low < auc < high
+    assert 0.05 < high - low < 0.3
+
+
+def test_bootstrap_ci_is_deterministic_for_a_seed_and_varies_across_seeds():
+    y, s = _separated(30, 50, shift=0.8, seed=2)
+    a = bootstrap_auc_ci(y, s, n_boot=200, seed=7)
+    assert bootstrap_auc_ci(y, s, n_boot=200, seed=7) == a
+    assert bootstrap_auc_ci(y, s, n_boot=200, seed=8) != a
+
+
+def test_bootstrap_ci_of_perfect_separation_is_degenerate_at_one():
+    assert bootstrap_auc_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], n_boot=50) == (1.0, 1.0)
+
+
+def test_bootstrap_ci_narrows_as_alpha_grows():
+    y, s = _separated(40, 60, shift=1.0, seed=4)
+    lo95, hi95 = bootstrap_auc_ci(y, s, alpha=0.05)
+    lo50, hi50 = bootstrap_auc_ci(y, s, alpha=0.5)
+    assert lo95 <= lo50 <= hi50 <= hi95
+
+
+@settings(max_examples=30)
+@given(labelled_scores(max_size=15), st.integers(0, 2**31 - 1))
+def test_vectorised_resample_auc_equals_auc_of_materialised_resample(data, seed):
+    y, s = data
+    pos, neg = s[y == 1], np.sort(s[y == 0])
+    rng = np.random.default_rng(seed)
+    w_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=5)
+    w_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=5)
+    got = _weighted_aucs(pos, neg, w_pos, w_neg)
+    for b in range(5):
+        rp, rn = np.repeat(pos, w_pos[b]), np.repeat(neg, w_neg[b])
+        ys = np.r_[np.ones(len(rp), int), np.zeros(len(rn), int)]
+        assert got[b] == pytest.approx(roc_auc(ys, np.r_[rp, rn]), abs=1e-12)
+
+
+def test_bootstrap_1000_resamples_of_1000_slides_is_fast():
+    y, s = _separated(300, 700, shift=1.0, seed=5)
+    t0 = time.perf_counter()
+    bootstrap_auc_ci(y, s, n_boot=1000)
+    # Typically ~0.1 s; the bound leaves room for a loaded 2-core CI machine.
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"n_boot": 0}, "n_boot"), ({"n_boot": 2.5}, "n_boot"), ({"alpha": 1.0}, "alpha")],
+)
+def test_bootstrap_rejects_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bootstrap_auc_ci([0, 1], [0.1, 0.9], **kwargs)
+
+
+# --- confusion_matrix ----------------------------------------------------------------------
+
+
+def test_confusion_matrix_rows_are_true_and_columns_predicted_in_labels_order():
+    labels = ["NILM", "LSIL", "HSIL"]
+    true = ["NILM", "NILM", "LSIL", "HSIL", "HSIL", "HSIL"]
+    pred = ["NILM", "LSIL", "LSIL", "LSIL", "HSIL", "HSIL"]
+    cm = confusion_matrix(true, pred, labels)
+    np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [0, 1, 2]])
+    assert cm.dtype.kind == "i"
+
+
+def test_confusion_matrix_rejects_unknown_labels_and_length_mismatch():
+    with pytest.raises(ValueError, match=r"pred_labels has values not in labels.*'SCC'"):
+        confusion_matrix(["NILM"], ["SCC"], ["NILM", "HSIL"])
+    with pytest.raises(ValueError, match="true_labels has values not in labels"):
+        confusion_matrix(["AGC"], ["NILM"], ["NILM", "HSIL"])
+    with pytest.raises(ValueError, match="pred_labels has length 1 but true_labels has length 2"):
+        confusion_matrix(["NILM", "NILM"], ["NILM"], ["NILM"])
+    with pytest.raises(ValueError, match="labels must be unique"):
+        confusion_matrix(["NILM"], ["NILM"], ["NILM", "NILM"])
+
+
+# --- binary_report -------------------------------------------------------------------------
+
+
+def test_binary_report_fields_agree_with_the_individual_functions():
+    y, s = _separated(40, 60, shift=1.2, seed=6)
+    r = binary_report(y, s, 0.5, n_boot=300, seed=1)
+    assert r.auc == roc_auc(y, s)
+    assert (r.auc_ci_low, r.auc_ci_high) == bootstrap_auc_ci(y, s, n_boot=300, seed=1)
+    assert (r.sensitivity, r.specificity) == sensitivity_specificity(y, s, 0.5)
+    assert (r.n_pos, r.n_neg, r.threshold, r.ci_level) == (40, 60, 0.5, 0.95)
+    assert r.auc_ci_low <= r.auc <= r.auc_ci_high
+
+
+def test_binary_report_is_frozen_and_round_trips_through_json():
+    r = binary_report([0, 1, 0, 1], [0.2, 0.7, 0.4, 0.6], 0.5, n_boot=20)
+    with pytest.raises(ValueError):
+        r.auc = 0.0  # type: ignore[misc]
+    assert BinaryReport.model_validate(json.loads(r.model_dump_json())) == r
+
+
+def test_binary_report_rejects_non_finite_threshold():
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        binary_report([0, 1], [0.1, 0.9], float("nan"), n_boot=10)
