@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pydantic import BaseModel, ConfigDict
 
 from smartccs import layout
-from smartccs.checksums import sha256_stream
+from smartccs.checksums import data_sha256, sha256_stream
 from smartccs.commits import read_commit, read_pinned
 from smartccs.errors import AlreadyCommittedError, ManifestError, StoreError
 from smartccs.manifest import MANIFEST_NAME, Manifest
@@ -165,6 +165,29 @@ def list_batches(store: Store, center: str | None = None) -> list[tuple[str, str
             if committed:
                 found.append((c, b))
     return found
+
+
+def resolve_batches(store: Store, names: list[str]) -> list[BatchRef]:
+    """Committed batches named ``center/batch`` (every committed batch when ``names`` is empty)."""
+    if names:
+        pairs = []
+        for item in names:
+            center, sep, batch = item.partition("/")
+            if not sep:
+                raise ManifestError(f"batches: {item!r} is not 'center/batch'")
+            pairs.append((center, batch))
+    else:
+        pairs = list_batches(store)
+    if not pairs:
+        raise ManifestError(f"no committed batches in {store.uri('incoming')}")
+    return [load_batch(store, c, b) for c, b in pairs]
+
+
+def manifests_sha256(store: Store, refs: list[BatchRef]) -> str:
+    """One hash for a set of batches (a training set): their pinned manifests, sorted."""
+    return data_sha256(
+        [read_commit(store, r.prefix, CommitRecord, "batch").manifest_sha256 for r in refs]
+    )
 
 
 def _store_sha256(store: Store, key: str) -> str:

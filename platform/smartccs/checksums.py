@@ -17,3 +17,8 @@ def sha256_stream(f: BinaryIO) -> str:
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as f:
         return sha256_stream(f)
+
+
+def data_sha256(manifest_sha256s: list[str]) -> str:
+    """One hash for a training set: sha256 of its batches' sorted manifest sha256s."""
+    return hashlib.sha256("\n".join(sorted(manifest_sha256s)).encode()).hexdigest()

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs import layout
+from smartccs.checksums import data_sha256 as data_sha256  # re-exported: cards hash their data
 from smartccs.commits import read_commit, read_pinned
 from smartccs.errors import AlreadyCommittedError, StoreError
 from smartccs.ids import Id, validate_id
@@ -59,6 +60,9 @@ class ModelCard(BaseModel):
     architecture: Architecture
     task: Task
     classes: list[str] = Field(default_factory=list, description="output classes, in order")
+    head: dict[str, Any] = Field(
+        default_factory=dict, description="task head on top of the architecture, to rebuild it"
+    )
     tiling: TilingConfig = Field(description="mpp and tile size the model was trained at")
     normalization: Normalization = Normalization()
     training_config: dict[str, Any] = Field(default_factory=dict)
@@ -83,11 +87,6 @@ def config_sha256(config: dict[str, Any]) -> str:
     """Hash of a config independent of key order, so equal configs hash equal."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def data_sha256(manifest_sha256s: list[str]) -> str:
-    """One hash for a training set: sha256 of its batches' sorted manifest sha256s."""
-    return hashlib.sha256("\n".join(sorted(manifest_sha256s)).encode()).hexdigest()
 
 
 def new_version(now: datetime | None = None) -> str:

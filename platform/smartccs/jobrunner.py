@@ -1,0 +1,62 @@
+"""What every ``python -m jobs.<name>`` entrypoint does around its library call.
+
+Read the YAML config into the job's pydantic model (``--store`` overrides its store), start or
+join Ray, run, print one summary line; a bad config or a platform error is one line on stderr
+naming the file or field and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from smartccs.errors import CCSError, describe_validation_error
+from smartccs.logs import configure_logging
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def load_config(model: type[C], path: Path, store: str | None = None) -> C:
+    """A job config from YAML; ``store`` (a URI) replaces the file's store."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise CCSError(f"{path}: expected a mapping of config fields")
+    if store:
+        raw["store"] = {"uri": store}
+    return model.model_validate(raw)
+
+
+def run_job(
+    prog: str,
+    description: str | None,
+    model: type[C],
+    run: Callable[[C], Any],
+    summary: Callable[[Any], str],
+    argv: Sequence[str] | None = None,
+) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, type=Path, help=f"a {model.__name__} YAML")
+    parser.add_argument("--store", help="override the config's store URI")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    args = parser.parse_args(argv)
+    configure_logging(1)
+    try:
+        cfg = load_config(model, args.config, args.store)
+        from smartccs.raycluster import init_ray
+
+        init_ray(args.address)
+        result = run(cfg)
+    except ValidationError as exc:
+        print(f"{prog}: {args.config}: {describe_validation_error(exc)}", file=sys.stderr)
+        return 1
+    except (CCSError, OSError, yaml.YAMLError) as exc:
+        print(f"{prog}: {exc}".replace("\n", "; "), file=sys.stderr)
+        return 1
+    print(summary(result))
+    return 0

@@ -1,0 +1,249 @@
+"""The part every Ray Train job here shares: config fields, the worker loop, the trainer.
+
+A job supplies a *learner* (its model, loss and optimizer and the step that moves them) and a
+dataset; this module runs the learner over the worker's shard for ``max_steps`` optimizer steps,
+checkpoints model, optimizer, step and epoch to ``<store>/runs/<run name>/`` through Ray Train,
+resumes from the newest checkpoint when the run is restarted (a failed worker, or the same run
+name submitted again), and logs step, loss and throughput where the job's logs show them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs.errors import CCSError
+from smartccs.ids import Id
+from smartccs.store import Store, StoreConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+class OptimizerConfig(BaseModel):
+    """AdamW with linear warm-up then cosine decay, per optimizer step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(default=5e-4, gt=0)
+    min_lr: float = Field(default=1e-6, ge=0)
+    weight_decay: float = Field(default=0.04, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    clip_grad: float = Field(default=3.0, ge=0, description="0 disables clipping")
+
+
+class ScalingFields(BaseModel):
+    """Ray Train workers. On a 2-core machine give them fractional CPUs or Ray Data starves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0, description="only with use_gpu")
+    mixed_precision: bool = Field(default=True, description="bfloat16 autocast, GPU only")
+
+
+class RunFields(BaseModel):
+    """Fields of every training run's config (the YAML under jobs/configs/)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_name: Id = Field(description="re-running with the same name resumes this run")
+    store: StoreConfig = Field(default_factory=StoreConfig.from_env)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scaling: ScalingFields = ScalingFields()
+    batch_size: int = Field(default=16, ge=1, description="items per step per worker")
+    max_steps: int = Field(default=100, ge=1, description="optimizer steps; schedules span it")
+    max_epochs: int = Field(default=100, ge=1, description="passes over the data, at most")
+    checkpoint_every: int = Field(default=20, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=2, ge=0, description="worker failures survived")
+    log_every: int = Field(default=1, ge=1)
+    seed: int = 0
+
+
+def lr_at(step: int, cfg: RunFields) -> float:
+    """Learning rate of an optimizer step: linear warm-up, then cosine to ``min_lr``."""
+    o = cfg.optimizer
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    frac = (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps)
+    return o.min_lr + (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, frac))) / 2
+
+
+def autocast_enabled(cfg: RunFields, device: torch.device) -> bool:
+    return cfg.scaling.use_gpu and cfg.scaling.mixed_precision and device.type == "cuda"
+
+
+class Learner(Protocol):
+    """What a job gives the loop: state to checkpoint and a step over one batch."""
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load(self, state: dict[str, Any]) -> None: ...
+
+    def prepare(self) -> None:
+        """Move to the device and wrap for data parallelism, after any checkpoint is loaded."""
+
+    def train_batch(self, batch: dict[str, np.ndarray], step: int, gen: torch.Generator) -> int:
+        """One optimizer step; returns how many items (tiles, slides) it consumed."""
+
+    @property
+    def last_loss(self) -> float: ...
+
+
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    loss: torch.Tensor,
+    step: int,
+    cfg: RunFields,
+) -> float:
+    """Backward, clip, step at the scheduled rate; a non-finite loss stops the run loudly."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optimizer.clip_grad:
+        torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.clip_grad)
+    opt.step()
+    value = float(loss.detach())
+    if not np.isfinite(value):
+        raise FloatingPointError(f"step {step + 1}: loss is {value}")
+    return value
+
+
+def worker_loop(
+    cfg: RunFields,
+    make_learner: Callable[[torch.device, Callable[[Any], Any]], Learner],
+    unit: str = "tiles",
+) -> None:
+    """Runs on every Ray Train worker: the learner's steps over this worker's shard."""
+    import ray.train
+    import ray.train.torch
+
+    from smartccs.logs import configure_logging
+
+    configure_logging(1)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.seed)  # same init on every worker; DDP broadcasts it anyway
+    learner = make_learner(ray.train.torch.get_device(), ray.train.torch.prepare_model)
+    step = epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        learner.load(state)
+        step, epoch = int(state["step"]), int(state["epoch"])
+        log.info("resumed %s at step %d (epoch %d)", cfg.run_name, step, epoch)
+    start_step = step
+    learner.prepare()
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 100_003 + step)
+    shard = ray.train.get_dataset_shard("train")
+    seen, t0 = 0, time.monotonic()
+
+    def report(with_checkpoint: bool) -> None:
+        metrics = {
+            "step": step,
+            "epoch": epoch,
+            "start_step": start_step,
+            "loss": learner.last_loss,
+            f"{unit}_per_s": seen / max(1e-9, time.monotonic() - t0),
+        }
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save(learner.state() | {"step": step, "epoch": epoch}, Path(d) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    last_checkpoint = step
+    while step < cfg.max_steps and epoch < cfg.max_epochs:
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+            n = learner.train_batch(batch, step, gen)
+            if n == 0:
+                continue
+            step += 1
+            seen += n
+            if rank == 0 and step % cfg.log_every == 0:
+                rate = seen / max(1e-9, time.monotonic() - t0)
+                log.info(
+                    "step %d/%d epoch %d loss %.4f %.1f %s/s",
+                    step,
+                    cfg.max_steps,
+                    epoch,
+                    learner.last_loss,
+                    rate,
+                    unit,
+                )
+            if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
+                report(with_checkpoint=True)
+                last_checkpoint = step
+            if step >= cfg.max_steps:
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    if last_checkpoint != step or step == start_step:
+        report(with_checkpoint=True)
+
+
+class FitResult(BaseModel):
+    """The final checkpoint's state and the last metrics a run reported."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    state: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def fit(
+    cfg: RunFields, loop: Callable[[dict[str, Any]], None], datasets: dict[str, Any]
+) -> FitResult:
+    """Run ``loop`` on a TorchTrainer sized by the config; checkpoints under runs/<run name>."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    store = Store(cfg.store)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=cfg.model_dump(mode="json"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=store.path("runs"),
+            storage_filesystem=store.arrow_fs if store.protocol == "s3" else None,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise CCSError(f"run {cfg.run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    return FitResult(state=state, metrics=dict(result.metrics or {}))
