@@ -25,6 +25,7 @@ from smartccs import layout
 from smartccs.batches import BatchRef, is_committed, load_batch
 from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_stream
 from smartccs.errors import AlreadyCommittedError
+from smartccs.labels import has_cell_labels, put_cell_labels
 from smartccs.manifest import MANIFEST_NAME, Manifest
 from smartccs.store import Store, StoreConfig
 from smartccs.upload import upload_batch
@@ -63,7 +64,15 @@ def generated_centers(cohort_dir: Path) -> list[Path]:
 
 
 def ensure_uploaded(store: Store, center_dir: Path, center: str, batch: str) -> BatchRef:
-    """Upload a generated center once; re-runs reuse the committed batch if it is the same."""
+    """Upload a generated center once, with its cell annotations; re-runs reuse the batch."""
+    ref = _ensure_batch(store, center_dir, center, batch)
+    cells = center_dir / "ground_truth" / "cells.parquet"
+    if cells.is_file() and not has_cell_labels(store, center, batch):
+        put_cell_labels(store, ref, cells)
+    return ref
+
+
+def _ensure_batch(store: Store, center_dir: Path, center: str, batch: str) -> BatchRef:
     if is_committed(store, center, batch):
         ref = load_batch(store, center, batch)
         local = Manifest.loads((center_dir / MANIFEST_NAME).read_bytes())

@@ -28,3 +28,8 @@ def model(name: str, version: str) -> str:
 
 def run(run_id: str) -> str:
     return f"runs/{validate_id(run_id, 'run id')}"
+
+
+def labels(center: str, batch: str) -> str:
+    """Annotations of a committed batch (cell boxes), kept apart from the scans they describe."""
+    return f"labels/{validate_id(center, 'center')}/{validate_id(batch, 'batch')}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -206,13 +206,26 @@ class TileReader:
         }
 
 
+class _KeepErrors:
+    def __init__(self, select: Callable[[dict[str, Any]], bool]):
+        self.select = select
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        return row["tile_index"] == NO_TILE or bool(self.select(row))
+
+
 def tile_stream(
-    rows: list[dict[str, Any]], store_config: StoreConfig, cfg: StreamConfig | None = None
+    rows: list[dict[str, Any]],
+    store_config: StoreConfig,
+    cfg: StreamConfig | None = None,
+    select: Callable[[dict[str, Any]], bool] | None = None,
 ):
     """A Ray Dataset of tile rows (coordinates, status, ``image`` uint8 HxWx3, QC) for ``rows``.
 
     ``rows`` come from :func:`slide_rows`. The dataset is lazy and streams: iterate it, or chain
-    the detector onto it, and memory stays bounded by Ray Data's backpressure.
+    the detector onto it, and memory stays bounded by Ray Data's backpressure. ``select``
+    keeps only some planned tiles (a training job's sampling) before any pixel is read; a
+    slide's error row always passes.
     """
     import ray
 
@@ -222,6 +235,8 @@ def tile_stream(
         fn_kwargs={"store_config": store_config, "cfg": cfg},
         num_cpus=cfg.planner_cpus,
     )
+    if select is not None:
+        planned = planned.filter(_KeepErrors(select), num_cpus=0.1)
     return planned.map_batches(
         TileReader,
         fn_constructor_kwargs={"store_config": store_config, "cfg": cfg},

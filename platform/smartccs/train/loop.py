@@ -2,9 +2,12 @@
 
 A job supplies a *learner* (its model, loss and optimizer and the step that moves them) and a
 dataset; this module runs the learner over the worker's shard for ``max_steps`` optimizer steps,
-checkpoints model, optimizer, step and epoch to ``<store>/runs/<run name>/`` through Ray Train,
-resumes from the newest checkpoint when the run is restarted (a failed worker, or the same run
-name submitted again), and logs step, loss and throughput where the job's logs show them.
+checkpoints model, optimizer, step, epoch and position in the epoch to
+``<store>/runs/<run name>/`` through Ray Train, resumes from the newest checkpoint when the run
+is restarted (a failed worker, or the same run name submitted again), and logs step, loss and
+throughput where the job's logs show them. On resume the interrupted epoch skips as many batches
+as it had trained on; Ray Data's streaming order is not fixed, so they are as many, not
+necessarily the same ones.
 """
 
 from __future__ import annotations
@@ -140,14 +143,17 @@ def worker_loop(
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.seed)  # same init on every worker; DDP broadcasts it anyway
     learner = make_learner(ray.train.torch.get_device(), ray.train.torch.prepare_model)
-    step = epoch = 0
+    step = epoch = position = 0  # position: batches of the current epoch already trained on
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
         learner.load(state)
         step, epoch = int(state["step"]), int(state["epoch"])
-        log.info("resumed %s at step %d (epoch %d)", cfg.run_name, step, epoch)
+        position = int(state.get("position", 0))
+        log.info(
+            "resumed %s at step %d (epoch %d, batch %d of it)", cfg.run_name, step, epoch, position
+        )
     start_step = step
     learner.prepare()
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 100_003 + step)
@@ -168,14 +174,20 @@ def worker_loop(
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                torch.save(learner.state() | {"step": step, "epoch": epoch}, Path(d) / STATE_FILE)
+                extra = {"step": step, "epoch": epoch, "position": position}
+                torch.save(learner.state() | extra, Path(d) / STATE_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
 
     last_checkpoint = step
+    skip = position
     while step < cfg.max_steps and epoch < cfg.max_epochs:
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+            if skip:  # the resumed epoch continues from its position instead of restarting
+                skip -= 1
+                continue
             n = learner.train_batch(batch, step, gen)
+            position += 1
             if n == 0:
                 continue
             step += 1
@@ -198,6 +210,7 @@ def worker_loop(
                 break
         else:
             epoch += 1
+            position = 0
             continue
         break
     if last_checkpoint != step or step == start_step:

@@ -1,0 +1,493 @@
+"""Finetuning the abnormal-cell detector on annotated cell boxes, as a Ray Train job.
+
+Tiles of the training slides stream from the store through the same tile stream as screening;
+each worker looks up the annotated cells that fall on its tiles (``labels/``), augments tile
+and boxes together (the 8 square symmetries, stain and exposure jitter) and takes a step of
+focal plus GIoU loss. The backbone starts from the pretrained encoder, or from random weights
+of the same architecture for the ablation. The held-out slides' tiles are then scored (AP at
+IoU 0.5 per class) and the detector is saved as ``models/<model_name>/<version>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from tqdm.auto import tqdm
+
+from smartccs import layout
+from smartccs.batches import manifests_sha256, resolve_batches
+from smartccs.data.tiles import STATUS_OK, StreamConfig, tile_stream
+from smartccs.errors import CCSError
+from smartccs.ids import Id
+from smartccs.labels import SlideBoxes, SlideKey, load_cell_labels
+from smartccs.metrics.detection import Boxes, DetectionReport, detection_report
+from smartccs.models.artifacts import ModelCard, config_sha256, load_card, load_model, save_model
+from smartccs.models.detector import (
+    DETECTION_CLASSES,
+    CellDetector,
+    HeadConfig,
+    decode,
+    detection_class,
+    normalize,
+    preprocess,
+    resize_tiles,
+)
+from smartccs.models.encoder import build_from
+from smartccs.splits import SplitConfig, split_rows
+from smartccs.store import Store
+from smartccs.taxonomy import ABNORMAL_CLASSES
+from smartccs.train.loop import RunFields, autocast_enabled, fit, optimizer_step, worker_loop
+from smartccs.train.multicrop import brightness_contrast, stain_jitter
+
+log = logging.getLogger(__name__)
+
+TILE_COLUMNS = ["image", "center", "batch", "slide_id", "x0", "y0", "w0", "h0"]
+
+
+class AugmentConfig(BaseModel):
+    """Tile and box augmentation: orientation, and the stain/exposure shifts between centers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    color_p: float = Field(default=0.8, ge=0, le=1)
+    stain_sigma: float = Field(default=0.1, ge=0)
+    stain_bias: float = Field(default=0.05, ge=0)
+    brightness: float = Field(default=0.15, ge=0, lt=1)
+    contrast: float = Field(default=0.15, ge=0, lt=1)
+
+
+class LossConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    focal_alpha: float = Field(default=0.25, gt=0, lt=1)
+    focal_gamma: float = Field(default=2.0, ge=0)
+    box_weight: float = Field(default=2.0, ge=0)
+    center_radius: float = Field(
+        default=1.5, gt=0, description="positives: locations within this many strides of a centre"
+    )
+    abnormal_weight: float = Field(
+        default=4.0,
+        ge=1,
+        description="weight of an abnormal cell's positives against a normal squamous cell's: "
+        "abnormal cells are a few percent of the cells, and they are what the detector is for",
+    )
+
+
+class DetectorConfig(RunFields):
+    """One detector finetuning run; jobs/configs/detector-*.yaml is this model."""
+
+    batches: list[str] = Field(
+        default_factory=list, description="annotated 'center/batch' pairs; empty: all committed"
+    )
+    model_name: Id = "detector"
+    encoder_model: Id = "encoder"
+    encoder_version: str = Field(default="latest", description="resolved once, at job start")
+    init: Literal["pretrained", "random"] = Field(
+        default="pretrained", description="backbone from the encoder, or random (ablation)"
+    )
+    input_px: int = Field(default=128, ge=32, description="tiles are resized to this side")
+    head: HeadConfig = HeadConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    split: SplitConfig = SplitConfig()
+    backbone_lr_scale: float = Field(default=1.0, ge=0, description="backbone lr / head lr")
+    other_tiles: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="share of training tiles without an abnormal cell that are kept: abnormal "
+        "cells are rare, and reading tiles that teach nothing new dominates an epoch",
+    )
+    stream: StreamConfig = StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25)
+    eval_batch_size: int = Field(default=32, ge=1)
+
+    @model_validator(mode="after")
+    def _known_version(self) -> DetectorConfig:
+        if self.encoder_version != "latest":
+            layout.model(self.encoder_model, self.encoder_version)  # validates the id
+        return self
+
+
+class DetectorResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    step: int
+    start_step: int
+    loss: float
+    report: DetectionReport
+
+    @property
+    def map_abnormal(self) -> float:
+        return abnormal_map(self.report)
+
+
+def abnormal_map(report: DetectionReport) -> float:
+    """mAP over the six Bethesda classes that have ground truth (normal squamous left out)."""
+    aps = [report.ap[c] for c in ABNORMAL_CLASSES if not np.isnan(report.ap.get(c, np.nan))]
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+# -- targets ------------------------------------------------------------------------------
+
+
+def tile_targets(
+    cells: SlideBoxes, x0: int, y0: int, w0: int, h0: int, input_px: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Annotated cells whose centre lies on the tile, in the tile's input pixels, and classes.
+
+    Cells cut by the tile's edge are clipped to it: their centre is on the tile, so the
+    detector sees most of them, and the neighbouring tile does not count them again.
+    """
+    if not len(cells):
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    cx = (cells.boxes[:, 0] + cells.boxes[:, 2]) / 2
+    cy = (cells.boxes[:, 1] + cells.boxes[:, 3]) / 2
+    on = (cx >= x0) & (cx < x0 + w0) & (cy >= y0) & (cy < y0 + h0)
+    labels = np.array([detection_class(c) for c in cells.classes[on]], dtype=object)
+    known = np.array([lab is not None for lab in labels], dtype=bool)
+    boxes = cells.boxes[on][known] - np.array([x0, y0, x0, y0], np.float64)
+    scale = np.array([input_px / w0, input_px / h0] * 2)
+    boxes = np.clip(boxes * scale, 0, input_px).astype(np.float32)
+    return boxes, labels[known].astype(np.int64)
+
+
+def assign(
+    centers: torch.Tensor, boxes: torch.Tensor, stride: float, radius: float
+) -> torch.Tensor:
+    """Index of the box each location learns (-1: background), FCOS with centre sampling.
+
+    A location is a positive of a box when it lies inside the box and within ``radius``
+    strides of its centre; of several such boxes it takes the smallest.
+    """
+    if len(boxes) == 0:
+        return torch.full((len(centers),), -1, dtype=torch.long)
+    x, y = centers[:, None, 0], centers[:, None, 1]
+    inside = (x > boxes[:, 0]) & (x < boxes[:, 2]) & (y > boxes[:, 1]) & (y < boxes[:, 3])
+    bcx, bcy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    near = ((x - bcx).abs() <= radius * stride) & ((y - bcy).abs() <= radius * stride)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    cost = torch.where(inside & near, area.expand_as(inside), torch.inf)
+    best, idx = cost.min(dim=1)
+    return torch.where(torch.isfinite(best), idx, -1)
+
+
+# -- augmentation -------------------------------------------------------------------------
+
+
+def flip_rotate_boxes(
+    img: torch.Tensor, boxes: torch.Tensor, k: int, flip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror (left-right) then rotate by k x 90 degrees counter-clockwise, image and boxes."""
+    size = img.shape[-1]
+    if flip:
+        img = img.flip(-1)
+        boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], 1)
+    for _ in range(k % 4):
+        img = torch.rot90(img, 1, dims=(-2, -1))  # (x, y) -> (y, size - x)
+        boxes = torch.stack([boxes[:, 1], size - boxes[:, 2], boxes[:, 3], size - boxes[:, 0]], 1)
+    return img, boxes
+
+
+def augment(
+    img: torch.Tensor, boxes: torch.Tensor, cfg: AugmentConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random view of a [0, 1] tile (3, S, S) and its boxes."""
+    k = int(torch.randint(0, 4, (1,), generator=g))
+    flip = bool(torch.rand(1, generator=g) < 0.5)
+    img, boxes = flip_rotate_boxes(img, boxes, k, flip)
+    if bool(torch.rand(1, generator=g) < cfg.color_p):
+        img = stain_jitter(img, g, cfg.stain_sigma, cfg.stain_bias)
+        img = brightness_contrast(img, g, cfg.brightness, cfg.contrast)
+    return img, boxes
+
+
+# -- learner ------------------------------------------------------------------------------
+
+
+def detector_card(cfg: DetectorConfig, encoder: ModelCard) -> ModelCard:
+    """The card the finished detector will carry (also what rebuilds it on the workers)."""
+    config = cfg.model_dump(mode="json", exclude={"store"})
+    return ModelCard(
+        name=cfg.model_name,
+        architecture=encoder.architecture,
+        task="detector",
+        classes=list(DETECTION_CLASSES),
+        head={"config": cfg.head.model_dump(mode="json"), "input_px": cfg.input_px},
+        tiling=cfg.stream.tiling,
+        normalization=encoder.normalization,
+        training_config=config,
+        training_config_sha256=config_sha256(config),
+        synthetic=True,
+    )
+
+
+class DetectorLearner:
+    """Detector, optimizer and loss of one run; the step the Ray Train loop repeats."""
+
+    def __init__(
+        self,
+        cfg: DetectorConfig,
+        device: torch.device,
+        wrap: Any = lambda m: m,
+        *,
+        encoder: ModelCard,
+        encoder_state: dict[str, torch.Tensor] | None,
+        labels: dict[SlideKey, SlideBoxes],
+    ):
+        self.cfg, self.device, self.wrap, self.labels = cfg, device, wrap, labels
+        self.norm = encoder.normalization
+        backbone = build_from(encoder.architecture)
+        if encoder_state is not None:
+            backbone.load_state_dict(encoder_state)
+        self.raw = CellDetector(backbone, cfg.head, len(DETECTION_CLASSES))
+        self.model: Any = self.raw
+        backbone_params = list(self.raw.backbone.parameters())
+        ids = {id(p) for p in backbone_params}
+        head_params = [p for p in self.raw.parameters() if id(p) not in ids]
+        self.params = backbone_params + head_params
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": backbone_params, "lr_scale": cfg.backbone_lr_scale},
+                {"params": head_params, "lr_scale": 1.0},
+            ],
+            lr=cfg.optimizer.lr,
+            weight_decay=cfg.optimizer.weight_decay,
+        )
+        self.amp = autocast_enabled(cfg, device)
+        self.last_loss = float("nan")
+
+    def prepare(self) -> None:
+        self.model = self.wrap(self.raw)
+        self.raw = getattr(self.model, "module", self.model)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.raw.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.raw.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+    def targets(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (str(batch["center"][i]), str(batch["batch"][i]), str(batch["slide_id"][i]))
+        cells = self.labels.get(key)
+        if cells is None:
+            raise CCSError(f"no annotations for {'/'.join(key)}")
+        x0, y0, w0, h0 = (int(batch[c][i]) for c in ("x0", "y0", "w0", "h0"))
+        return tile_targets(cells, x0, y0, w0, h0, self.cfg.input_px)
+
+    def loss(
+        self, x: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor]
+    ) -> torch.Tensor:
+        cfg = self.cfg.loss
+        logits, dist = self.model(x)
+        b, c, h, w = logits.shape
+        centers = self.raw.centers(h, w, x.device)
+        logits = logits.permute(0, 2, 3, 1).reshape(b, -1, c)
+        dist = dist.permute(0, 2, 3, 1).reshape(b, -1, 4)
+        cls_target = torch.zeros_like(logits)
+        weight = torch.ones_like(logits)
+        pred_boxes, gt_boxes, box_w = [], [], []
+        for i in range(b):
+            match = assign(centers, boxes[i], self.raw.stride, cfg.center_radius)
+            pos = match >= 0
+            cls = labels[i][match[pos]]
+            w_pos = torch.where(cls < len(ABNORMAL_CLASSES), cfg.abnormal_weight, 1.0)
+            cls_target[i, pos, cls] = 1.0
+            weight[i, pos, cls] = w_pos
+            pred_boxes.append(decode(centers[pos], dist[i, pos].float()))
+            gt_boxes.append(boxes[i][match[pos]])
+            box_w.append(w_pos)
+        w_box = torch.cat(box_w)
+        norm = max(1.0, float(w_box.sum()))
+        focal = sigmoid_focal_loss(
+            logits.float(), cls_target, cfg.focal_alpha, cfg.focal_gamma, reduction="none"
+        )
+        focal = (focal * weight).sum()
+        pred, gt = torch.cat(pred_boxes), torch.cat(gt_boxes)
+        if len(gt):
+            giou = (generalized_box_iou_loss(pred, gt, reduction="none") * w_box).sum()
+        else:
+            giou = pred.sum()
+        return (focal + cfg.box_weight * giou) / norm
+
+    def train_batch(self, batch: dict[str, np.ndarray], step: int, gen: torch.Generator) -> int:
+        imgs = resize_tiles(batch["image"], self.cfg.input_px)
+        views, boxes, labels = [], [], []
+        for i in range(len(imgs)):
+            b, lab = self.targets(batch, i)
+            img, bx = augment(imgs[i], torch.from_numpy(b), self.cfg.augment, gen)
+            views.append(img)
+            boxes.append(bx.to(self.device))
+            labels.append(torch.from_numpy(lab).to(self.device))
+        x = normalize(torch.stack(views), self.norm).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.loss(x, boxes, labels)
+        self.last_loss = optimizer_step(self.opt, self.params, loss, step, self.cfg)
+        return len(imgs)
+
+
+def _encoder_weights(
+    cfg: DetectorConfig, store: Store
+) -> tuple[ModelCard, dict[str, torch.Tensor] | None]:
+    if cfg.init == "pretrained":
+        return load_model(store, cfg.encoder_model, cfg.encoder_version)
+    return load_card(store, cfg.encoder_model, cfg.encoder_version), None
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: detector steps over this worker's shard of tiles."""
+    cfg = DetectorConfig.model_validate(config)
+    store = Store(cfg.store)
+    encoder, state = _encoder_weights(cfg, store)
+    labels = load_cell_labels(store, resolve_batches(store, cfg.batches))
+    worker_loop(
+        cfg,
+        lambda device, wrap: DetectorLearner(
+            cfg, device, wrap, encoder=encoder, encoder_state=state, labels=labels
+        ),
+    )
+
+
+# -- data and evaluation ------------------------------------------------------------------
+
+
+def _ok_tiles(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = batch["status"] == STATUS_OK
+    return {c: batch[c][keep] for c in TILE_COLUMNS}
+
+
+class TileSampler:
+    """Keeps every tile holding an annotated abnormal cell and a fixed share of the others.
+
+    The share is drawn from a hash of the tile's identity, so resumed runs and every epoch
+    see the same tiles, and the choice is made on planned coordinates, before pixels are read.
+    """
+
+    def __init__(self, labels: dict[SlideKey, SlideBoxes], other_share: float, seed: int):
+        self.other_share, self.seed = other_share, seed
+        self.centers: dict[SlideKey, np.ndarray] = {}
+        for key, cells in labels.items():
+            abnormal = np.isin(cells.classes, ABNORMAL_CLASSES)
+            b = cells.boxes[abnormal]
+            self.centers[key] = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        key = (str(row["center"]), str(row["batch"]), str(row["slide_id"]))
+        c = self.centers.get(key)
+        x0, y0, w0, h0 = (int(row[k]) for k in ("x0", "y0", "w0", "h0"))
+        if c is not None and len(c):
+            on = (c[:, 0] >= x0) & (c[:, 0] < x0 + w0) & (c[:, 1] >= y0) & (c[:, 1] < y0 + h0)
+            if on.any():
+                return True
+        digest = hashlib.sha256(f"{self.seed}:{'/'.join(key)}:{x0}:{y0}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.other_share
+
+
+def tiles_dataset(
+    rows: list[dict[str, Any]],
+    store: Store,
+    stream: StreamConfig,
+    select: TileSampler | None = None,
+):
+    """Readable tiles of these slides with their coordinates (what the targets need)."""
+    return tile_stream(rows, store.config, stream, select=select).map_batches(
+        _ok_tiles, batch_format="numpy", num_cpus=0.1
+    )
+
+
+def evaluate_detector(
+    model: CellDetector,
+    card: ModelCard,
+    ds,
+    labels: dict[SlideKey, SlideBoxes],
+    batch_size: int,
+    n_tiles: int | None = None,
+) -> DetectionReport:
+    """AP at IoU 0.5 per class over held-out tiles (each tile an image)."""
+    input_px = int(card.head["input_px"])
+    model.eval()
+    pred: dict[str, list] = defaultdict(list)
+    gt: dict[str, list] = defaultdict(list)
+    image = 0
+    with tqdm(desc="scoring held-out tiles", unit="tile", total=n_tiles, disable=None) as bar:
+        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            x = preprocess(batch["image"], input_px, card.normalization)
+            for i, det in enumerate(model.detect(x)):
+                key = (str(batch["center"][i]), str(batch["batch"][i]), str(batch["slide_id"][i]))
+                x0, y0, w0, h0 = (int(batch[c][i]) for c in ("x0", "y0", "w0", "h0"))
+                boxes, classes = tile_targets(labels[key], x0, y0, w0, h0, input_px)
+                pred["image_ids"].append(np.full(len(det.scores), image))
+                pred["boxes"].append(det.boxes.numpy())
+                pred["scores"].append(det.scores.numpy())
+                pred["labels"].append(det.labels.numpy())
+                gt["image_ids"].append(np.full(len(classes), image))
+                gt["boxes"].append(boxes)
+                gt["labels"].append(classes)
+                image += 1
+            bar.update(len(batch["image"]))
+    if image == 0:
+        raise CCSError("no held-out tiles to evaluate the detector on")
+    return detection_report(
+        Boxes(**{k: np.concatenate(v) for k, v in pred.items()}),
+        Boxes(**{k: np.concatenate(v) for k, v in gt.items()}),
+        DETECTION_CLASSES,
+        iou_threshold=0.5,
+    )
+
+
+def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
+    """Train (or resume) the run, score the held-out slides, save the detector artifact."""
+    store = Store(cfg.store)
+    refs = resolve_batches(store, cfg.batches)
+    labels = load_cell_labels(store, refs)  # fails early, naming a batch without annotations
+    encoder = load_card(store, cfg.encoder_model, cfg.encoder_version)
+    cfg = cfg.model_copy(update={"encoder_version": encoder.version})  # pin it for the workers
+    splits = split_rows(refs, cfg.split)
+    if not splits["train"] or not splits["test"]:
+        raise CCSError(
+            f"need slides in both train and test splits, got {len(splits['train'])} and "
+            f"{len(splits['test'])}: add slides or change split fractions"
+        )
+    log.info(
+        "detector %s: %d training slides, %d held-out slides, backbone %s (%s %s)",
+        cfg.run_name,
+        len(splits["train"]),
+        len(splits["test"]),
+        cfg.init,
+        cfg.encoder_model,
+        encoder.version,
+    )
+    sampler = TileSampler(labels, cfg.other_tiles, cfg.seed)
+    train_ds = tiles_dataset(splits["train"], store, cfg.stream, sampler)
+    fitted = fit(cfg, train_loop, {"train": train_ds})
+    card = detector_card(cfg, encoder)
+    model = CellDetector(build_from(card.architecture), cfg.head, len(DETECTION_CLASSES))
+    model.load_state_dict(fitted.state["model"])
+    report = evaluate_detector(
+        model, card, tiles_dataset(splits["test"], store, cfg.stream), labels, cfg.eval_batch_size
+    )
+    log.info("held-out mAP@0.5 (abnormal) %.3f: %s", abnormal_map(report), report.ap)
+    card = card.model_copy(
+        update={
+            "data_manifest_sha256": manifests_sha256(store, refs),
+            "metrics": report.to_metrics()
+            | {"map50_abnormal": abnormal_map(report), "steps": float(fitted.state["step"])},
+        }
+    )
+    version = save_model(store, card, model.state_dict())
+    log.info("saved %s as %s", cfg.model_name, store.uri(layout.model(cfg.model_name, version)))
+    return DetectorResult(
+        version=version,
+        step=int(fitted.state["step"]),
+        start_step=int(fitted.metrics.get("start_step", 0)),
+        loss=float(fitted.metrics.get("loss", float("nan"))),
+        report=report,
+    )

@@ -1,0 +1,143 @@
+"""The detector's pieces: box geometry under augmentation, targets, assignment, and learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from smartccs.labels import SlideBoxes
+from smartccs.metrics.detection import Boxes, detection_report
+from smartccs.models.artifacts import Architecture
+from smartccs.models.detector import (
+    DETECTION_CLASSES,
+    CellDetector,
+    HeadConfig,
+    decode,
+    detection_class,
+)
+from smartccs.models.encoder import build_from
+from smartccs.train.detector import assign, flip_rotate_boxes, tile_targets
+
+
+def _box_of_ink(img: torch.Tensor) -> list[float]:
+    ys, xs = torch.nonzero(img[0] > 0.5, as_tuple=True)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("flip", [False, True])
+def test_boxes_follow_the_pixels_under_every_square_symmetry(k, flip):
+    img = torch.zeros(3, 32, 32)
+    img[:, 3:9, 20:30] = 1.0  # x 20..30, y 3..9: asymmetric on purpose
+    box = torch.tensor([[20.0, 3.0, 30.0, 9.0]])
+    out_img, out_box = flip_rotate_boxes(img, box, k, flip)
+    assert out_box[0].tolist() == _box_of_ink(out_img)
+
+
+def test_tile_targets_keep_cells_centred_on_the_tile_scaled_and_clipped():
+    cells = SlideBoxes(
+        boxes=np.array(
+            [
+                [110, 110, 150, 150],  # inside
+                [190, 100, 230, 140],  # centre (210) inside, right edge beyond the tile: clipped
+                [250, 100, 290, 140],  # centre outside
+                [120, 160, 130, 170],  # inflammatory: ignored by the detector
+            ],
+            float,
+        ),
+        classes=np.array(["HSIL", "superficial", "LSIL", "inflammatory"], dtype=object),
+    )
+    boxes, labels = tile_targets(cells, x0=100, y0=100, w0=120, h0=120, input_px=60)
+    assert labels.tolist() == [DETECTION_CLASSES.index("HSIL"), DETECTION_CLASSES.index("squamous")]
+    np.testing.assert_allclose(boxes, [[5, 5, 25, 25], [45, 0, 60, 20]])
+
+
+def test_detection_classes_map_bethesda_and_squamous_and_ignore_the_rest():
+    assert detection_class("AGC") == DETECTION_CLASSES.index("AGC")
+    assert detection_class("parabasal") == detection_class("intermediate") == 6
+    assert detection_class("debris") is None
+
+
+def test_assignment_takes_locations_near_a_centre_and_prefers_the_smaller_box():
+    centers = torch.tensor([[20.0, 20.0], [60.0, 60.0], [100.0, 100.0]])
+    boxes = torch.tensor([[0.0, 0.0, 80.0, 80.0], [10.0, 10.0, 30.0, 30.0]])
+    match = assign(centers, boxes, stride=8, radius=1.5)
+    # (20,20) lies in both: the small box wins; (60,60) is inside the big box but 20 px from
+    # its centre (40,40) > 12 px: background; (100,100) is outside everything.
+    assert match.tolist() == [1, -1, -1]
+
+
+def test_decode_inverts_side_distances():
+    centers = torch.tensor([[10.0, 20.0]])
+    assert decode(centers, torch.tensor([[1.0, 2.0, 3.0, 4.0]])).tolist() == [[9, 18, 13, 24]]
+
+
+def _squares(n: int, g: torch.Generator) -> tuple[torch.Tensor, list, list]:
+    """Dark squares of two sizes on bright glass: class 0 small, class 1 large."""
+    imgs, boxes, labels = torch.ones(n, 3, 64, 64), [], []
+    for i in range(n):
+        bs, ls = [], []
+        for _ in range(2):
+            cls = int(torch.randint(0, 2, (1,), generator=g))
+            side = 10 if cls == 0 else 22
+            x, y = (int(v) for v in torch.randint(0, 64 - side, (2,), generator=g))
+            imgs[i, :, y : y + side, x : x + side] = 0.2 if cls == 0 else 0.5
+            bs.append([x, y, x + side, y + side])
+            ls.append(cls)
+        boxes.append(torch.tensor(bs, dtype=torch.float32))
+        labels.append(torch.tensor(ls))
+    return imgs, boxes, labels
+
+
+def test_the_detector_learns_to_find_and_tell_apart_two_kinds_of_object():
+    """A few hundred steps on toy squares: boxes, classes and NMS must all work to pass."""
+    from smartccs.train.detector import DetectorConfig, DetectorLearner
+
+    torch.manual_seed(0)
+    arch = Architecture(
+        timm_name="vit_tiny_patch16_224",
+        kwargs={
+            "img_size": 64,
+            "patch_size": 8,
+            "embed_dim": 48,
+            "depth": 2,
+            "num_heads": 2,
+            "dynamic_img_size": True,
+        },
+    )
+    cfg = DetectorConfig(
+        run_name="toy",
+        store={"uri": "/nonexistent"},
+        input_px=64,
+        head=HeadConfig(width=32),
+        optimizer={"lr": 2e-3, "warmup_steps": 10, "weight_decay": 0.0},
+        max_steps=250,
+    )
+    model = CellDetector(build_from(arch), cfg.head, num_classes=2)
+    learner = DetectorLearner.__new__(DetectorLearner)  # only the loss; no store, no labels
+    learner.cfg, learner.model, learner.raw = cfg, model, model
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        x, boxes, labels = _squares(8, g)
+        loss = learner.loss(x, boxes, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, boxes, labels = _squares(32, torch.Generator().manual_seed(1))
+    model.eval()
+    dets = model.detect(x)
+    pred = Boxes(
+        image_ids=np.concatenate([np.full(len(d.scores), i) for i, d in enumerate(dets)]),
+        boxes=np.concatenate([d.boxes.numpy() for d in dets]),
+        labels=np.concatenate([d.labels.numpy() for d in dets]),
+        scores=np.concatenate([d.scores.numpy() for d in dets]),
+    )
+    gt = Boxes(
+        image_ids=np.concatenate([np.full(len(b), i) for i, b in enumerate(boxes)]),
+        boxes=torch.cat(boxes).numpy(),
+        labels=torch.cat(labels).numpy(),
+    )
+    report = detection_report(pred, gt, ["small", "large"])
+    assert report.map > 0.7, report
