@@ -87,3 +87,16 @@ def test_demo_config_validates():
     assert cfg.scaling.cpus_per_worker < 1
     with pytest.raises(ValueError, match="global_size"):
         PretrainConfig.model_validate(raw | {"crops": {"global_size": 64}})
+
+
+@pytest.mark.s3
+def test_pretrain_on_an_s3_store_checkpoints_and_saves_there(tiny_cohort, s3_store, tmp_path):
+    """storage_path on S3 through a custom endpoint (moto's HTTP server standing in for AWS)."""
+    center_dir = sorted(p.parent for p in tiny_cohort.glob("*/manifest.json"))[0]
+    upload_batch(center_dir, center=center_dir.name, batch="b1", store=s3_store, progress=False)
+    result = pretrain(toy_config(s3_store, tmp_path, max_steps=2))
+    assert result.run_path.startswith("s3://")
+    keys = s3_store.list("runs", "toy-run")
+    assert any("checkpoint" in k for k in keys), keys
+    card, _ = load_model(s3_store, "encoder")
+    assert card.version == result.version and card.metrics["steps"] == 2

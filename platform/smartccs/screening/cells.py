@@ -1,0 +1,210 @@
+"""Detect and embed cells where the tile pixels are: the screening engine's per-tile stage.
+
+A ``CellScorer`` actor runs the detector on a batch of tiles, keeps each tile's best abnormal
+detections, cuts a fixed-size crop (in µm) around each from the tile it already holds, and
+embeds the crops with the frozen pretrained encoder. Only detections and embeddings leave the
+actor, never pixels, so nothing downstream needs to reopen a slide. Every tile also yields one
+summary row (``class_index = TILE_ROW``: its normal squamous count for adequacy, or its error),
+so a slide whose tiles all failed still reaches the results.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs.data.tiles import STATUS_OK
+from smartccs.models.artifacts import ModelCard, load_model
+from smartccs.models.detector import (
+    DETECTION_CLASSES,
+    NORMAL_SQUAMOUS,
+    build_detector,
+    normalize,
+    preprocess,
+)
+from smartccs.models.encoder import build_from, input_size
+from smartccs.store import Store, StoreConfig
+from smartccs.taxonomy import ABNORMAL_CLASSES
+
+log = logging.getLogger(__name__)
+
+TILE_ROW = -1
+"""``class_index`` of a tile's summary row."""
+
+SLIDE_COLUMNS = ("center", "batch", "slide_id", "n_tiles")
+
+
+class CellConfig(BaseModel):
+    """Which cells of a tile are kept and how they are cut."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crop_um: float = Field(
+        default=56.0, gt=0, description="crop side in µm (the reference: 224 px at 0.25 µm/px)"
+    )
+    cells_per_tile: int = Field(default=8, ge=1, description="abnormal detections kept per tile")
+    squamous_score: float = Field(
+        default=0.5, gt=0, lt=1, description="score above which a squamous detection is counted"
+    )
+
+
+class ModelRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+
+
+def encoder_ref(detector: ModelCard) -> ModelRef:
+    """The pretrained encoder a detector was finetuned from: it embeds the cells, frozen."""
+    cfg = detector.training_config
+    return ModelRef(name=cfg["encoder_model"], version=cfg["encoder_version"])
+
+
+def crop_cells(
+    tile: torch.Tensor, centers: torch.Tensor, crop_px: int, out_px: int
+) -> torch.Tensor:
+    """Square crops (N, 3, out_px, out_px) around (N, 2) centres of a [0, 1] tile (3, S, S).
+
+    Beyond the tile's edge the crop repeats the edge pixels, which on a cytology tile is
+    mostly glass.
+    """
+    half = crop_px // 2
+    padded = F.pad(tile.unsqueeze(0), (half, half, half, half), mode="replicate").squeeze(0)
+    crops = []
+    for cx, cy in centers.round().long().tolist():
+        x0, y0 = cx, cy  # + half (padding) - half (corner)
+        crops.append(padded[:, y0 : y0 + crop_px, x0 : x0 + crop_px])
+    if not crops:
+        return torch.zeros(0, 3, out_px, out_px)
+    batch = torch.stack(crops)
+    if crop_px != out_px:
+        batch = F.interpolate(batch, size=(out_px, out_px), mode="bilinear", antialias=True)
+    return batch
+
+
+class CellScorer:
+    """Ray Data actor: tiles in, cell rows (detection + embedding) and tile rows out."""
+
+    def __init__(
+        self,
+        store_config: StoreConfig,
+        detector: ModelRef,
+        cells: CellConfig,
+        threads: int = 1,
+        device: str | None = None,
+    ):
+        torch.set_num_threads(max(1, threads))
+        store = Store(store_config)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.card, state = load_model(store, detector.name, detector.version)
+        self.detector = build_detector(self.card)
+        self.detector.load_state_dict(state)
+        self.detector.eval().to(self.device)
+        enc = encoder_ref(self.card)
+        self.encoder_card, enc_state = load_model(store, enc.name, enc.version)
+        self.encoder = build_from(self.encoder_card.architecture)
+        self.encoder.load_state_dict(enc_state)
+        self.encoder.eval().to(self.device)
+        self.cells = cells
+        self.input_px = int(self.card.head["input_px"])
+        self.tile_px = self.card.tiling.tile_px
+        self.crop_px = max(8, round(cells.crop_um / self.card.tiling.target_mpp))
+        self.embed_px = input_size(self.encoder)
+        self.dim = int(self.encoder.num_features)
+        self.squamous = DETECTION_CLASSES.index(NORMAL_SQUAMOUS)
+        self.n_abnormal = len(ABNORMAL_CLASSES)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.flatnonzero(batch["status"] == STATUS_OK)
+        rows: dict[str, list[Any]] = {k: [] for k in _ROW_KEYS}
+        emb_rows: list[np.ndarray] = []
+        detections = []
+        if len(ok):
+            x = preprocess(batch["image"][ok], self.input_px, self.card.normalization)
+            detections = self.detector.detect(x.to(self.device))
+        by_tile = dict(zip(ok.tolist(), detections, strict=True))
+        scale = self.tile_px / self.input_px
+        for i in range(len(batch["slide_id"])):
+            det = by_tile.get(i)
+            base = {k: batch[k][i] for k in (*SLIDE_COLUMNS, "tile_index")}
+            status, error = str(batch["status"][i]), str(batch["error"][i])
+            squamous = 0
+            if det is not None:
+                labels, scores = det.labels.cpu(), det.scores.cpu()
+                squamous = int(
+                    ((labels == self.squamous) & (scores >= self.cells.squamous_score)).sum()
+                )
+                abnormal = torch.nonzero(labels < self.n_abnormal).squeeze(1)
+                keep = abnormal[scores[abnormal].argsort(descending=True)]
+                keep = keep[: self.cells.cells_per_tile]
+                if len(keep):
+                    boxes = det.boxes.cpu()[keep] * scale  # tile pixels at target mpp
+                    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+                    tile = torch.from_numpy(batch["image"][i]).permute(2, 0, 1).float() / 255
+                    crops = crop_cells(tile, centers, self.crop_px, self.embed_px)
+                    crops = normalize(crops, self.encoder_card.normalization).to(self.device)
+                    emb = self.encoder(crops).float().cpu().numpy()
+                    level0 = self._level0(batch, i, boxes)
+                    for j in range(len(keep)):
+                        _append(
+                            rows,
+                            base,
+                            int(labels[keep[j]]),
+                            float(scores[keep[j]]),
+                            level0[j],
+                            STATUS_OK,
+                            "",
+                            0,
+                        )
+                        emb_rows.append(emb[j])
+            _append(rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error, squamous)
+            emb_rows.append(np.zeros(self.dim, np.float32))
+        out = {k: np.asarray(v) for k, v in rows.items()}
+        out["box"] = np.stack(rows["box"]).astype(np.float64)
+        out["embedding"] = np.stack(emb_rows).astype(np.float32)
+        return out
+
+    def _level0(self, batch: dict[str, np.ndarray], i: int, boxes: torch.Tensor) -> np.ndarray:
+        """Boxes in tile pixels -> level-0 slide pixels (the ``cells`` table's frame)."""
+        x0, y0, w0, h0 = (float(batch[k][i]) for k in ("x0", "y0", "w0", "h0"))
+        s = np.array([w0 / self.tile_px, h0 / self.tile_px] * 2)
+        return boxes.numpy().astype(np.float64) * s + np.array([x0, y0, x0, y0])
+
+
+_ROW_KEYS = (
+    *SLIDE_COLUMNS,
+    "tile_index",
+    "class_index",
+    "score",
+    "box",
+    "status",
+    "error",
+    "n_squamous",
+)
+
+
+def _append(
+    rows: dict[str, list[Any]],
+    base: dict[str, Any],
+    cls: int,
+    score: float,
+    box: np.ndarray,
+    status: str,
+    error: str,
+    squamous: int,
+) -> None:
+    for k, v in base.items():
+        rows[k].append(v)
+    rows["class_index"].append(cls)
+    rows["score"].append(score)
+    rows["box"].append(box)
+    rows["status"].append(status)
+    rows["error"].append(error)
+    rows["n_squamous"].append(squamous)

@@ -1,0 +1,333 @@
+"""Training the slide classifier (MIL head over top-K cells per class) as a Ray Train job.
+
+1. Every slide of the chosen batches goes through the screening engine's first stages (tile
+   stream, detector, crop and embed with the frozen encoder, top-K per class): one bag per slide,
+   kept under ``runs/<run>/`` so a resumed run does not screen again.
+2. A TorchTrainer fits the MIL head on the training slides' bags against their manifest grades.
+3. The operating threshold on the slide score (1 - P(NILM)) is chosen on the validation slides;
+   AUC with a bootstrap CI, sensitivity and specificity are measured on the test slides.
+4. The prototype bank for test-time adaptation is built: per grade, the mean cell embedding of
+   the most confident training slides. It is saved with the head as ``models/classifier/<v>``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs import layout
+from smartccs.batches import manifests_sha256, resolve_batches
+from smartccs.data.tiles import StreamConfig
+from smartccs.errors import CCSError
+from smartccs.ids import Id
+from smartccs.metrics.classification import (
+    BinaryReport,
+    binary_report,
+    choose_threshold,
+    confusion_matrix,
+)
+from smartccs.models.artifacts import ModelCard, config_sha256, load_card, save_model
+from smartccs.models.mil import MILConfig, MILHead, pooled_embedding
+from smartccs.screening.bags import SlideBag
+from smartccs.screening.cells import CellConfig, ModelRef, encoder_ref
+from smartccs.screening.engine import ScorerPool, resolve_detector, screen_cells
+from smartccs.splits import SplitConfig, split_rows
+from smartccs.store import Store
+from smartccs.taxonomy import GRADES
+from smartccs.train.loop import RunFields, fit, optimizer_step, worker_loop
+
+log = logging.getLogger(__name__)
+
+BagKey = tuple[str, str, str]
+
+
+class ClassifierConfig(RunFields):
+    """One classifier run; jobs/configs/classifier-*.yaml is this model."""
+
+    batches: list[str] = Field(
+        default_factory=list, description="graded 'center/batch' pairs; empty: all committed"
+    )
+    model_name: Id = "classifier"
+    detector_model: Id = "detector"
+    detector_version: str = Field(default="latest", description="resolved once, at job start")
+    mil: MILConfig = MILConfig()
+    cells: CellConfig = CellConfig()
+    split: SplitConfig = SplitConfig()
+    stream: StreamConfig = StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25)
+    scorers: ScorerPool = ScorerPool()
+    class_weights: Literal["balanced", "none"] = Field(
+        default="balanced", description="weight grades by inverse frequency (rare grades count)"
+    )
+    prototype_slides: int = Field(default=100, ge=1, description="per grade, most confident")
+    min_sensitivity: float | None = Field(
+        default=None, gt=0, le=1, description="threshold reaching this on validation; else Youden"
+    )
+    n_boot: int = Field(default=1000, ge=100)
+
+
+class ClassifierResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    step: int
+    test: BinaryReport
+    threshold: float
+    confusion: list[list[int]]
+
+
+# -- bags ---------------------------------------------------------------------------------
+
+
+def _bags_key(cfg: ClassifierConfig, detector: ModelRef) -> str:
+    return f"{layout.run(cfg.run_name)}/bags-{detector.name}-{detector.version}.npz"
+
+
+def save_bags(store: Store, key: str, bags: dict[BagKey, SlideBag]) -> None:
+    items = list(bags.values())
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        keys=np.array([list(b.key) for b in items], dtype=str).reshape(-1, 3),
+        embeddings=np.stack([b.embeddings for b in items]),
+        scores=np.stack([b.scores for b in items]),
+        boxes=np.stack([b.boxes for b in items]),
+        mask=np.stack([b.mask for b in items]),
+        counts=np.array([[b.n_tiles, b.tiles_read, b.n_squamous] for b in items]),
+        errors=np.array([b.error for b in items], dtype=str),
+    )
+    store.write_bytes(key, buf.getvalue())
+
+
+def load_bags(store: Store, key: str) -> dict[BagKey, SlideBag]:
+    z = np.load(io.BytesIO(store.read_bytes(key)))
+    out = {}
+    for i, (c, b, s) in enumerate(z["keys"].tolist()):
+        n_tiles, read, squamous = (int(v) for v in z["counts"][i])
+        err = str(z["errors"][i])
+        out[(c, b, s)] = SlideBag(
+            c, b, s, z["embeddings"][i], z["scores"][i], z["boxes"][i], z["mask"][i],
+            n_tiles=n_tiles, tiles_read=read, n_squamous=squamous, errors=[err] if err else [],
+        )  # fmt: skip
+    return out
+
+
+def _grade_index(grade: str | None, key: BagKey) -> int:
+    if grade is None:
+        raise CCSError(f"slide {'/'.join(key)} has no ground-truth grade in its manifest")
+    return GRADES.index(grade)
+
+
+# -- learner ------------------------------------------------------------------------------
+
+
+class MILLearner:
+    def __init__(
+        self, cfg: ClassifierConfig, dim: int, weights: list[float], device, wrap=lambda m: m
+    ):
+        self.cfg, self.device, self.wrap = cfg, device, wrap
+        self.raw = MILHead(dim, cfg.mil)
+        self.model: Any = self.raw
+        self.params = list(self.raw.parameters())
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
+        )
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+        self.last_loss = float("nan")
+
+    def prepare(self) -> None:
+        self.model = self.wrap(self.raw)
+        self.raw = getattr(self.model, "module", self.model)
+        self.weights = self.weights.to(self.device)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.raw.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.raw.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+
+    def train_batch(self, batch: dict[str, np.ndarray], step: int, gen: torch.Generator) -> int:
+        self.model.train()
+        t = {k: torch.from_numpy(batch[k]).to(self.device) for k in _BAG_FIELDS}
+        logits = self.model(t["embeddings"], t["scores"], t["mask"])
+        loss = torch.nn.functional.cross_entropy(logits, t["grade"], weight=self.weights)
+        self.last_loss = optimizer_step(self.opt, self.params, loss, step, self.cfg)
+        return len(batch["grade"])
+
+
+_BAG_FIELDS = ("embeddings", "scores", "mask", "grade")
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: MIL steps over this worker's shard of slide bags."""
+    dim, weights = config.pop("_dim"), config.pop("_weights")
+    cfg = ClassifierConfig.model_validate(config)
+    worker_loop(cfg, lambda d, wrap: MILLearner(cfg, dim, weights, d, wrap), unit="slides")
+
+
+def _bag_rows(bags: list[SlideBag], grades: list[int]) -> list[dict[str, Any]]:
+    return [
+        {"embeddings": b.embeddings, "scores": b.scores, "mask": b.mask, "grade": np.int64(g)}
+        for b, g in zip(bags, grades, strict=True)
+    ]
+
+
+def _fit_head(cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], dim: int):
+    import ray
+
+    counts = np.bincount(grades, minlength=len(GRADES)).astype(float)
+    if cfg.class_weights == "balanced":
+        present = counts > 0
+        w = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+    else:
+        w = np.ones(len(GRADES))
+    ds = ray.data.from_items(_bag_rows(bags, grades))
+
+    def loop(config: dict[str, Any]) -> None:
+        train_loop(config | {"_dim": dim, "_weights": w.tolist()})
+
+    return fit(cfg, loop, {"train": ds})
+
+
+@torch.no_grad()
+def predict(head: MILHead, bags: list[SlideBag], batch: int = 64) -> np.ndarray:
+    """(N, 7) grade probabilities."""
+    head.eval()
+    out = []
+    for i in range(0, len(bags), batch):
+        chunk = bags[i : i + batch]
+        logits = head(
+            torch.from_numpy(np.stack([b.embeddings for b in chunk])),
+            torch.from_numpy(np.stack([b.scores for b in chunk])),
+            torch.from_numpy(np.stack([b.mask for b in chunk])),
+        )
+        out.append(torch.softmax(logits, -1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(GRADES)))
+
+
+def prototype_bank(
+    bags: list[SlideBag], grades: list[int], probs: np.ndarray, per_grade: int, dim: int
+) -> torch.Tensor:
+    """(7, D): per grade, mean cell embedding of the ``per_grade`` most confident slides."""
+    bank = torch.zeros(len(GRADES), dim)
+    grades_a = np.asarray(grades)
+    for g in range(len(GRADES)):
+        idx = np.flatnonzero(grades_a == g)
+        idx = idx[np.argsort(-probs[idx, g], kind="stable")][:per_grade]
+        if len(idx):
+            pooled = [
+                pooled_embedding(
+                    torch.from_numpy(bags[i].embeddings), torch.from_numpy(bags[i].mask)
+                )
+                for i in idx
+            ]
+            bank[g] = torch.stack(pooled).mean(0)
+    return bank
+
+
+def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
+    """Screen the slides into bags, fit the head, pick the threshold, measure, save."""
+    store = Store(cfg.store)
+    refs = resolve_batches(store, cfg.batches)
+    detector = resolve_detector(store, cfg.detector_model, cfg.detector_version)
+    cfg = cfg.model_copy(update={"detector_version": detector.version})
+    det_card = load_card(store, detector.name, detector.version)
+    enc = encoder_ref(det_card)
+    enc_card = load_card(store, enc.name, enc.version)
+    splits = split_rows(refs, cfg.split)
+    for name in ("train", "val", "test"):
+        if not splits[name]:
+            raise CCSError(f"the {name} split is empty: add slides or change split fractions")
+    grade_of = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
+    key = _bags_key(cfg, detector)
+    if store.exists(key):
+        log.info("reusing the screened bags at %s", store.uri(key))
+        bags = load_bags(store, key)
+    else:
+        rows = [r for part in splits.values() for r in part]
+        log.info("screening %d slides into top-%d cell bags", len(rows), cfg.mil.top_k)
+        bags = screen_cells(
+            store, rows, detector, cfg.cells, cfg.stream, cfg.scorers, cfg.mil.top_k
+        )
+        save_bags(store, key, bags)
+    part: dict[str, tuple[list[SlideBag], list[int]]] = {}
+    for name, rows in splits.items():
+        ks = [(r["center"], r["batch"], r["slide_id"]) for r in rows]
+        ok = [k for k in ks if bags[k].ok]
+        for k in set(ks) - set(ok):
+            log.warning("slide %s left out: %s", "/".join(k), bags[k].error or "no tile read")
+        part[name] = ([bags[k] for k in ok], [_grade_index(grade_of[k], k) for k in ok])
+    dim = int(part["train"][0][0].embeddings.shape[-1])
+    fitted = _fit_head(cfg, *part["train"], dim)
+    head = MILHead(dim, cfg.mil)
+    head.load_state_dict(fitted.state["model"])
+    probs = {name: predict(head, b) for name, (b, _) in part.items()}
+    is_abnormal = {name: np.asarray(g) != 0 for name, (_, g) in part.items()}
+    val_scores = 1 - probs["val"][:, 0]
+    threshold = choose_threshold(
+        is_abnormal["val"], val_scores, min_sensitivity=cfg.min_sensitivity
+    )
+    test = binary_report(
+        is_abnormal["test"], 1 - probs["test"][:, 0], threshold, n_boot=cfg.n_boot, seed=cfg.seed
+    )
+    confusion = confusion_matrix(
+        [GRADES[g] for g in part["test"][1]],
+        [GRADES[int(i)] for i in probs["test"].argmax(1)],
+        GRADES,
+    )
+    head.prototypes.copy_(prototype_bank(*part["train"], probs["train"], cfg.prototype_slides, dim))
+    log.info(
+        "held-out slides: AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f at "
+        "threshold %.3f chosen on validation",
+        test.auc,
+        test.auc_ci_low,
+        test.auc_ci_high,
+        test.sensitivity,
+        test.specificity,
+        threshold,
+    )
+    config = cfg.model_dump(mode="json", exclude={"store"})
+    card = ModelCard(
+        name=cfg.model_name,
+        architecture=enc_card.architecture,
+        task="classifier",
+        classes=list(GRADES),
+        head={
+            "mil": cfg.mil.model_dump(mode="json"),
+            "cells": cfg.cells.model_dump(mode="json"),
+            "detector": detector.model_dump(),
+            "encoder": enc.model_dump(),
+            "dim": dim,
+            "threshold": threshold,
+        },
+        tiling=det_card.tiling,
+        normalization=enc_card.normalization,
+        training_config=config,
+        training_config_sha256=config_sha256(config),
+        data_manifest_sha256=manifests_sha256(store, refs),
+        metrics={
+            "test_auc": test.auc,
+            "test_auc_ci_low": test.auc_ci_low,
+            "test_auc_ci_high": test.auc_ci_high,
+            "test_sensitivity": test.sensitivity,
+            "test_specificity": test.specificity,
+            "threshold": threshold,
+            "test_slides": float(test.n_pos + test.n_neg),
+            "steps": float(fitted.state["step"]),
+        },
+        synthetic=True,
+    )
+    version = save_model(store, card, head.state_dict())
+    log.info("saved %s as %s", cfg.model_name, store.uri(layout.model(cfg.model_name, version)))
+    return ClassifierResult(
+        version=version,
+        step=int(fitted.state["step"]),
+        test=test,
+        threshold=threshold,
+        confusion=confusion.tolist(),
+    )

@@ -1,0 +1,149 @@
+"""Detector and classifier jobs end to end at toy size: annotated batches in, artifacts out.
+
+Real parts throughout: a local Ray cluster, Ray Train, the Ray Data tile stream over real
+pyramidal slides, the store on disk. The encoder artifact is a randomly initialised toy ViT
+saved through the normal artifact path (pretraining itself is covered by test_pretrain.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from smartccs.data.tiles import StreamConfig
+from smartccs.labels import LabelsError, has_cell_labels, load_cell_labels, put_cell_labels
+from smartccs.models.artifacts import Architecture, ModelCard, load_model, save_model
+from smartccs.models.detector import DETECTION_CLASSES, build_detector
+from smartccs.models.encoder import build_from
+from smartccs.models.mil import MILConfig, MILHead
+from smartccs.slide.tiling import TilingConfig
+from smartccs.splits import SplitConfig
+from smartccs.store import Store, StoreConfig
+from smartccs.taxonomy import GRADES
+from smartccs.train.classifier import ClassifierConfig, train_classifier
+from smartccs.train.detector import DetectorConfig, finetune_detector
+from smartccs.upload import upload_batch
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+REPO = Path(__file__).resolve().parents[1]
+TILING = TilingConfig(target_mpp=1.0, tile_px=128)
+TOY_ENCODER = Architecture(
+    timm_name="vit_tiny_patch16_224",
+    kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+            "dynamic_img_size": True},
+)  # fmt: skip
+SPLIT = SplitConfig(val=0.34, test=0.34, seed=0)
+
+
+@pytest.fixture(scope="module")
+def annotated_store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """2 centers x 6 tiny slides, uploaded with their cell annotations, and a toy encoder."""
+    from smartccs.synth.cohort import generate_cohort
+
+    out = tmp_path_factory.mktemp("annotated")
+    generate_cohort(
+        out / "cohort", centers=2, slides_per_center=6, size="tiny", seed=3, workers=2,
+        progress=False,
+    )  # fmt: skip
+    store = Store(StoreConfig(uri=str(out / "store")))
+    for d in sorted(p.parent for p in (out / "cohort").glob("*/manifest.json")):
+        ref = upload_batch(d, center=d.name, batch="b1", store=store, progress=False)
+        put_cell_labels(store, ref, d / "ground_truth" / "cells.parquet")
+    torch.manual_seed(0)
+    card = ModelCard(
+        name="encoder", architecture=TOY_ENCODER, task="encoder", tiling=TILING, synthetic=True
+    )
+    save_model(store, card, build_from(TOY_ENCODER).state_dict())
+    return store
+
+
+def _stream(tmp: Path) -> StreamConfig:
+    return StreamConfig(
+        tiling=TILING, readers=1, reader_cpus=0.5, planner_cpus=0.25, batch_size=8,
+        cache_dir=str(tmp / "cache"),
+    )  # fmt: skip
+
+
+def detector_config(store: Store, tmp: Path, max_steps: int, **kw) -> DetectorConfig:
+    return DetectorConfig(
+        run_name=kw.pop("run_name", "toy-detector"), store=store.config, input_px=64,
+        split=SPLIT, stream=_stream(tmp), batch_size=4, max_steps=max_steps,
+        checkpoint_every=2, other_tiles=0.3, eval_batch_size=16, **kw,
+    )  # fmt: skip
+
+
+def test_labels_refuse_unknown_slides_and_empty_boxes(annotated_store: Store):
+    import pyarrow as pa
+
+    from smartccs.batches import load_batch
+
+    ref = load_batch(annotated_store, "int-a", "b1")
+    good = {"slide_id": [ref.manifest.slides[0].slide_id], "class": ["HSIL"]}
+    with pytest.raises(LabelsError, match="not in int-a/b1"):
+        put_cell_labels(
+            annotated_store, ref,
+            pa.table({"slide_id": ["nope"], "class": ["HSIL"], "x0": [0], "y0": [0], "x1": [5],
+                      "y1": [5]}),
+        )  # fmt: skip
+    with pytest.raises(LabelsError, match="row 0: empty box"):
+        put_cell_labels(
+            annotated_store, ref, pa.table(good | {"x0": [5], "y0": [0], "x1": [5], "y1": [5]})
+        )
+    with pytest.raises(LabelsError, match="missing column 'x1'"):
+        put_cell_labels(annotated_store, ref, pa.table(good | {"x0": [5], "y0": [0]}))
+    assert has_cell_labels(annotated_store, "int-a", "b1")
+    cells = load_cell_labels(annotated_store, [ref])
+    assert set(cells) == {("int-a", "b1", s.slide_id) for s in ref.manifest.slides}
+
+
+def test_detector_then_classifier_train_save_and_resume(annotated_store: Store, tmp_path: Path):
+    first = finetune_detector(detector_config(annotated_store, tmp_path, max_steps=3))
+    assert (first.start_step, first.step) == (0, 3)
+    card, state = load_model(annotated_store, "detector")
+    assert card.version == first.version and card.task == "detector" and card.synthetic
+    assert card.classes == list(DETECTION_CLASSES) and card.head["input_px"] == 64
+    assert card.training_config["encoder_version"] != "latest", "the encoder version is pinned"
+    assert "map50" in card.metrics and 0 <= card.metrics["map50"] <= 1
+    detector = build_detector(card)
+    detector.load_state_dict(state)  # strict: the artifact rebuilds from its card alone
+    dets = detector.eval().detect(torch.rand(2, 3, 64, 64))
+    assert len(dets) == 2
+
+    second = finetune_detector(detector_config(annotated_store, tmp_path, max_steps=5))
+    assert (second.start_step, second.step) == (3, 5), "same run name continues, not restarts"
+
+    cfg = ClassifierConfig(
+        run_name="toy-classifier", store=annotated_store.config, split=SPLIT,
+        stream=_stream(tmp_path), mil=MILConfig(pooling="attention", hidden=16, top_k=5),
+        batch_size=2, max_steps=4, checkpoint_every=2, n_boot=200, prototype_slides=2,
+    )  # fmt: skip
+    result = train_classifier(cfg)
+    assert 0 <= result.test.auc <= 1 and result.test.n_pos + result.test.n_neg >= 2
+    assert np.asarray(result.confusion).sum() == result.test.n_pos + result.test.n_neg
+    card, state = load_model(annotated_store, "classifier")
+    assert card.task == "classifier" and card.classes == list(GRADES)
+    assert card.head["detector"]["version"] == second.version
+    assert 0 <= card.head["threshold"] <= 1 and card.metrics["test_auc"] == result.test.auc
+    head = MILHead(card.head["dim"], MILConfig.model_validate(card.head["mil"]))
+    head.load_state_dict(state)
+    assert head.prototypes[0].abs().sum() > 0, "NILM prototype built from training slides"
+    bags = annotated_store.list("runs", "toy-classifier")
+    assert any("/bags-detector-" in k for k in bags), "screened bags are kept for a resume"
+
+
+@pytest.mark.parametrize(
+    "name", ["detector-demo", "classifier-demo", "detector-prod", "classifier-prod"]
+)
+def test_demo_configs_validate(name: str):
+    model = DetectorConfig if name.startswith("detector") else ClassifierConfig
+    raw = yaml.safe_load((REPO / f"jobs/configs/{name}.yaml").read_text())
+    cfg = model.model_validate(raw)
+    if name.endswith("-demo"):  # fits a 2-core machine
+        assert cfg.scaling.cpus_per_worker <= 1 and not cfg.scaling.use_gpu
+    else:
+        assert cfg.scaling.use_gpu and cfg.store.uri.startswith("s3://")
