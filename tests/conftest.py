@@ -8,7 +8,9 @@ pyramidal files read by real OpenSlide.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,9 @@ from smartccs.store import S3Options, Store, StoreConfig
 
 pytest_plugins = ["vendor_fixtures"]
 
+AGENT_PORT = 52365
+"""Ray's dashboard agent HTTP port (ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT)."""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -27,19 +32,66 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One Ray instance for the whole session: starting several breaks parallel workers."""
+def ray_session() -> Iterator[str]:
+    """One Ray instance for the whole session: starting several breaks parallel workers.
+
+    Its dashboard runs too, for the job server (``ray_job_address``); yields that server's URL.
+    Ray's job server gives each job's driver the GCS address named in its temp dir's
+    ``ray_current_cluster`` (which ``ray start`` writes), else the first it finds among this
+    machine's raylet processes: with other Rays here (other test sessions) a job could join one
+    of theirs, so this Ray has a temp dir of its own that names it.
+    """
     import ray
 
-    ray.init(
+    temp_dir = tempfile.mkdtemp(prefix="ccs-ray-")  # short: Ray's socket paths fit 107 bytes
+    port = _free_port()
+    ctx = ray.init(
         num_cpus=4,  # logical CPUs: 2 cores, but actors and tasks must coexist without starving
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
         ignore_reinit_error=True,
         configure_logging=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        _temp_dir=temp_dir,
     )
-    yield
+    Path(temp_dir, "ray_current_cluster").write_text(ctx.address_info["gcs_address"])
+    yield f"http://127.0.0.1:{port}"
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_job_address(ray_session: str) -> str:
+    """The shared Ray's job server (``ray job submit --address``) once it takes jobs.
+
+    Token auth is on, as ``ray.init`` sets it by default. The server hands each job to the head
+    node's dashboard agent, whose HTTP port is fixed (52365; ``ray.init`` cannot change it):
+    while another Ray on this machine holds that port, ours cannot start and no job can be
+    submitted, so the tests that need the job server skip, saying why.
+    """
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_session)
+    for _ in range(3):  # the server itself waits 10 s for the agent per request
+        try:
+            job_id = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc):
+                raise
+    else:
+        with socket.socket() as s:  # ours is not up, so whoever answers there is another Ray
+            taken = s.connect_ex(("127.0.0.1", AGENT_PORT)) == 0
+        if taken:
+            pytest.skip(f"another Ray on this machine holds the dashboard agent port {AGENT_PORT}")
+        pytest.fail("the shared Ray's dashboard agent did not start: no job server")
+    deadline = time.monotonic() + 120
+    while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return ray_session
 
 
 @pytest.fixture(scope="session")

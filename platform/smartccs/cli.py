@@ -69,6 +69,35 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from smartccs.submit import submit_job
+
+    job = submit_job(
+        args.name,
+        args.config,
+        args.address,
+        store=args.store,
+        working_dir=args.working_dir,
+        wait=not args.no_wait,
+        follow_logs=not args.no_wait,
+        extra_env=dict(args.env),
+    )
+    if args.no_wait:
+        print(f"submitted {job.job_id} ({job.status}) to {job.address}")
+        print(f"  logs:   ray job logs {job.job_id} --address {job.address} --follow")
+        print(f"  status: ray job status {job.job_id} --address {job.address}")
+    else:
+        print(f"job {job.job_id} {job.status}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from smartccs.demo import DemoConfig, run_demo
 
@@ -118,6 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", required=True)
     _store_arg(p)
     p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("submit", help="submit a job (jobs/<NAME>.py) to a Ray cluster")
+    p.add_argument("name", metavar="NAME", help="job entrypoint: pretrain, finetune_detector, ...")
+    p.add_argument("--config", required=True, help="the job's YAML, inside the working dir")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray job server (default: $RAY_ADDRESS or http://127.0.0.1:8265); token from "
+        "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token",
+    )
+    p.add_argument(
+        "--store", default=None, help="override the config's store URI (local path or s3://...)"
+    )
+    p.add_argument(
+        "--working-dir", default=None, help="uploaded with the job (default: the repository root)"
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        type=_env_pair,
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the job (repeatable)",
+    )
+    p.add_argument("--no-wait", action="store_true", help="return once submitted; no logs")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("demo", help="the main job on embedded defaults (local Ray, local store)")
     _store_arg(p)

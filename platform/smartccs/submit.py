@@ -1,0 +1,347 @@
+"""Submitting a job entrypoint (``python -m jobs.<name>``) to a Ray cluster's job server.
+
+``submit_job`` is what ``ccs submit`` calls, and it is ``ray job submit --working-dir . --
+python -m jobs.<name> --config ...`` with the checks done first: the entrypoint module and the
+config must exist, and the config must lie inside the working directory so that it travels to
+the cluster with it. The working directory (the repository root by default) is uploaded without
+what is big or local (``WORKING_DIR_EXCLUDES``: the venv, ``.git``, local stores and cohorts,
+slides, weights) to stay under Ray's package size limit (the gRPC message size, 512 MiB).
+
+Address: the ``address`` argument, else ``$RAY_API_SERVER_ADDRESS`` or ``$RAY_ADDRESS``, else
+``http://127.0.0.1:8265``. An ``http(s)://`` address is the job server itself; a bare
+``host:port`` is a cluster's GCS, whose job server Ray looks up. Ray's SDK lets those two
+variables override an explicit address (``ray/dashboard/utils.py``,
+``get_address_for_submission_client``); here the argument wins, as for every other option.
+
+Token authentication (Ray 2.60, read in the installed source):
+
+- The job server checks ``Authorization: Bearer <token>`` (or ``X-Ray-Authorization``, or the
+  ``ray-authentication-token`` cookie) on every request when the cluster runs with
+  ``RAY_AUTH_MODE=token``: 401 without a token, 403 with a wrong one
+  (``ray/_private/authentication/http_token_authentication.py``, ``token_auth_middleware``).
+- ``JobSubmissionClient`` adds that header itself only when the *client* process is in token
+  mode, i.e. ``RAY_AUTH_MODE=token`` in its environment, and only if the caller passed no
+  ``Authorization`` header of its own (``ray/dashboard/modules/dashboard_sdk.py``,
+  ``SubmissionClient.__init__``: ``self._headers.update(**get_auth_headers_if_auth_enabled(
+  self._headers))``; ``get_auth_headers_if_auth_enabled`` returns ``{}`` unless
+  ``ray/_private/authentication/authentication_utils.py::is_token_auth_enabled``). The log tail
+  websocket (``JobSubmissionClient.tail_job_logs``) sends the same headers.
+- The token comes from ``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else
+  ``~/.ray/auth_token`` (C++ ``AuthenticationTokenLoader``, exposed as
+  ``ray._raylet.AuthenticationTokenLoader``; Ray's token-auth docs give the same order).
+- "On by default" in Ray 2.60 means: a cluster started by ``ray.init()`` enables token mode
+  when ``RAY_AUTH_MODE`` is unset and writes a token to ``~/.ray/auth_token``
+  (``ray/_private/worker.py``: ``enable_token_auth_by_default`` then
+  ``ensure_token_if_auth_enabled(create_token_if_missing=True)``); ``ray start --head`` enables
+  it when a token already exists (``ray/scripts/scripts.py``:
+  ``maybe_enable_token_auth_if_token_available``). A client in a fresh shell, though, is not in
+  token mode, so a bare ``ray job submit`` to such a cluster gets 401.
+
+So here: with ``RAY_AUTH_MODE`` set (``token`` or ``disabled``), Ray's own behaviour applies
+unchanged. With it unset, the token is sent when the user gave one explicitly
+(``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) or when the job server is on this machine, where
+a local cluster's token is in ``~/.ray/auth_token`` (the rule ``ray.init`` itself applies to a
+local cluster it finds, ``ray/_private/worker.py``: "Only a local cluster found automatically
+auto-enables auth"). Authentication is never turned off. On KubeRay, the token is a Kubernetes
+Secret passed as ``RAY_AUTH_TOKEN`` with ``RAY_AUTH_MODE=token`` (``infra/rayjob-*.yaml``).
+
+Two things about a local cluster, also from the source: the job server hands each job to the
+head node's dashboard agent, on a fixed port (52365, ``ray_constants``), so while a second Ray
+on the same machine holds it the server answers "No available agent" (retried here for
+``AGENT_WAIT_S``); and the job's driver gets the GCS address named in the cluster's temp dir
+(``ray_current_cluster``, written by ``ray start``), else the first GCS it finds among the
+machine's raylet processes (``job_supervisor.py``, ``_get_driver_env_vars``), which may be
+another cluster's. One Ray per machine avoids both (so does ``ray start --temp-dir DIR
+--dashboard-agent-listen-port PORT``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict
+
+from smartccs.errors import CCSError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+JOBS_PACKAGE = "jobs"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout this library lives in (``platform/smartccs/submit.py``), when installed editable."""
+
+WORKING_DIR_EXCLUDES = [
+    ".venv",
+    ".git",
+    "ccs-data",
+    "ccs-cohort",
+    "bench/out",
+    ".cache",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.svs",
+    "*.tiff",
+    "*.tif",
+    "*.safetensors",
+    "*.pt",
+]
+"""gitignore-style patterns left out of the uploaded working directory (Ray ``excludes``)."""
+
+DRIVER_ENV_KEYS = frozenset({"OMP_NUM_THREADS"})
+"""Set by ``smartccs.raycluster.init_ray`` in the driver's own runtime env: Ray refuses to merge
+a job runtime env that sets the same variable, so a job cannot take them from ``extra_env``."""
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 60.0
+"""How long to retry a job server that has no job agent yet (a cluster just started: its nodes'
+dashboard agents register a few seconds after the head; the server answers 500 until then)."""
+_NO_AGENT = "No available agent to submit job"
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_POLL_S = 1.0
+
+
+class SubmittedJob(BaseModel):
+    """A job handed to a Ray job server, and its status when ``submit_job`` returned."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    address: str
+    entrypoint: str
+    status: str
+
+
+def default_working_dir() -> Path:
+    """The repository root of this checkout if it has the job entrypoints, else the cwd."""
+    return REPO_ROOT if (REPO_ROOT / JOBS_PACKAGE / "__init__.py").is_file() else Path.cwd()
+
+
+def resolve_address(address: str | None = None) -> str:
+    """The argument, else ``$RAY_API_SERVER_ADDRESS`` / ``$RAY_ADDRESS``, else the local default."""
+    return (
+        address
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+        or DEFAULT_ADDRESS
+    ).rstrip("/")
+
+
+def available_jobs(working_dir: Path) -> list[str]:
+    return sorted(
+        p.stem for p in (working_dir / JOBS_PACKAGE).glob("*.py") if _NAME.fullmatch(p.stem)
+    )
+
+
+def job_entrypoint(name: str, config: Path, working_dir: Path, *, store: str | None = None) -> str:
+    """``python -m jobs.<name> --config <path in working_dir> [--store URI]``, after checks."""
+    working_dir = Path(working_dir).expanduser().resolve()
+    if not working_dir.is_dir():
+        raise CCSError(f"working directory {working_dir} is not a directory")
+    module = working_dir / JOBS_PACKAGE / f"{name}.py"
+    if not _NAME.fullmatch(name) or not module.is_file():
+        known = ", ".join(available_jobs(working_dir)) or "none"
+        raise CCSError(
+            f"unknown job {name!r}: no {JOBS_PACKAGE}/{name}.py in {working_dir} (jobs: {known})"
+        )
+    cfg = Path(config).expanduser().resolve()
+    if not cfg.is_file():
+        raise CCSError(f"config {config} not found")
+    try:
+        rel = cfg.relative_to(working_dir)
+    except ValueError:
+        raise CCSError(
+            f"config {config} is outside the working directory {working_dir}: it would not "
+            "travel with the job; put it under the working directory"
+        ) from None
+    args = ["python", "-m", f"{JOBS_PACKAGE}.{name}", "--config", rel.as_posix()]
+    if store:
+        args += ["--store", store]
+    return shlex.join(args)
+
+
+def _is_local(address: str) -> bool:
+    host = urlparse(address if "://" in address else f"//{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def should_send_token(address: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``submit_job`` passes the token itself (see the module docstring)."""
+    env = os.environ if env is None else env
+    if env.get("RAY_AUTH_MODE"):
+        return False  # token or disabled: the SDK does what Ray does
+    return bool(env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")) or _is_local(address)
+
+
+def auth_headers(address: str) -> dict[str, str]:
+    """``{"authorization": "Bearer <token>"}`` when it is ours to send and a token exists."""
+    if not should_send_token(address):
+        return {}
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.exceptions import AuthenticationError
+
+    # Ray's own loader: RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token
+    try:
+        loader = AuthenticationTokenLoader.instance()
+        return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
+    except AuthenticationError as exc:  # e.g. RAY_AUTH_TOKEN_PATH names a missing file
+        raise CCSError(str(exc).split(". Note:")[0].strip()) from None
+
+
+@contextlib.contextmanager
+def _without_env(*names: str) -> Iterator[None]:
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _client(address: str) -> JobSubmissionClient:
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        # the SDK would let these variables override an explicit address
+        with _without_env("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            return JobSubmissionClient(address, headers=auth_headers(address))
+    except AuthenticationError as exc:
+        raise CCSError(_auth_hint(address, exc)) from None
+    except ConnectionError as exc:
+        raise CCSError(
+            f"cannot reach a Ray job server at {address} ({exc}); is the cluster up "
+            "(`ray start --head`, or `kubectl port-forward svc/<cluster>-head-svc 8265`)?"
+        ) from None
+
+
+def _auth_hint(address: str, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"Ray job server at {address} refused the request ({first}); give the cluster's token: "
+        "RAY_AUTH_MODE=token with RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file> "
+        "(a local cluster's is in ~/.ray/auth_token; `ray get-auth-token`)"
+    )
+
+
+def _job_id(name: str) -> str:
+    return f"ccs-{name.replace('_', '-')}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+async def _tail(client: JobSubmissionClient, job_id: str, out: TextIO) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        out.write(chunk)
+        out.flush()
+
+
+def _wait(client: JobSubmissionClient, job_id: str, follow_logs: bool, out: TextIO) -> str:
+    if follow_logs:
+        try:
+            asyncio.run(_tail(client, job_id, out))
+        except RuntimeError as exc:  # the websocket closed early: the status still tells
+            log.warning("log stream of job %s ended early: %s", job_id, exc)
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        time.sleep(_POLL_S)
+
+
+def submit_job(
+    name: str,
+    config: Path | str,
+    address: str | None = None,
+    *,
+    store: str | None = None,
+    working_dir: Path | str | None = None,
+    wait: bool = True,
+    follow_logs: bool = True,
+    extra_env: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+) -> SubmittedJob:
+    """Submit ``jobs/<name>.py`` with ``config``; with ``wait``, return once it has finished.
+
+    ``working_dir`` (default: this repository's root) is uploaded and becomes the job's
+    current directory; ``config`` must lie inside it. ``extra_env`` goes into the job's
+    runtime env. With ``follow_logs`` the job's output is streamed to ``out`` (stdout).
+    A job that ends other than SUCCEEDED raises ``CCSError`` naming it and how to read its logs.
+    """
+    working_dir = Path(working_dir or default_working_dir()).expanduser().resolve()
+    entrypoint = job_entrypoint(name, Path(config), working_dir, store=store)
+    env = dict(extra_env or {})
+    clash = sorted(DRIVER_ENV_KEYS & env.keys())
+    if clash:
+        raise CCSError(f"extra_env: {', '.join(clash)} is set by the job driver itself")
+    address = resolve_address(address)
+    client = _client(address)
+    runtime_env = {
+        "working_dir": str(working_dir),
+        "excludes": list(WORKING_DIR_EXCLUDES),
+        "env_vars": {"PYTHONUNBUFFERED": "1", **env},
+    }
+    from ray.exceptions import AuthenticationError
+
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=_job_id(name),
+                runtime_env=runtime_env,
+                metadata={"ccs_job": name},
+            )
+            break
+        except AuthenticationError as exc:
+            raise CCSError(_auth_hint(address, exc)) from None
+        except (RuntimeError, ValueError) as exc:  # the server's or the packaging's refusal
+            if _NO_AGENT in str(exc) and time.monotonic() < deadline:
+                log.info("job server at %s has no job agent yet; retrying", address)
+                time.sleep(2)
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CCSError(
+                f"Ray job server at {address} did not take job {name!r}: {first}"
+            ) from None
+    log.info("submitted %s to %s: %s", job_id, address, entrypoint)
+    logs_hint = f"ray job logs {job_id} --address {address}"
+    if not wait:
+        status = client.get_job_status(job_id)
+        return SubmittedJob(
+            job_id=job_id, address=address, entrypoint=entrypoint, status=str(status.value)
+        )
+    try:
+        status = _wait(client, job_id, follow_logs, out or sys.stdout)
+    except KeyboardInterrupt:
+        print(
+            f"stopped following job {job_id}; it keeps running (`ray job stop {job_id} "
+            f"--address {address}` ends it, `{logs_hint}` shows its logs)",
+            file=sys.stderr,
+        )
+        raise
+    if status != "SUCCEEDED":
+        message = (client.get_job_info(job_id).message or "").strip()
+        reason = message.splitlines()[0].split(", last available logs")[0] if message else ""
+        raise CCSError(
+            f"job {job_id} {status}{': ' + reason if reason else ''} (logs: `{logs_hint}`)"
+        )
+    return SubmittedJob(job_id=job_id, address=address, entrypoint=entrypoint, status=status)
