@@ -101,7 +101,7 @@ def test_labels_refuse_unknown_slides_and_empty_boxes(annotated_store: Store):
     assert set(cells) == {("int-a", "b1", s.slide_id) for s in ref.manifest.slides}
 
 
-def test_detector_then_classifier_train_save_and_resume(annotated_store: Store, tmp_path: Path):
+def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Store, tmp_path: Path):
     first = finetune_detector(detector_config(annotated_store, tmp_path, max_steps=3))
     assert (first.start_step, first.step) == (0, 3)
     card, state = load_model(annotated_store, "detector")
@@ -114,9 +114,7 @@ def test_detector_then_classifier_train_save_and_resume(annotated_store: Store, 
     dets = detector.eval().detect(torch.rand(2, 3, 64, 64))
     assert len(dets) == 2
 
-    second = finetune_detector(detector_config(annotated_store, tmp_path, max_steps=5))
-    assert (second.start_step, second.step) == (3, 5), "same run name continues, not restarts"
-
+    # resuming a run of the same name is the shared loop's, pinned by test_pretrain.py
     cfg = ClassifierConfig(
         run_name="toy-classifier", store=annotated_store.config, split=SPLIT,
         stream=_stream(tmp_path), mil=MILConfig(pooling="attention", hidden=16, top_k=5),
@@ -127,11 +125,11 @@ def test_detector_then_classifier_train_save_and_resume(annotated_store: Store, 
     assert np.asarray(result.confusion).sum() == result.test.n_pos + result.test.n_neg
     card, state = load_model(annotated_store, "classifier")
     assert card.task == "classifier" and card.classes == list(GRADES)
-    assert card.head["detector"]["version"] == second.version
+    assert card.head["detector"]["version"] == first.version
     assert 0 <= card.head["threshold"] <= 1 and card.metrics["test_auc"] == result.test.auc
     head = MILHead(card.head["dim"], MILConfig.model_validate(card.head["mil"]))
     head.load_state_dict(state)
-    assert head.prototypes[0].abs().sum() > 0, "NILM prototype built from training slides"
+    assert head.prototypes.shape == (len(GRADES), card.head["dim"])  # filled: test_mil_and_bags
     bags = annotated_store.list("runs", "toy-classifier")
     assert any("/bags-detector-" in k for k in bags), "screened bags are kept for a resume"
 

@@ -20,7 +20,8 @@ from test_pretrain import toy_config
 
 from smartccs.models.artifacts import load_model
 from smartccs.store import Store
-from smartccs.train.pretrain import STATE_FILE, PretrainResult, pretrain
+from smartccs.train.loop import STATE_FILE
+from smartccs.train.pretrain import PretrainResult, pretrain
 from smartccs.upload import upload_batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]

@@ -142,6 +142,8 @@ def preprocess(
 
 def resize_tiles(images: np.ndarray | torch.Tensor, input_px: int) -> torch.Tensor:
     """uint8 tiles (B, H, W, 3) -> [0, 1] float (B, 3, input_px, input_px)."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # Ray Data hands out read-only views; torch wants to own them
     x = torch.as_tensor(images).permute(0, 3, 1, 2).to(torch.float32) / 255
     if x.shape[-1] != input_px or x.shape[-2] != input_px:
         x = F.interpolate(x, size=(input_px, input_px), mode="bilinear", antialias=True)
