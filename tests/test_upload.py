@@ -141,3 +141,21 @@ def test_cli_upload_commits_and_says_where(slide_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "committed 2 slides" in res.stdout
     assert Manifest.loads((store / "incoming/c1/b1/manifest.json").read_bytes()).batch == "b1"
+
+
+def test_cli_labels_publishes_annotations_and_names_a_bad_row(slide_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = tmp_path / "store"
+    args = ("--center", "c1", "--batch", "b1", "--store", str(store))
+    assert run_ccs("upload", str(slide_dir), *args).returncode == 0
+    slide_id = Manifest.loads((store / "incoming/c1/b1/manifest.json").read_bytes()).slides[0]
+    good, bad = tmp_path / "cells.parquet", tmp_path / "bad.parquet"
+    row = {"slide_id": [slide_id.slide_id], "class": ["HSIL"], "x0": [10], "y0": [10]}
+    pq.write_table(pa.table(row | {"x1": [30], "y1": [30]}), good)
+    pq.write_table(pa.table(row | {"x1": [10], "y1": [30]}), bad)
+    res = run_ccs("labels", str(good), *args)
+    assert res.returncode == 0, res.stderr
+    assert (store / "labels/c1/b1/cells.parquet").is_file()
+    assert_one_line_error(run_ccs("labels", str(bad), *args), "row 0: empty box")

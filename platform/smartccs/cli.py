@@ -69,6 +69,16 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    from smartccs.batches import load_batch
+    from smartccs.labels import put_cell_labels
+
+    store = Store(StoreConfig.from_env(args.store))
+    ref = load_batch(store, args.center, args.batch)
+    print(f"published {put_cell_labels(store, ref, args.cells)}")
+    return 0
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -147,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", required=True)
     _store_arg(p)
     p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser(
+        "labels", help="publish cell annotations (Parquet) for a committed batch, for training"
+    )
+    p.add_argument("cells", help="Parquet: slide_id, class, level-0 x0 y0 x1 y1 per cell")
+    p.add_argument("--center", required=True)
+    p.add_argument("--batch", required=True)
+    _store_arg(p)
+    p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("submit", help="submit a job (jobs/<NAME>.py) to a Ray cluster")
     p.add_argument("name", metavar="NAME", help="job entrypoint: pretrain, finetune_detector, ...")
