@@ -270,3 +270,43 @@ def test_demo_config_does_not_collapse_on_cytology_tiles(cytology_tiles):
     late_entropy, late_std = np.mean(entropies[-10:]), np.mean(feature_std[-10:])
     assert late_entropy < uniform - 0.5, (np.round(entropies, 3), uniform)
     assert late_std > 0.2, np.round(feature_std, 3)
+
+
+def test_koleo_is_lower_for_spread_embeddings_and_pushes_neighbours_apart():
+    from smartccs.train.dino import koleo_loss
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(32, 16, generator=g)
+    clustered = torch.randn(1, 16, generator=g) + 0.01 * torch.randn(32, 16, generator=g)
+    assert koleo_loss(spread) < koleo_loss(clustered)
+    x = clustered.clone().requires_grad_(True)
+    koleo_loss(x).backward()
+    with torch.no_grad():
+        stepped = x - 0.1 * x.grad
+    assert koleo_loss(stepped) < koleo_loss(clustered)
+
+
+def test_the_pretraining_step_adds_koleo_when_weighted():
+    from smartccs.models.artifacts import Architecture, Normalization
+    from smartccs.train.multicrop import MultiCropConfig
+    from smartccs.train.pretrain import Learner, PretrainConfig
+
+    arch = Architecture(
+        timm_name="vit_tiny_patch16_224",
+        kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                "dynamic_img_size": True},
+    )  # fmt: skip
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = PretrainConfig(
+            run_name="koleo", store={"uri": "/nonexistent"}, encoder=arch, batch_size=4,
+            crops=MultiCropConfig(global_size=32, local_size=16, n_local=1,
+                                  normalization=Normalization()),
+            dino=DinoConfig(out_dim=32, hidden_dim=16, bottleneck_dim=8, koleo_weight=weight),
+        )  # fmt: skip
+        torch.manual_seed(0)
+        learner = Learner(cfg, torch.device("cpu"))
+        learner.prepare()
+        images = np.random.default_rng(0).integers(0, 255, (4, 48, 48, 3), dtype=np.uint8)
+        losses[weight] = learner.step(images, 0, torch.Generator().manual_seed(0))
+    assert np.isfinite(losses[1.0]) and losses[1.0] != losses[0.0]

@@ -37,6 +37,12 @@ class DinoConfig(BaseModel):
     center_momentum: float = Field(default=0.9, ge=0, le=1, description="1 freezes the center")
     momentum_teacher: float = Field(default=0.996, ge=0, le=1, description="EMA start")
     momentum_teacher_final: float = Field(default=1.0, ge=0, le=1, description="EMA end")
+    koleo_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of DINOv2's KoLeo term on the student's global-view embeddings "
+        "(0 = off): spreads embeddings that would otherwise all look alike",
+    )
 
 
 class DINOHead(nn.Module):
@@ -76,6 +82,9 @@ class MultiCropNet(nn.Module):
         self.backbone = backbone
         self.head = head
 
+    global_features: torch.Tensor | None = None
+    """Backbone embeddings of the first group of views (the global crops) of the last call."""
+
     def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         outputs: list[torch.Tensor] = []
         start = 0
@@ -84,6 +93,8 @@ class MultiCropNet(nn.Module):
             while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
                 end += 1
             feats = self.backbone(torch.cat(views[start:end]))
+            if start == 0:
+                self.global_features = feats
             outputs += list(self.head(feats).chunk(end - start))
             start = end
         return outputs
@@ -154,3 +165,15 @@ class DINOLoss(nn.Module):
             dist.all_reduce(count)
         m = self.cfg.center_momentum
         self.center.mul_(m).add_(total / count, alpha=1 - m)
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy term (DINOv2): -mean log distance to the nearest neighbour.
+
+    On L2-normalised embeddings of one batch; it falls as embeddings spread over the sphere,
+    the opposite of the collapse in which every tile maps to the same point.
+    """
+    x = F.normalize(features.float(), dim=-1)
+    d = torch.cdist(x, x)
+    d = d + torch.diag(torch.full((len(x),), float("inf"), device=x.device))
+    return -torch.log(d.min(dim=1).values + eps).mean()

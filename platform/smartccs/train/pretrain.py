@@ -35,6 +35,7 @@ from smartccs.train.dino import (
     DINOLoss,
     MultiCropNet,
     ema_update,
+    koleo_loss,
     make_teacher,
     teacher_momentum,
 )
@@ -146,6 +147,10 @@ class Learner:
             with torch.no_grad():
                 teacher_out = self.teacher(views[:2])
             loss = self.loss_fn(self.student(views), teacher_out, step)
+            if cfg.dino.koleo_weight:
+                feats = self.raw_student.global_features
+                assert feats is not None
+                loss = loss + cfg.dino.koleo_weight * sum(koleo_loss(f) for f in feats.chunk(2)) / 2
         self.last_loss = optimizer_step(self.opt, self.params, loss, step, cfg)
         ema_update(self.raw_student, self.teacher, teacher_momentum(step, cfg.max_steps, cfg.dino))
         return self.last_loss
