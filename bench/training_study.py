@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
-    command = "python bench/detector_init.py " + shlex.join(
+    command = "python bench/training_study.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     configure_logging(1)

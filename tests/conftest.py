@@ -25,6 +25,17 @@ AGENT_PORT = 52365
 """Ray's dashboard agent HTTP port (ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT)."""
 
 
+def _port_taken(port: int) -> bool:
+    """Whether some process listens on ``port`` on any address (the agent may bind the node IP,
+    not loopback, so try to bind it ourselves rather than connect to 127.0.0.1)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,8 +94,7 @@ def ray_job_address(ray_session: str) -> str:
             if "No available agent" not in str(exc):
                 raise
     else:
-        with socket.socket() as s:  # ours is not up, so whoever answers there is another Ray
-            taken = s.connect_ex(("127.0.0.1", AGENT_PORT)) == 0
+        taken = _port_taken(AGENT_PORT)  # ours is not up, so whoever holds it is another Ray
         if taken:
             pytest.skip(f"another Ray on this machine holds the dashboard agent port {AGENT_PORT}")
         pytest.fail("the shared Ray's dashboard agent did not start: no job server")
