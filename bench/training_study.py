@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             size=args.size,
             seed=args.seed,
         )
-    tag = f"p{args.pretrain_steps}-d{args.detector_steps}-seed{args.seed}"
+    input_px = yaml.safe_load((CONFIGS / "detector-demo.yaml").read_text())["input_px"]
+    tag = f"p{args.pretrain_steps}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
     store = Store(str(args.out / f"store-{cohort.name}"))
     annotated = [f"{d.name}/{ensure_uploaded(store, d, d.name, 'bench').batch}" for d in
                  generated_centers(cohort)]  # fmt: skip
