@@ -25,17 +25,16 @@ class ScorerPool(BaseModel):
     batch_size: int = Field(default=16, ge=1, description="tiles per detector call")
 
 
-def resolve_detector(store: Store, name: str, version: str) -> ModelRef:
-    """Pin ``latest`` to a concrete version once, so every actor loads the same weights."""
-    card = load_card(store, name, version)
-    return ModelRef(name=card.name, version=str(card.version))
-
-
 def embedding_dim(store: Store, detector: ModelRef) -> int:
+    """Width of the cell embeddings, read off the encoder built on the meta device: no weights
+    are allocated, so asking costs nothing even for ViT-L."""
+    import torch
+
     from smartccs.models.encoder import build_from
 
     enc = encoder_ref(load_card(store, detector.name, detector.version))
-    return int(build_from(load_card(store, enc.name, enc.version).architecture).num_features)
+    with torch.device("meta"):
+        return int(build_from(load_card(store, enc.name, enc.version).architecture).num_features)
 
 
 def screen_cells(

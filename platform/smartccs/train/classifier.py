@@ -35,7 +35,7 @@ from smartccs.models.artifacts import ModelCard, config_sha256, load_card, save_
 from smartccs.models.mil import MILConfig, MILHead, pooled_embedding
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import CellConfig, ModelRef, encoder_ref
-from smartccs.screening.engine import ScorerPool, resolve_detector, screen_cells
+from smartccs.screening.engine import ScorerPool, screen_cells
 from smartccs.splits import SplitConfig, split_rows
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
@@ -234,9 +234,9 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     """Screen the slides into bags, fit the head, pick the threshold, measure, save."""
     store = Store(cfg.store)
     refs = resolve_batches(store, cfg.batches)
-    detector = resolve_detector(store, cfg.detector_model, cfg.detector_version)
-    cfg = cfg.model_copy(update={"detector_version": detector.version})
-    det_card = load_card(store, detector.name, detector.version)
+    det_card = load_card(store, cfg.detector_model, cfg.detector_version)
+    detector = ModelRef(name=det_card.name, version=str(det_card.version))
+    cfg = cfg.model_copy(update={"detector_version": detector.version})  # pinned: bags, card
     enc = encoder_ref(det_card)
     enc_card = load_card(store, enc.name, enc.version)
     splits = split_rows(refs, cfg.split)

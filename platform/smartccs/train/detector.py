@@ -33,6 +33,7 @@ from smartccs.models.detector import (
     DETECTION_CLASSES,
     CellDetector,
     HeadConfig,
+    build_detector,
     decode,
     detection_class,
     normalize,
@@ -138,6 +139,17 @@ def abnormal_map(report: DetectionReport) -> float:
 # -- targets ------------------------------------------------------------------------------
 
 
+def box_centres(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) xyxy -> (N, 2) centres."""
+    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+
+
+def centred_on(centres: np.ndarray, x0: int, y0: int, w0: int, h0: int) -> np.ndarray:
+    """Which cells belong to a tile: those whose centre lies in its region (each cell to one)."""
+    x, y = centres[:, 0], centres[:, 1]
+    return (x >= x0) & (x < x0 + w0) & (y >= y0) & (y < y0 + h0)
+
+
 def tile_targets(
     cells: SlideBoxes, x0: int, y0: int, w0: int, h0: int, input_px: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -148,15 +160,25 @@ def tile_targets(
     """
     if not len(cells):
         return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
-    cx = (cells.boxes[:, 0] + cells.boxes[:, 2]) / 2
-    cy = (cells.boxes[:, 1] + cells.boxes[:, 3]) / 2
-    on = (cx >= x0) & (cx < x0 + w0) & (cy >= y0) & (cy < y0 + h0)
+    on = centred_on(box_centres(cells.boxes), x0, y0, w0, h0)
     labels = np.array([detection_class(c) for c in cells.classes[on]], dtype=object)
     known = np.array([lab is not None for lab in labels], dtype=bool)
     boxes = cells.boxes[on][known] - np.array([x0, y0, x0, y0], np.float64)
     scale = np.array([input_px / w0, input_px / h0] * 2)
     boxes = np.clip(boxes * scale, 0, input_px).astype(np.float32)
     return boxes, labels[known].astype(np.int64)
+
+
+def batch_targets(
+    labels: dict[SlideKey, SlideBoxes], batch: dict[str, np.ndarray], i: int, input_px: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tile_targets` of row ``i`` of a batch of tile rows."""
+    key = (str(batch["center"][i]), str(batch["batch"][i]), str(batch["slide_id"][i]))
+    cells = labels.get(key)
+    if cells is None:
+        raise CCSError(f"no annotations for {'/'.join(key)}")
+    x0, y0, w0, h0 = (int(batch[c][i]) for c in ("x0", "y0", "w0", "h0"))
+    return tile_targets(cells, x0, y0, w0, h0, input_px)
 
 
 def assign(
@@ -275,14 +297,6 @@ class DetectorLearner:
         self.raw.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
 
-    def targets(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (str(batch["center"][i]), str(batch["batch"][i]), str(batch["slide_id"][i]))
-        cells = self.labels.get(key)
-        if cells is None:
-            raise CCSError(f"no annotations for {'/'.join(key)}")
-        x0, y0, w0, h0 = (int(batch[c][i]) for c in ("x0", "y0", "w0", "h0"))
-        return tile_targets(cells, x0, y0, w0, h0, self.cfg.input_px)
-
     def loss(
         self, x: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor]
     ) -> torch.Tensor:
@@ -322,7 +336,7 @@ class DetectorLearner:
         imgs = resize_tiles(batch["image"], self.cfg.input_px)
         views, boxes, labels = [], [], []
         for i in range(len(imgs)):
-            b, lab = self.targets(batch, i)
+            b, lab = batch_targets(self.labels, batch, i, self.cfg.input_px)
             img, bx = augment(imgs[i], torch.from_numpy(b), self.cfg.augment, gen)
             views.append(img)
             boxes.append(bx.to(self.device))
@@ -375,18 +389,14 @@ class TileSampler:
         self.other_share, self.seed = other_share, seed
         self.centers: dict[SlideKey, np.ndarray] = {}
         for key, cells in labels.items():
-            abnormal = np.isin(cells.classes, ABNORMAL_CLASSES)
-            b = cells.boxes[abnormal]
-            self.centers[key] = np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
+            self.centers[key] = box_centres(cells.boxes[np.isin(cells.classes, ABNORMAL_CLASSES)])
 
     def __call__(self, row: dict[str, Any]) -> bool:
         key = (str(row["center"]), str(row["batch"]), str(row["slide_id"]))
         c = self.centers.get(key)
         x0, y0, w0, h0 = (int(row[k]) for k in ("x0", "y0", "w0", "h0"))
-        if c is not None and len(c):
-            on = (c[:, 0] >= x0) & (c[:, 0] < x0 + w0) & (c[:, 1] >= y0) & (c[:, 1] < y0 + h0)
-            if on.any():
-                return True
+        if c is not None and centred_on(c, x0, y0, w0, h0).any():
+            return True
         digest = hashlib.sha256(f"{self.seed}:{'/'.join(key)}:{x0}:{y0}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64 < self.other_share
 
@@ -421,9 +431,7 @@ def evaluate_detector(
         for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
             x = preprocess(batch["image"], input_px, card.normalization)
             for i, det in enumerate(model.detect(x)):
-                key = (str(batch["center"][i]), str(batch["batch"][i]), str(batch["slide_id"][i]))
-                x0, y0, w0, h0 = (int(batch[c][i]) for c in ("x0", "y0", "w0", "h0"))
-                boxes, classes = tile_targets(labels[key], x0, y0, w0, h0, input_px)
+                boxes, classes = batch_targets(labels, batch, i, input_px)
                 pred["image_ids"].append(np.full(len(det.scores), image))
                 pred["boxes"].append(det.boxes.numpy())
                 pred["scores"].append(det.scores.numpy())
@@ -449,7 +457,13 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     refs = resolve_batches(store, cfg.batches)
     labels = load_cell_labels(store, refs)  # fails early, naming a batch without annotations
     encoder = load_card(store, cfg.encoder_model, cfg.encoder_version)
-    cfg = cfg.model_copy(update={"encoder_version": encoder.version})  # pin it for the workers
+    # pin what the driver resolved: workers must not see a batch committed after this point
+    cfg = cfg.model_copy(
+        update={
+            "encoder_version": encoder.version,
+            "batches": [f"{r.center}/{r.batch}" for r in refs],
+        }
+    )
     splits = split_rows(refs, cfg.split)
     if not splits["train"] or not splits["test"]:
         raise CCSError(
@@ -469,7 +483,7 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     train_ds = tiles_dataset(splits["train"], store, cfg.stream, sampler)
     fitted = fit(cfg, train_loop, {"train": train_ds})
     card = detector_card(cfg, encoder)
-    model = CellDetector(build_from(card.architecture), cfg.head, len(DETECTION_CLASSES))
+    model = build_detector(card)
     model.load_state_dict(fitted.state["model"])
     report = evaluate_detector(
         model, card, tiles_dataset(splits["test"], store, cfg.stream), labels, cfg.eval_batch_size
