@@ -8,7 +8,7 @@ import torch
 
 from smartccs.data.tiles import NO_TILE
 from smartccs.models.mil import MILConfig, MILHead, pooled_embedding, slide_score
-from smartccs.screening.bags import collect_bags
+from smartccs.screening.bags import BagCollector, collect_bags
 from smartccs.screening.cells import TILE_ROW, crop_cells
 from smartccs.taxonomy import GRADES
 from smartccs.train.classifier import prototype_bank
@@ -23,14 +23,17 @@ def test_crops_are_centred_on_the_cell_and_padded_at_the_tile_edge():
     assert crops[1].sum() == 0  # the corner crop repeats the (black) edge, no wrap-around
 
 
-def _rows(slide: str, cls: list[int], scores: list[float], dim: int = 4) -> dict[str, np.ndarray]:
+def _rows(
+    slide: str, cls: list[int], scores: list[float], dim: int = 4, tile: int = 0, tiles: int = 3
+) -> dict[str, np.ndarray]:
+    """One tile's rows: its cells, then its summary row (``TILE_ROW``)."""
     n = len(cls)
     return {
         "center": np.array(["c"] * n),
         "batch": np.array(["b"] * n),
         "slide_id": np.array([slide] * n),
-        "n_tiles": np.full(n, 3),
-        "tile_index": np.zeros(n, np.int64),
+        "n_tiles": np.full(n, tiles),
+        "tile_index": np.full(n, tile, np.int64),
         "class_index": np.array(cls),
         "score": np.array(scores, np.float32),
         "box": np.zeros((n, 4)),
@@ -42,14 +45,40 @@ def _rows(slide: str, cls: list[int], scores: list[float], dim: int = 4) -> dict
 
 
 def test_bags_keep_the_top_k_cells_per_class_in_score_order_across_batches():
-    first = _rows("s1", [0, 0, 3, TILE_ROW], [0.2, 0.9, 0.5, np.nan])
-    second = _rows("s1", [0, 0, TILE_ROW], [0.7, 0.1, np.nan])
+    first = _rows("s1", [0, 0, 3, TILE_ROW], [0.2, 0.9, 0.5, np.nan], tile=0)
+    second = _rows("s1", [0, 0, TILE_ROW], [0.7, 0.1, np.nan], tile=1)
     bags = collect_bags([first, second], top_k=2, dim=4)
     bag = bags[("c", "b", "s1")]
     assert bag.scores[0].tolist() == pytest.approx([0.9, 0.7])
     assert bag.embeddings[0, :, 0].tolist() == pytest.approx([0.9, 0.7])  # rows travel together
     assert bag.mask[3].tolist() == [True, False] and not bag.mask[1].any()
     assert (bag.tiles_read, bag.n_squamous, bag.n_tiles) == (2, 10, 3) and bag.ok
+    assert "1 of 3 tiles never reached" in bag.error, "the third tile never came"
+
+
+def test_a_tile_delivered_twice_counts_once_and_a_slide_completes_with_its_last_tile():
+    collector = BagCollector(top_k=4, dim=4)
+    t0 = _rows("s1", [0, TILE_ROW], [0.9, np.nan], tile=0, tiles=2)
+    t1 = _rows("s1", [1, TILE_ROW], [0.4, np.nan], tile=1, tiles=2)
+    assert collector.add(t0) == ([], 1)
+    assert collector.add(t0) == ([], 0), "a retried task's repeat of tile 0 adds nothing"
+    t1_cells = {k: v[:1] for k, v in t1.items()}
+    t1_summary = {k: v[1:] for k, v in t1.items()}
+    assert collector.add(t1_cells) == ([], 0), "cells wait for their tile's summary row"
+    done, new = collector.add(t1_summary)
+    assert new == 1 and [b.slide_id for b in done] == ["s1"]
+    bag = done[0]
+    assert (bag.tiles_read, bag.n_tiles, bag.n_squamous) == (2, 2, 10)
+    assert bag.mask[0].sum() == 1 and bag.mask[1].sum() == 1 and bag.errors == []
+    assert collector.add(t0) == ([], 0) and collector.finish() == []
+
+
+def test_a_slide_missing_tiles_at_the_end_says_how_many():
+    rows = _rows("s1", [TILE_ROW], [np.nan], tile=0, tiles=5)
+    collector = BagCollector(top_k=2, dim=4)
+    collector.add(rows)
+    [bag] = collector.finish()
+    assert bag.ok and bag.tiles_failed == 4 and "4 of 5 tiles never reached" in bag.error
 
 
 def test_a_slide_that_failed_or_never_arrived_is_a_bag_with_a_reason():

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -124,6 +125,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from smartccs.evaluation.run import run_evaluation, summary_line
+
+    store = Store(StoreConfig.from_env(args.results))
+    evaluation = run_evaluation(
+        store,
+        Path(args.out),
+        labels=args.labels,
+        centers=args.center,
+        batches=args.batch,
+        max_slides=args.max_slides,
+    )
+    print(summary_line(evaluation, Path(args.out) / "report.html"))
+    return 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from smartccs.raycluster import init_ray
+    from smartccs.screening.job import ScreenJobConfig, run_screen_job, summary_line
+
+    raw = {"batches": args.batch or [], "model": args.model, "run_id": args.run_id}
+    if args.store:
+        raw["store"] = {"uri": args.store}
+    if args.min_squamous is not None:
+        raw["screening"] = {"adequacy": {"min_squamous": args.min_squamous}}
+    cfg = ScreenJobConfig.model_validate(raw)
+    init_ray(args.address)
+    print(summary_line(run_screen_job(cfg)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ccs", description="Smart-CCS cervical screening platform on Ray"
@@ -202,6 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "screen", help="screen committed batches into the result tables (local door to jobs.screen)"
+    )
+    p.add_argument(
+        "--batch", action="append", help="'center/batch' or a batch URI (repeatable); none: all"
+    )
+    p.add_argument("--model", default=None, help="classifier 'name[/version]' or its URI")
+    p.add_argument("--store", default=None, help="store URI (default: the URIs' root, $CCS_STORE)")
+    p.add_argument("--run-id", default=None, help="name the run (default: a new id)")
+    p.add_argument("--min-squamous", type=int, default=None, help="adequacy minimum (Bethesda)")
+    p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser(
+        "evaluate", help="score committed screening results against ground truth; write a report"
+    )
+    p.add_argument("results", metavar="RESULTS", help="store root: local path or s3://...")
+    p.add_argument(
+        "--labels",
+        required=True,
+        help="ground truth: RESULTS itself (or another store root) for the manifests' grades, "
+        "or a CSV/Parquet file with center,batch,slide_id,grade",
+    )
+    p.add_argument("--out", required=True, help="report folder (report.html, metrics.json)")
+    p.add_argument("--center", action="append", help="only this center (repeatable)")
+    p.add_argument("--batch", action="append", help="only this batch id (repeatable)")
+    p.add_argument("--max-slides", type=int, default=50, help="slides with per-slide figures")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,13 +23,30 @@ from smartccs.logs import configure_logging
 C = TypeVar("C", bound=BaseModel)
 
 
-def load_config(model: type[C], path: Path, store: str | None = None) -> C:
-    """A job config from YAML; ``store`` (a URI) replaces the file's store."""
-    raw = yaml.safe_load(path.read_text()) or {}
+@dataclass(frozen=True)
+class JobFlag:
+    """A command-line flag that sets one top-level config field (``repeat``: a list field)."""
+
+    flag: str
+    field: str
+    help: str
+    repeat: bool = False
+
+
+def load_config(
+    model: type[C],
+    path: Path | None,
+    store: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> C:
+    """A job config from YAML (or the model's defaults without a file); ``store`` (a URI)
+    replaces the file's store and ``overrides`` replace top-level fields."""
+    raw = (yaml.safe_load(path.read_text()) or {}) if path is not None else {}
     if not isinstance(raw, dict):
         raise CCSError(f"{path}: expected a mapping of config fields")
     if store:
         raw["store"] = {"uri": store}
+    raw.update(overrides or {})
     return model.model_validate(raw)
 
 
@@ -39,15 +57,28 @@ def run_job(
     run: Callable[[C], Any],
     summary: Callable[[Any], str],
     argv: Sequence[str] | None = None,
+    flags: Sequence[JobFlag] = (),
 ) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, type=Path, help=f"a {model.__name__} YAML")
+    parser.add_argument(
+        "--config",
+        required=not flags,
+        type=Path,
+        help=f"a {model.__name__} YAML" + (" (default: built-in defaults)" if flags else ""),
+    )
     parser.add_argument("--store", help="override the config's store URI")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    for f in flags:
+        parser.add_argument(
+            f.flag, dest=f.field, action="append" if f.repeat else "store", help=f.help
+        )
     args = parser.parse_args(argv)
+    overrides = {
+        f.field: getattr(args, f.field) for f in flags if getattr(args, f.field) is not None
+    }
     configure_logging(1)
     try:
-        cfg = load_config(model, args.config, args.store)
+        cfg = load_config(model, args.config, args.store, overrides)
         from smartccs.raycluster import init_ray
 
         init_ray(args.address)

@@ -33,3 +33,19 @@ def run(run_id: str) -> str:
 def labels(center: str, batch: str) -> str:
     """Annotations of a committed batch (cell boxes), kept apart from the scans they describe."""
     return f"labels/{validate_id(center, 'center')}/{validate_id(batch, 'batch')}"
+
+
+def locate(uri: str, kind: str) -> tuple[str | None, list[str]]:
+    """Split ``<root>/<kind>/a/b`` into (root, [a, b]); ``kind/a/b`` and ``a/b`` give no root.
+
+    Lets a user name a batch or model by its full URI (``s3://bkt/ccs/incoming/c/b``) or by its
+    id (``c/b``) alike.
+    """
+    text = uri.rstrip("/")
+    marker = f"/{kind}/"
+    if text.startswith(f"{kind}/"):
+        return None, text[len(kind) + 1 :].split("/")
+    if marker in text:
+        root, _, rest = text.rpartition(marker)
+        return root or "/", rest.split("/")
+    return None, text.split("/")

@@ -214,6 +214,31 @@ class _KeepErrors:
         return row["tile_index"] == NO_TILE or bool(self.select(row))
 
 
+def plan_stream(
+    rows: list[dict[str, Any]],
+    store_config: StoreConfig,
+    cfg: StreamConfig | None = None,
+    select: Callable[[dict[str, Any]], bool] | None = None,
+):
+    """A Ray Dataset of planned tile rows (coordinates, QC thresholds, status), no pixels.
+
+    The screening engine reads these itself, inside the actor that runs the detector, so tile
+    pixels never enter the object store; :func:`tile_stream` adds the pixels for consumers
+    that want them as a stream.
+    """
+    import ray
+
+    cfg = cfg or StreamConfig()
+    planned = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).flat_map(
+        plan_slide,
+        fn_kwargs={"store_config": store_config, "cfg": cfg},
+        num_cpus=cfg.planner_cpus,
+    )
+    if select is not None:
+        planned = planned.filter(_KeepErrors(select), num_cpus=0.1)
+    return planned
+
+
 def tile_stream(
     rows: list[dict[str, Any]],
     store_config: StoreConfig,
@@ -230,14 +255,7 @@ def tile_stream(
     import ray
 
     cfg = cfg or StreamConfig()
-    planned = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).flat_map(
-        plan_slide,
-        fn_kwargs={"store_config": store_config, "cfg": cfg},
-        num_cpus=cfg.planner_cpus,
-    )
-    if select is not None:
-        planned = planned.filter(_KeepErrors(select), num_cpus=0.1)
-    return planned.map_batches(
+    return plan_stream(rows, store_config, cfg, select).map_batches(
         TileReader,
         fn_constructor_kwargs={"store_config": store_config, "cfg": cfg},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.readers),

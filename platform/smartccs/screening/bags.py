@@ -1,14 +1,19 @@
 """Per slide, the top-K cells of each abnormal class: the bag the MIL head reads.
 
-Cell rows stream out of the ``CellScorer`` pool in any order; this keeps, per slide and class,
-only the K best so far (memory: slides x 6 x K embeddings, whatever the slide size), and counts
-tiles, failed tiles and normal squamous cells for adequacy. A slide whose every row is an error
-becomes a bag with its reason and no cells.
+Cell rows stream out of the ``CellScorer`` pool in any order across tiles; this keeps, per slide
+and class, only the K best so far (memory: slides in flight x 6 x K embeddings, whatever the
+slide size), and counts tiles, failed tiles, normal squamous cells and QC for the slide row.
+
+A tile's cells always arrive just before its summary row (``class_index = TILE_ROW``), so cells
+wait for that row before they count: a tile delivered twice (a retried task after a worker was
+killed) is recognised by its index and counted once. A slide is complete the moment all of its
+planned tiles have been seen, so a long cohort run can publish each batch as soon as its last
+slide completes. A slide whose every row is an error becomes a bag with its reason, no cells.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +24,7 @@ from smartccs.screening.cells import TILE_ROW
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 N_CLASSES = len(ABNORMAL_CLASSES)
+SlideKey = tuple[str, str, str]
 
 
 @dataclass
@@ -36,9 +42,14 @@ class SlideBag:
     tiles_read: int = 0
     n_squamous: int = 0
     errors: list[str] = field(default_factory=list)
+    tiles_failed: int = 0
+    slide_mpp: float = float("nan")
+    background_fraction: float = float("nan")
+    blur: float = float("nan")
+    seconds: float = float("nan")  # worker compute spent on the slide (read, detect, embed)
 
     @property
-    def key(self) -> tuple[str, str, str]:
+    def key(self) -> SlideKey:
         return (self.center, self.batch, self.slide_id)
 
     @property
@@ -56,8 +67,19 @@ class _Acc:
         self.emb = [np.zeros((0, dim), np.float32) for _ in range(N_CLASSES)]
         self.score = [np.zeros(0, np.float32) for _ in range(N_CLASSES)]
         self.box = [np.zeros((0, 4), np.float64) for _ in range(N_CLASSES)]
-        self.n_tiles = self.read = self.squamous = 0
+        self.n_tiles = self.read = self.failed = self.squamous = 0
+        self.planned = False  # n_tiles is known (a tile row, or the slide's error row, arrived)
+        self.seen: set[int] = set()
+        self.pending: dict[int, list[tuple[int, np.ndarray, float, np.ndarray]]] = {}
+        self.bg_sum = self.blur_sum = 0.0
+        self.qc_n = 0
+        self.mpp = float("nan")
+        self.seconds = 0.0
         self.errors: list[str] = []
+
+    @property
+    def complete(self) -> bool:
+        return self.planned and len(self.seen) >= self.n_tiles
 
     def add(self, c: int, emb: np.ndarray, score: np.ndarray, box: np.ndarray) -> None:
         e = np.concatenate([self.emb[c], emb])
@@ -68,7 +90,37 @@ class _Acc:
             e, s, b = e[top], s[top], b[top]
         self.emb[c], self.score[c], self.box[c] = e, s, b
 
-    def bag(self, center: str, batch: str, slide_id: str) -> SlideBag:
+    def tile(self, b: dict[str, np.ndarray], i: int) -> int:
+        """Fold one summary row in; returns 1 if it was a new tile, 0 for a repeat."""
+        index = int(b["tile_index"][i])
+        if index == NO_TILE:  # the slide could not be planned: its only row
+            self.planned = True
+            self.errors.append(str(b["error"][i]))
+            return 1
+        cells = self.pending.pop(index, [])
+        if index in self.seen:
+            return 0
+        self.seen.add(index)
+        self.n_tiles, self.planned = int(b["n_tiles"][i]), True
+        if "slide_mpp" in b:
+            self.mpp = float(b["slide_mpp"][i])
+        if "seconds" in b and np.isfinite(b["seconds"][i]):
+            self.seconds += float(b["seconds"][i])
+        if b["status"][i] == STATUS_OK:
+            self.read += 1
+            self.squamous += int(b["n_squamous"][i])
+            if "background_fraction" in b and np.isfinite(b["background_fraction"][i]):
+                self.bg_sum += float(b["background_fraction"][i])
+                self.blur_sum += float(b["blur"][i])
+                self.qc_n += 1
+            for c, emb, score, box in cells:
+                self.add(c, emb[None], np.array([score], np.float32), box[None])
+        else:
+            self.failed += 1
+            self.errors.append(str(b["error"][i]))
+        return 1
+
+    def bag(self, key: SlideKey) -> SlideBag:
         k = self.k
         emb = np.zeros((N_CLASSES, k, self.dim), np.float32)
         score = np.zeros((N_CLASSES, k), np.float32)
@@ -79,10 +131,16 @@ class _Acc:
             n = len(order)
             emb[c, :n], score[c, :n] = self.emb[c][order], self.score[c][order]
             box[c, :n], mask[c, :n] = self.box[c][order], True
+        errors = list(self.errors)
+        missing = self.n_tiles - len(self.seen) if self.planned else 0
+        if missing > 0:
+            errors.append(f"{missing} of {self.n_tiles} tiles never reached the screening stage")
+        if not self.planned:
+            errors.append("no tile of this slide reached the screening stage")
+        if self.read == 0 and self.n_tiles and not errors:
+            errors.append("no tile of this slide could be read")
         return SlideBag(
-            center,
-            batch,
-            slide_id,
+            *key,
             emb,
             score,
             box,
@@ -90,49 +148,88 @@ class _Acc:
             n_tiles=self.n_tiles,
             tiles_read=self.read,
             n_squamous=self.squamous,
-            errors=self.errors,
+            errors=errors,
+            tiles_failed=self.failed + max(missing, 0),
+            slide_mpp=self.mpp,
+            background_fraction=self.bg_sum / self.qc_n if self.qc_n else float("nan"),
+            blur=self.blur_sum / self.qc_n if self.qc_n else float("nan"),
+            seconds=self.seconds,
         )
+
+
+class BagCollector:
+    """Folds scorer output batches into bags, handing back each slide as soon as it completes."""
+
+    def __init__(self, top_k: int, dim: int):
+        self.top_k, self.dim = top_k, dim
+        self._acc: dict[SlideKey, _Acc] = {}
+        self._done: set[SlideKey] = set()
+
+    def _get(self, key: SlideKey) -> _Acc:
+        acc = self._acc.get(key)
+        if acc is None:
+            acc = self._acc[key] = _Acc(self.top_k, self.dim)
+        return acc
+
+    def add(self, b: dict[str, np.ndarray]) -> tuple[list[SlideBag], int]:
+        """Fold one batch in; returns the slides it completed and how many new tiles it held."""
+        keys = list(
+            zip(b["center"].tolist(), b["batch"].tolist(), b["slide_id"].tolist(), strict=True)
+        )
+        cls = b["class_index"]
+        new_tiles = 0
+        touched: dict[SlideKey, None] = {}
+        for i, key in enumerate(keys):
+            if key in self._done:
+                continue  # a repeat of a tile of a slide already handed back
+            acc = self._get(key)
+            c = int(cls[i])
+            if c == TILE_ROW:
+                new_tiles += acc.tile(b, i)
+                touched[key] = None
+            elif int(b["tile_index"][i]) not in acc.seen:
+                acc.pending.setdefault(int(b["tile_index"][i]), []).append(
+                    (c, b["embedding"][i], float(b["score"][i]), b["box"][i])
+                )
+        done = [key for key in touched if self._acc[key].complete]
+        return [self._pop(key) for key in done], new_tiles
+
+    def _pop(self, key: SlideKey) -> SlideBag:
+        self._done.add(key)
+        return self._acc.pop(key).bag(key)
+
+    def finish(self, expected: Iterable[SlideKey] = ()) -> list[SlideBag]:
+        """Every slide not yet handed back, incomplete ones with the reason; ``expected`` slides
+        never seen are reported as errors rather than silently missing."""
+        for key in expected:
+            if key not in self._done:
+                self._get(key)
+        return [self._pop(key) for key in list(self._acc)]
+
+
+def iter_bags(
+    batches: Iterable[dict[str, np.ndarray]],
+    top_k: int,
+    dim: int,
+    expected: Iterable[SlideKey] = (),
+    total_tiles: int | None = None,
+) -> Iterator[SlideBag]:
+    """Bags in the order slides complete, then the incomplete and missing ones."""
+    collector = BagCollector(top_k, dim)
+    with tqdm(desc="screening tiles", unit="tile", total=total_tiles, disable=None) as bar:
+        for b in batches:
+            done, tiles = collector.add(b)
+            bar.update(tiles)
+            yield from done
+    yield from collector.finish(expected)
 
 
 def collect_bags(
     batches: Iterable[dict[str, np.ndarray]],
     top_k: int,
     dim: int,
-    expected: Iterable[tuple[str, str, str]] = (),
+    expected: Iterable[SlideKey] = (),
     total_tiles: int | None = None,
-) -> dict[tuple[str, str, str], SlideBag]:
-    """Fold cell and tile rows into one bag per slide; ``expected`` slides never seen are
-    reported as errors rather than silently missing."""
-    acc: dict[tuple[str, str, str], _Acc] = {}
-    with tqdm(desc="screening tiles", unit="tile", total=total_tiles, disable=None) as bar:
-        for b in batches:
-            keys = list(
-                zip(b["center"].tolist(), b["batch"].tolist(), b["slide_id"].tolist(), strict=True)
-            )
-            cls = b["class_index"]
-            for key in dict.fromkeys(keys):
-                if key not in acc:
-                    acc[key] = _Acc(top_k, dim)
-            tile = np.flatnonzero(cls == TILE_ROW)
-            for i in tile:
-                a = acc[keys[i]]
-                if b["status"][i] == STATUS_OK:
-                    a.read += 1
-                    a.squamous += int(b["n_squamous"][i])
-                else:
-                    a.errors.append(str(b["error"][i]))
-                if b["tile_index"][i] != NO_TILE:
-                    a.n_tiles = int(b["n_tiles"][i])
-            bar.update(len(tile))
-            cells = np.flatnonzero(cls != TILE_ROW)
-            if len(cells):
-                groups: dict[tuple[tuple[str, str, str], int], list[int]] = {}
-                for i in cells:
-                    groups.setdefault((keys[i], int(cls[i])), []).append(i)
-                for (key, c), idx in groups.items():
-                    acc[key].add(c, b["embedding"][idx], b["score"][idx], b["box"][idx])
-    for key in expected:
-        if key not in acc:
-            acc[key] = _Acc(top_k, dim)
-            acc[key].errors.append("no tile of this slide reached the screening stage")
-    return {key: a.bag(*key) for key, a in acc.items()}
+) -> dict[SlideKey, SlideBag]:
+    """Every slide's bag, once the stream has ended."""
+    return {b.key: b for b in iter_bags(batches, top_k, dim, expected, total_tiles)}

@@ -1,6 +1,7 @@
 """Detect and embed cells where the tile pixels are: the screening engine's per-tile stage.
 
-A ``CellScorer`` actor runs the detector on a batch of tiles, keeps each tile's best abnormal
+A ``CellScorer`` actor reads a batch of planned tiles itself (or takes tiles already read, when
+reading runs on its own actors), runs the detector on them, keeps each tile's best abnormal
 detections, cuts a fixed-size crop (in µm) around each from the tile it already holds, and
 embeds the crops with the frozen pretrained encoder. Only detections and embeddings leave the
 actor, never pixels, so nothing downstream needs to reopen a slide. Every tile also yields one
@@ -11,6 +12,7 @@ so a slide whose tiles all failed still reaches the results.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from smartccs.data.tiles import STATUS_OK
+from smartccs.data.tiles import STATUS_OK, StreamConfig, TileReader
 from smartccs.models.artifacts import ModelCard, load_model
 from smartccs.models.detector import (
     DETECTION_CLASSES,
@@ -37,6 +39,10 @@ TILE_ROW = -1
 """``class_index`` of a tile's summary row."""
 
 SLIDE_COLUMNS = ("center", "batch", "slide_id", "n_tiles")
+QC_COLUMNS = ("slide_mpp", "background_fraction", "blur", "seconds")
+"""Carried on a tile's summary row only (NaN on cell rows); ``seconds`` is the tile's share of
+the actor's time on its batch (read, detect, crop, embed): summed per slide, the compute the
+slide cost, which a streaming pipeline cannot give as a wall time."""
 
 
 class CellConfig(BaseModel):
@@ -98,9 +104,11 @@ class CellScorer:
         cells: CellConfig,
         threads: int = 1,
         device: str | None = None,
+        stream: StreamConfig | None = None,
     ):
         torch.set_num_threads(max(1, threads))
         store = Store(store_config)
+        self.reader = TileReader(store_config, stream) if stream is not None else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.card, state = load_model(store, detector.name, detector.version)
         self.detector = build_detector(self.card)
@@ -122,6 +130,9 @@ class CellScorer:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        if self.reader is not None:  # planned rows in: the pixels never leave this process
+            batch = self.reader(batch)
         ok = np.flatnonzero(batch["status"] == STATUS_OK)
         rows: dict[str, list[Any]] = {k: [] for k in _ROW_KEYS}
         emb_rows: list[np.ndarray] = []
@@ -162,11 +173,17 @@ class CellScorer:
                             STATUS_OK,
                             "",
                             0,
+                            _NO_QC,
                         )
                         emb_rows.append(emb[j])
-            _append(rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error, squamous)
+            qc = (*(float(batch[k][i]) for k in QC_COLUMNS[:-1]), float("nan"))
+            _append(
+                rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error, squamous, qc
+            )
             emb_rows.append(np.zeros(self.dim, np.float32))
         out = {k: np.asarray(v) for k, v in rows.items()}
+        tile_rows = out["class_index"] == TILE_ROW
+        out["seconds"][tile_rows] = (time.perf_counter() - t0) / max(1, int(tile_rows.sum()))
         out["box"] = np.stack(rows["box"]).astype(np.float64)
         out["embedding"] = np.stack(emb_rows).astype(np.float32)
         return out
@@ -187,7 +204,9 @@ _ROW_KEYS = (
     "status",
     "error",
     "n_squamous",
+    *QC_COLUMNS,
 )
+_NO_QC = (float("nan"),) * len(QC_COLUMNS)
 
 
 def _append(
@@ -199,6 +218,7 @@ def _append(
     status: str,
     error: str,
     squamous: int,
+    qc: tuple[float, ...],
 ) -> None:
     for k, v in base.items():
         rows[k].append(v)
@@ -208,3 +228,5 @@ def _append(
     rows["status"].append(status)
     rows["error"].append(error)
     rows["n_squamous"].append(squamous)
+    for k, v in zip(QC_COLUMNS, qc, strict=True):
+        rows[k].append(v)

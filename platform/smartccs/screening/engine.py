@@ -1,17 +1,40 @@
-"""The screening engine's stages on Ray Data, shared by classifier training, the batch job and
-the service: slide rows -> tile stream -> CellScorer pool -> one bag per slide."""
+"""The screening engine: committed batches in, one row per slide in the result tables out.
+
+One code path for the batch job, the service and classifier training::
+
+    slide rows -> plan tiles (tasks) -> read + detect + crop + embed (CellScorer actors)
+               -> top-K cells per class per slide (driver, streaming) -> MIL head -> tables
+
+Tiles are read inside the scorer actors by default (``fused``), so pixels never enter the
+object store and only detections and embeddings travel: memory stays bounded by Ray Data's
+backpressure whatever the slide size. Split mode (reader actors feeding scorer actors through
+the object store) is there for GPU nodes where one process cannot read fast enough to keep
+its GPU busy. Each batch is published the moment its last slide is scored, atomically and
+replacing any earlier run of the same batch, so a cohort run is never all-or-nothing.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from smartccs.data.tiles import StreamConfig, tile_stream
+from smartccs.batches import BatchRef
+from smartccs.data.tiles import StreamConfig, plan_stream, slide_rows, tile_stream
+from smartccs.ids import Id
 from smartccs.models.artifacts import load_card
-from smartccs.screening.bags import SlideBag, collect_bags
+from smartccs.results.tables import ResultCommit, write_batch_results
+from smartccs.screening.bags import SlideBag, SlideKey, collect_bags, iter_bags
 from smartccs.screening.cells import CellConfig, CellScorer, ModelRef, encoder_ref
+from smartccs.screening.slides import AdequacyConfig, SlideClassifier, cells_table, slides_table
 from smartccs.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class ScorerPool(BaseModel):
@@ -23,6 +46,11 @@ class ScorerPool(BaseModel):
     cpus: float = Field(default=1.0, gt=0)
     gpus: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=16, ge=1, description="tiles per detector call")
+    fused: bool = Field(
+        default=True,
+        description="read tiles inside the scorer actors (no pixels in the object store); "
+        "false: separate reader actors (stream.readers) feed the scorers",
+    )
 
 
 def embedding_dim(store: Store, detector: ModelRef) -> int:
@@ -37,6 +65,71 @@ def embedding_dim(store: Store, detector: ModelRef) -> int:
         return int(build_from(load_card(store, enc.name, enc.version).architecture).num_features)
 
 
+def cell_stream(
+    store: Store,
+    rows: list[dict[str, Any]],
+    detector: ModelRef,
+    cells: CellConfig,
+    stream: StreamConfig,
+    pool: ScorerPool,
+):
+    """A Ray Dataset of cell rows and tile summary rows (see ``screening.cells``) for ``rows``.
+
+    Tiles are cut on the grid the detector was trained on (its card's tiling), whatever
+    ``stream.tiling`` says: a detector sees cells at the scale it learned them or not at all.
+    """
+    import ray
+
+    tiling = load_card(store, detector.name, detector.version).tiling
+    if tiling != stream.tiling:
+        log.info("tiling from detector %s/%s: %s", detector.name, detector.version, tiling)
+        stream = stream.model_copy(update={"tiling": tiling})
+
+    kwargs: dict[str, Any] = {
+        "store_config": store.config,
+        "detector": detector,
+        "cells": cells,
+        "threads": max(1, int(pool.cpus)),
+    }
+    if pool.fused:
+        source = plan_stream(rows, store.config, stream)
+        kwargs["stream"] = stream
+    else:
+        source = tile_stream(rows, store.config, stream)
+    return source.map_batches(
+        CellScorer,
+        fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.actors),
+        batch_size=pool.batch_size,
+        batch_format="numpy",
+        num_cpus=pool.cpus,
+        num_gpus=pool.gpus or None,
+    )
+
+
+def _keys(rows: list[dict[str, Any]]) -> list[SlideKey]:
+    return [(r["center"], r["batch"], r["slide_id"]) for r in rows]
+
+
+def screen_bags(
+    store: Store,
+    rows: list[dict[str, Any]],
+    detector: ModelRef,
+    cells: CellConfig,
+    stream: StreamConfig,
+    pool: ScorerPool,
+    top_k: int,
+) -> Iterator[SlideBag]:
+    """Each slide's bag as soon as its last tile is scored, then any incomplete ones."""
+    ds = cell_stream(store, rows, detector, cells, stream, pool)
+    yield from iter_bags(
+        ds.iter_batches(batch_size=256, batch_format="numpy"),
+        top_k=top_k,
+        dim=embedding_dim(store, detector),
+        expected=_keys(rows),
+    )
+
+
 def screen_cells(
     store: Store,
     rows: list[dict[str, Any]],
@@ -45,28 +138,142 @@ def screen_cells(
     stream: StreamConfig,
     pool: ScorerPool,
     top_k: int,
-) -> dict[tuple[str, str, str], SlideBag]:
+) -> dict[SlideKey, SlideBag]:
     """Detect, embed and keep the top-K cells per class of every slide in ``rows``."""
-    import ray
-
-    ds = tile_stream(rows, store.config, stream).map_batches(
-        CellScorer,
-        fn_constructor_kwargs={
-            "store_config": store.config,
-            "detector": detector,
-            "cells": cells,
-            "threads": max(1, int(pool.cpus)),
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.actors),
-        batch_size=pool.batch_size,
-        batch_format="numpy",
-        num_cpus=pool.cpus,
-        num_gpus=pool.gpus or None,
-    )
-    keys = [(r["center"], r["batch"], r["slide_id"]) for r in rows]
+    ds = cell_stream(store, rows, detector, cells, stream, pool)
     return collect_bags(
         ds.iter_batches(batch_size=256, batch_format="numpy"),
         top_k=top_k,
         dim=embedding_dim(store, detector),
-        expected=keys,
+        expected=_keys(rows),
     )
+
+
+class ScreeningConfig(BaseModel):
+    """What a screening run uses besides its batches; shared by the job and the service."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    classifier_model: Id = "classifier"
+    classifier_version: str = Field(default="latest", description="resolved once, at start")
+    stream: StreamConfig = StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25)
+    scorers: ScorerPool = ScorerPool()
+    adequacy: AdequacyConfig = AdequacyConfig()
+
+
+class BatchOutcome(BaseModel):
+    """One published batch."""
+
+    model_config = ConfigDict(frozen=True)
+
+    center: str
+    batch: str
+    run_id: str
+    slides: int
+    screened: int
+    inadequate: int
+    failed: int
+    positive: int
+    cells: int
+    commit: ResultCommit
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("screen-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
+def _publish(
+    store: Store,
+    ref: BatchRef,
+    bags: list[SlideBag],
+    classifier: SlideClassifier,
+    cfg: ScreeningConfig,
+    run_id: str,
+) -> BatchOutcome:
+    order = {s.slide_id: i for i, s in enumerate(ref.manifest.slides)}
+    bags = sorted(bags, key=lambda b: order.get(b.slide_id, len(order)))
+    probs = classifier.predict(bags)
+    slides = slides_table(bags, probs, run_id=run_id, classifier=classifier, adequacy=cfg.adequacy)
+    cells = cells_table(bags, run_id=run_id)
+    commit = write_batch_results(store, ref.center, ref.batch, run_id, slides, cells)
+    status = slides.column("status").to_pylist()
+    outcome = BatchOutcome(
+        center=ref.center,
+        batch=ref.batch,
+        run_id=run_id,
+        slides=len(bags),
+        screened=status.count("screened"),
+        inadequate=status.count("inadequate"),
+        failed=status.count("failed"),
+        positive=sum(bool(v) for v in slides.column("positive").to_pylist()),
+        cells=cells.num_rows,
+        commit=commit,
+    )
+    log.info(
+        "published %s/%s: %d slides (%d screened, %d inadequate, %d failed), %d positive, "
+        "%d cells, run %s",
+        ref.center,
+        ref.batch,
+        outcome.slides,
+        outcome.screened,
+        outcome.inadequate,
+        outcome.failed,
+        outcome.positive,
+        outcome.cells,
+        run_id,
+    )
+    return outcome
+
+
+def screen_batches(
+    store: Store,
+    refs: Iterable[BatchRef],
+    cfg: ScreeningConfig,
+    run_id: str | None = None,
+    on_batch: Callable[[BatchOutcome], None] | None = None,
+) -> list[BatchOutcome]:
+    """Screen committed batches and publish each one's tables as soon as it is complete."""
+    refs = list(refs)
+    run_id = run_id or new_run_id()
+    card = load_card(store, cfg.classifier_model, cfg.classifier_version)
+    classifier = SlideClassifier(store, ModelRef(name=card.name, version=str(card.version)))
+    rows = slide_rows(refs)
+    by_batch = {(r.center, r.batch): r for r in refs}
+    waiting: dict[tuple[str, str], set[str]] = {
+        (r.center, r.batch): {s.slide_id for s in r.manifest.slides} for r in refs
+    }
+    done: dict[tuple[str, str], list[SlideBag]] = {k: [] for k in waiting}
+    log.info(
+        "run %s: screening %d slides in %d batches with %s/%s (detector %s/%s)",
+        run_id,
+        len(rows),
+        len(refs),
+        classifier.ref.name,
+        classifier.ref.version,
+        classifier.detector.name,
+        classifier.detector.version,
+    )
+    t0 = time.perf_counter()
+    outcomes: list[BatchOutcome] = []
+    bags = screen_bags(
+        store,
+        rows,
+        classifier.detector,
+        classifier.cells,
+        cfg.stream,
+        cfg.scorers,
+        classifier.top_k,
+    )
+    for bag in bags:
+        key = (bag.center, bag.batch)
+        if bag.slide_id not in waiting[key]:
+            continue
+        waiting[key].discard(bag.slide_id)
+        done[key].append(bag)
+        if not waiting[key]:
+            outcome = _publish(store, by_batch[key], done.pop(key), classifier, cfg, run_id)
+            outcomes.append(outcome)
+            if on_batch:
+                on_batch(outcome)
+    log.info("run %s: %d batches in %.1f s", run_id, len(outcomes), time.perf_counter() - t0)
+    return outcomes

@@ -36,6 +36,7 @@ from smartccs.models.mil import MILConfig, MILHead, pooled_embedding
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import CellConfig, ModelRef, encoder_ref
 from smartccs.screening.engine import ScorerPool, screen_cells
+from smartccs.screening.slides import predict
 from smartccs.splits import SplitConfig, split_rows
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
@@ -192,22 +193,6 @@ def _fit_head(cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], di
         train_loop(config | {"_dim": dim, "_weights": w.tolist()})
 
     return fit(cfg, loop, {"train": ds})
-
-
-@torch.no_grad()
-def predict(head: MILHead, bags: list[SlideBag], batch: int = 64) -> np.ndarray:
-    """(N, 7) grade probabilities."""
-    head.eval()
-    out = []
-    for i in range(0, len(bags), batch):
-        chunk = bags[i : i + batch]
-        logits = head(
-            torch.from_numpy(np.stack([b.embeddings for b in chunk])),
-            torch.from_numpy(np.stack([b.scores for b in chunk])),
-            torch.from_numpy(np.stack([b.mask for b in chunk])),
-        )
-        out.append(torch.softmax(logits, -1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(GRADES)))
 
 
 def prototype_bank(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,13 @@ class DinoConfig(BaseModel):
     center_momentum: float = Field(default=0.9, ge=0, le=1, description="1 freezes the center")
     momentum_teacher: float = Field(default=0.996, ge=0, le=1, description="EMA start")
     momentum_teacher_final: float = Field(default=1.0, ge=0, le=1, description="EMA end")
+    centering: Literal["ema", "sinkhorn"] = Field(
+        default="ema",
+        description="how the teacher is kept from collapsing: 'ema' subtracts a running mean "
+        "(DINO); 'sinkhorn' balances each batch's assignments over the prototypes (DINOv2), "
+        "which still gives every tile its own target when all tiles look alike at the start",
+    )
+    sinkhorn_iterations: int = Field(default=3, ge=1)
     koleo_weight: float = Field(
         default=0.0,
         ge=0,
@@ -143,7 +151,11 @@ class DINOLoss(nn.Module):
     ) -> torch.Tensor:
         """Mean over (teacher global view, different student view) pairs; updates the center."""
         temp = teacher_temperature(step, self.cfg)
-        targets = [F.softmax((t - self.center) / temp, dim=-1).detach() for t in teacher_out]
+        if self.cfg.centering == "sinkhorn":
+            balanced = sinkhorn_knopp(torch.cat(teacher_out).float(), temp, self.cfg)
+            targets = list(balanced.chunk(len(teacher_out)))
+        else:
+            targets = [F.softmax((t - self.center) / temp, dim=-1).detach() for t in teacher_out]
         logps = [F.log_softmax(s / self.cfg.student_temp, dim=-1) for s in student_out]
         total, pairs = student_out[0].new_zeros(()), 0
         for ti, target in enumerate(targets):
@@ -165,6 +177,33 @@ class DINOLoss(nn.Module):
             dist.all_reduce(count)
         m = self.cfg.center_momentum
         self.center.mul_(m).add_(total / count, alpha=1 - m)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, cfg: DinoConfig) -> torch.Tensor:
+    """Teacher targets (B, K) whose prototype marginals over the global batch are uniform.
+
+    Alternately rescales the prototype rows and the sample columns of exp(logits / temp), so
+    that each prototype gets an equal share of the batch and each sample a distribution of its
+    own; in the log domain, so a low temperature cannot overflow. Sums run over all workers.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    q = (logits / temp).double()
+    q = torch.exp(q - q.max()).t()  # (K, B)
+    n_samples = torch.tensor([q.shape[1]], dtype=q.dtype, device=q.device)
+    total = q.sum()
+    if distributed:
+        dist.all_reduce(n_samples)
+        dist.all_reduce(total)
+    q = q / total
+    n_protos = q.shape[0]
+    for _ in range(cfg.sinkhorn_iterations):
+        rows = q.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(rows)
+        q = q / (rows.clamp_min(1e-30) * n_protos)
+        q = q / (q.sum(dim=0, keepdim=True).clamp_min(1e-30) * n_samples)
+    return (q * n_samples).t().to(logits.dtype)
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

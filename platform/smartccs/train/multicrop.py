@@ -37,6 +37,12 @@ class MultiCropConfig(BaseModel):
     n_local: int = Field(default=4, ge=0, description="local views per tile")
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    crop_tries: int = Field(
+        default=1,
+        ge=1,
+        description="candidate regions per view; the one holding the most stain is kept, so "
+        "views land on cells rather than bare glass (1 = plain random crop)",
+    )
     stain_sigma: float = Field(default=0.1, ge=0, description="per-stain scale jitter, ±")
     stain_bias: float = Field(default=0.05, ge=0, description="per-stain OD offset jitter, ±")
     global_blur_p: tuple[float, float] = (1.0, 0.1)
@@ -61,16 +67,29 @@ def _uniform(g: torch.Generator, lo: float, hi: float, n: int = 1) -> torch.Tens
 
 
 def random_resized_crop(
-    img: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator
+    img: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    g: torch.Generator,
+    tries: int = 1,
 ) -> torch.Tensor:
-    """A random region of ``scale`` x the area, aspect 3:4 to 4:3, resized to ``size``²."""
+    """A random region of ``scale`` x the area, aspect 3:4 to 4:3, resized to ``size``².
+
+    With ``tries`` > 1, that many regions are drawn and the darkest (most stain) is kept.
+    """
     _, h, w = img.shape
-    area = float(_uniform(g, *scale)) * h * w
-    ratio = math.exp(float(_uniform(g, math.log(3 / 4), math.log(4 / 3))))
-    cw = max(1, min(w, round(math.sqrt(area * ratio))))
-    ch = max(1, min(h, round(math.sqrt(area / ratio))))
-    x0 = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-    y0 = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+    best, best_ink = (0, 0, w, h), -1.0
+    for _ in range(tries):
+        area = float(_uniform(g, *scale)) * h * w
+        ratio = math.exp(float(_uniform(g, math.log(3 / 4), math.log(4 / 3))))
+        cw = max(1, min(w, round(math.sqrt(area * ratio))))
+        ch = max(1, min(h, round(math.sqrt(area / ratio))))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+        ink = 1.0 - float(img[:, y0 : y0 + ch, x0 : x0 + cw].mean()) if tries > 1 else 0.0
+        if ink > best_ink:
+            best, best_ink = (x0, y0, cw, ch), ink
+    x0, y0, cw, ch = best
     crop = img[:, y0 : y0 + ch, x0 : x0 + cw].unsqueeze(0)
     out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
     return out.squeeze(0).clamp_(0, 1)
@@ -128,7 +147,7 @@ def _view(
     cfg: MultiCropConfig,
     g: torch.Generator,
 ) -> torch.Tensor:
-    out = flip_rotate(random_resized_crop(img, size, scale, g), g)
+    out = flip_rotate(random_resized_crop(img, size, scale, g, cfg.crop_tries), g)
     if bool(torch.rand(1, generator=g) < cfg.color_p):
         out = stain_jitter(out, g, cfg.stain_sigma, cfg.stain_bias)
         out = brightness_contrast(out, g, cfg.brightness, cfg.contrast)

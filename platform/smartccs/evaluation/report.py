@@ -1,0 +1,541 @@
+"""Screening results against ground truth: slide-level ROC/AUC, grade confusion, cell AP.
+
+:func:`evaluate` works on in-memory Arrow tables: the ``slides`` and ``cells`` result tables
+(``smartccs.results.schema``, with ``center`` and ``batch`` columns as ``read_table`` gives
+them), the slide truth (``smartccs.evaluation.truth``) and, optionally, cell annotations
+(``smartccs.labels.load_cell_labels``). It reuses ``smartccs.metrics`` for every number.
+
+Rules (also written into every report, see :data:`RULES`):
+
+* A slide is positive (abnormal) when its ground-truth grade is not NILM; it is predicted
+  positive when its ``score`` (1 - P(NILM)) is ``>= threshold``.
+* ``failed`` slides have no score. They are never silently dropped: each group reports how many
+  failed, and how many of those were abnormal in truth, but they are not in AUC, sensitivity or
+  specificity.
+* ``inadequate`` slides are scored: the metrics are computed over screened + inadequate slides,
+  and the inadequate ones are counted separately (and how many were abnormal).
+* The threshold is the ``threshold`` column the screening job stored with the model; it must be
+  one value. Results of several classifiers (or detectors), or one classifier with several
+  thresholds, are refused with an error asking to filter by center/batch: a pooled AUC of two
+  models describes neither.
+* Slides of the results without ground truth are counted (``n_without_truth``), not evaluated;
+  truth slides of the evaluated batches with no row in the results are counted too
+  (``n_not_in_results``).
+* The 7 x 7 confusion matrix counts scored slides by true grade (rows) and ``predicted_grade``
+  (columns).
+* Detection: the ``cells`` table holds only the top-K kept abnormal cells per class of each
+  slide. They are matched to the annotated abnormal cells of the scored slides that have
+  annotations, by level-0 boxes at IoU >= 0.5 (``iou``), giving per-class AP
+  (``smartccs.metrics.detection``). This is the AP of the kept cells: recall is capped by K, so
+  it is not the detector's AP over all its detections.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs.errors import CCSError
+from smartccs.labels import SlideBoxes
+from smartccs.metrics.classification import (
+    BinaryReport,
+    binary_report,
+    confusion_matrix,
+    roc_curve,
+)
+from smartccs.metrics.detection import Boxes, DetectionReport, detection_report
+from smartccs.results.schema import (
+    PROB_COLUMNS,
+    SLIDE_STATUSES,
+    STATUS_FAILED,
+    STATUS_INADEQUATE,
+    STATUS_SCREENED,
+)
+from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES
+
+__all__ = [
+    "RULES",
+    "ConfusionMatrix",
+    "DetectionResult",
+    "Evaluation",
+    "EvaluationConfig",
+    "EvaluationError",
+    "GroupResult",
+    "ModelInfo",
+    "RocCurve",
+    "evaluate",
+    "slide_outcomes",
+]
+
+OVERALL = "overall"
+NEGATIVE_GRADE = "NILM"
+
+DETECTION_NOTE = (
+    "AP of the kept cells: the cells table holds the top-K abnormal cells per class of each "
+    "slide, so recall is capped by K; this is not the detector's AP over all its detections."
+)
+
+RULES: tuple[str, ...] = (
+    "Positive = ground-truth grade other than NILM; predicted positive = score >= threshold "
+    "(score = 1 - P(NILM)).",
+    "Failed slides have no score: they are counted (and how many were abnormal), not scored.",
+    "Inadequate slides are scored: metrics are over screened + inadequate slides, with the "
+    "inadequate ones counted separately.",
+    "The threshold is the one stored with the model in the slides table (one value per "
+    "model; several classifiers in one evaluation are refused).",
+    "Slides without ground truth are counted, not evaluated.",
+    "Confusion matrix: scored slides, true grade (rows) by predicted grade (columns).",
+    "Detection: kept cells (top-K per class) against annotated abnormal cells, level-0 boxes, "
+    "IoU >= the configured threshold. " + DETECTION_NOTE,
+)
+
+SLIDE_COLUMNS = (
+    "center",
+    "batch",
+    "slide_id",
+    "status",
+    "score",
+    "threshold",
+    "predicted_grade",
+    "classifier",
+)
+CELL_COLUMNS = ("center", "batch", "slide_id", "cell_class", "score", "x0", "y0", "x1", "y1")
+
+Key = tuple[str, str, str]
+
+
+class EvaluationError(CCSError):
+    """Results that cannot be evaluated as asked: mixed models, missing columns, bad rows."""
+
+
+class EvaluationConfig(BaseModel):
+    """How the numbers are computed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_boot: int = Field(default=1000, ge=1, description="bootstrap resamples for the AUC CI")
+    seed: int = Field(default=0, description="bootstrap seed: the same seed, the same CI")
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0, description="CI level is 1 - alpha")
+    iou: float = Field(default=0.5, gt=0.0, le=1.0, description="box IoU for a detection match")
+
+
+class RocCurve(BaseModel):
+    """One group's ROC points and its operating point at the stored threshold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fpr: list[float]
+    tpr: list[float]
+    auc: float
+    threshold: float
+    operating_fpr: float = Field(description="1 - specificity at the threshold")
+    operating_tpr: float = Field(description="sensitivity at the threshold")
+
+
+class ConfusionMatrix(BaseModel):
+    """Slide counts: rows are the true grade, columns the predicted grade, in ``labels`` order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    labels: list[str] = Field(default_factory=lambda: list(GRADES))
+    counts: list[list[int]]
+    n: int = Field(ge=0)
+
+
+class DetectionResult(BaseModel):
+    """Per-class AP of the kept cells on a group's annotated, scored slides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="null")
+
+    n_slides: int = Field(ge=1, description="scored slides with cell annotations")
+    report: DetectionReport
+    note: str = DETECTION_NOTE
+
+
+class GroupResult(BaseModel):
+    """One group of slides: ``overall`` or one center."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="null")
+
+    name: str
+    n_slides: int = Field(ge=0, description="slides in the results with ground truth")
+    n_positive: int = Field(ge=0, description="of those, abnormal (not NILM) in truth")
+    n_scored: int = Field(ge=0, description="screened + inadequate: what the metrics use")
+    n_inadequate: int = Field(ge=0)
+    n_inadequate_positive: int = Field(ge=0)
+    n_failed: int = Field(ge=0, description="no score; not in the metrics")
+    n_failed_positive: int = Field(ge=0)
+    n_without_truth: int = Field(ge=0, description="results slides with no ground truth")
+    n_not_in_results: int = Field(ge=0, description="truth slides of these batches not screened")
+    binary: BinaryReport | None = None
+    binary_reason: str | None = Field(default=None, description="why binary is None")
+    roc: RocCurve | None = None
+    confusion: ConfusionMatrix
+    detection: DetectionResult | None = None
+    detection_reason: str | None = Field(default=None, description="why detection is None")
+
+
+class ModelInfo(BaseModel):
+    """The models the evaluated results came from, as the slides table names them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    classifier: str | None = None
+    detector: str | None = None
+    encoder: str | None = None
+    threshold: float | None = None
+
+
+class Evaluation(BaseModel):
+    """Everything ``metrics.json`` holds; ``groups[0]`` is ``overall``, then one per center."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="null")
+
+    config: EvaluationConfig
+    model: ModelInfo
+    partitions: list[str] = Field(description="'center/batch' of the evaluated results")
+    run_ids: list[str]
+    groups: list[GroupResult]
+    rules: list[str] = Field(default_factory=lambda: list(RULES))
+    results_uri: str | None = None
+    truth_source: str | None = None
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def group(self, name: str) -> GroupResult:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    @property
+    def overall(self) -> GroupResult:
+        return self.group(OVERALL)
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def _require(table: pa.Table, columns: tuple[str, ...], what: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise EvaluationError(
+            f"the {what} table has no column {missing[0]!r} (it has: "
+            f"{', '.join(table.column_names) or 'none'})"
+        )
+
+
+def _col(table: pa.Table, name: str) -> list[Any]:
+    if name not in table.column_names:
+        return [None] * table.num_rows
+    return table[name].to_pylist()
+
+
+def _key_name(key: Key) -> str:
+    return "/".join(key)
+
+
+def _truth_map(truth: pa.Table) -> dict[Key, str]:
+    _require(truth, ("center", "batch", "slide_id", "grade"), "truth")
+    out: dict[Key, str] = {}
+    for c, b, s, g in zip(
+        *(_col(truth, n) for n in ("center", "batch", "slide_id", "grade")), strict=True
+    ):
+        key = (str(c), str(b), str(s))
+        if g not in GRADES:
+            raise EvaluationError(f"truth for {_key_name(key)}: grade {g!r} is not one of GRADES")
+        if key in out and out[key] != g:
+            raise EvaluationError(f"truth for {_key_name(key)}: two grades, {out[key]} and {g}")
+        out[key] = g
+    return out
+
+
+def _one_value(values: list[Any], what: str, hint: str) -> Any:
+    distinct = sorted({v for v in values if v is not None}, key=str)
+    if len(distinct) > 1:
+        shown = ", ".join(str(v) for v in distinct[:5])
+        raise EvaluationError(f"the results hold several {what} ({shown}): {hint}")
+    return distinct[0] if distinct else None
+
+
+_FILTER_HINT = (
+    "evaluate one model at a time: select its results with --center/--batch (or the "
+    "centers/batches arguments)"
+)
+
+
+class _Slides:
+    """The slides table as Python columns, validated once."""
+
+    def __init__(self, slides: pa.Table):
+        _require(slides, SLIDE_COLUMNS, "slides")
+        n = slides.num_rows
+        self.keys: list[Key] = [
+            (str(c), str(b), str(s))
+            for c, b, s in zip(
+                _col(slides, "center"), _col(slides, "batch"), _col(slides, "slide_id"), strict=True
+            )
+        ]
+        self.status: list[str] = _col(slides, "status")
+        self.score: list[float | None] = _col(slides, "score")
+        self.error: list[str | None] = _col(slides, "error")
+        seen: set[Key] = set()
+        for i, key in enumerate(self.keys):
+            if key in seen:
+                raise EvaluationError(
+                    f"the slides table has {_key_name(key)} twice: one row per slide expected"
+                )
+            seen.add(key)
+            if self.status[i] not in SLIDE_STATUSES:
+                raise EvaluationError(
+                    f"slide {_key_name(key)}: status {self.status[i]!r} is not one of "
+                    f"{', '.join(SLIDE_STATUSES)}"
+                )
+        self.scored = [s in (STATUS_SCREENED, STATUS_INADEQUATE) for s in self.status]
+        for i, key in enumerate(self.keys):
+            sc = self.score[i]
+            if self.scored[i] and (sc is None or not math.isfinite(sc)):
+                raise EvaluationError(
+                    f"slide {_key_name(key)} is {self.status[i]} but has no finite score"
+                )
+        self.predicted = self._predicted(slides)
+        self.model = ModelInfo(
+            classifier=_one_value(_col(slides, "classifier"), "classifiers", _FILTER_HINT),
+            detector=_one_value(_col(slides, "detector"), "detectors", _FILTER_HINT),
+            encoder=_one_value(_col(slides, "encoder"), "encoders", _FILTER_HINT),
+        )
+        thresholds = [t for t, ok in zip(_col(slides, "threshold"), self.scored, strict=True) if ok]
+        threshold = _one_value(
+            thresholds,
+            f"thresholds for classifier {self.model.classifier}",
+            "one model has one operating threshold; " + _FILTER_HINT,
+        )
+        if threshold is None and any(self.scored):
+            raise EvaluationError(
+                "the scored slides have no threshold: the slides table must store the model's "
+                "operating threshold"
+            )
+        self.model = self.model.model_copy(
+            update={"threshold": None if threshold is None else float(threshold)}
+        )
+        self.run_ids = sorted({str(r) for r in _col(slides, "run_id") if r is not None})
+        self.n = n
+
+    def _predicted(self, slides: pa.Table) -> list[str | None]:
+        pred = _col(slides, "predicted_grade")
+        probs = [_col(slides, c) for c in PROB_COLUMNS]
+        out: list[str | None] = []
+        for i, key in enumerate(self.keys):
+            g = pred[i]
+            if self.scored[i] and g is None:
+                p = [col[i] for col in probs]
+                if any(v is None for v in p):
+                    raise EvaluationError(
+                        f"slide {_key_name(key)} is {self.status[i]} but has no predicted_grade"
+                    )
+                g = GRADES[int(np.argmax(p))]
+            if g is not None and g not in GRADES:
+                raise EvaluationError(
+                    f"slide {_key_name(key)}: predicted_grade {g!r} is not one of "
+                    f"{', '.join(GRADES)}"
+                )
+            out.append(g)
+        return out
+
+
+def slide_outcomes(slides: pa.Table, truth: pa.Table) -> pa.Table:
+    """One row per results slide: its key, true grade (null without truth), status, score,
+    predicted grade and error, in the slides table's order (what the report's slide list and
+    per-slide figures are chosen from)."""
+    s = _Slides(slides)
+    t = _truth_map(truth)
+    return pa.table(
+        {
+            "center": [k[0] for k in s.keys],
+            "batch": [k[1] for k in s.keys],
+            "slide_id": [k[2] for k in s.keys],
+            "truth": pa.array([t.get(k) for k in s.keys], pa.string()),
+            "status": pa.array(s.status, pa.string()),
+            "score": pa.array(s.score, pa.float64()),
+            "predicted_grade": pa.array(s.predicted, pa.string()),
+            "error": pa.array(s.error, pa.string()),
+        }
+    )
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def _binary(
+    y: np.ndarray, scores: np.ndarray, threshold: float | None, cfg: EvaluationConfig
+) -> tuple[BinaryReport | None, RocCurve | None, str | None]:
+    if len(y) == 0:
+        return None, None, "no scored slides with ground truth"
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == len(y):
+        which = "abnormal" if n_pos else "NILM"
+        return (
+            None,
+            None,
+            f"all {len(y)} scored slides are {which} in truth: AUC, sensitivity and "
+            "specificity need both classes",
+        )
+    assert threshold is not None
+    rep = binary_report(y, scores, threshold, n_boot=cfg.n_boot, seed=cfg.seed, alpha=cfg.alpha)
+    fpr, tpr, _ = roc_curve(y, scores)
+    roc = RocCurve(
+        fpr=fpr.tolist(),
+        tpr=tpr.tolist(),
+        auc=rep.auc,
+        threshold=threshold,
+        operating_fpr=1.0 - rep.specificity,
+        operating_tpr=rep.sensitivity,
+    )
+    return rep, roc, None
+
+
+class _Cells:
+    """The cells table's rows as Boxes over slide keys ``center/batch/slide_id``."""
+
+    def __init__(self, cells: pa.Table):
+        _require(cells, CELL_COLUMNS, "cells")
+        ids = pc.binary_join_element_wise(
+            cells["center"].cast(pa.string()),
+            cells["batch"].cast(pa.string()),
+            cells["slide_id"].cast(pa.string()),
+            "/",
+        )
+        self.ids = ids
+        labels = pc.index_in(cells["cell_class"], value_set=pa.array(ABNORMAL_CLASSES))
+        if labels.null_count:
+            row = pc.index(pc.is_null(labels), True).as_py()
+            raise EvaluationError(
+                f"the cells table's row {row} has cell_class {cells['cell_class'][row].as_py()!r}, "
+                f"not one of {', '.join(ABNORMAL_CLASSES)}"
+            )
+        self.labels = labels.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.boxes = np.stack(
+            [cells[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in CELL_COLUMNS[5:]],
+            axis=1,
+        ).reshape(-1, 4)
+        self.scores = cells["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+
+    def for_slides(self, names: set[str]) -> Boxes:
+        selected = pc.is_in(self.ids, value_set=pa.array(sorted(names), pa.string()))
+        mask = selected.to_numpy(zero_copy_only=False).astype(bool)
+        ids = np.asarray(pc.filter(self.ids, selected).to_pylist(), dtype=str)
+        return Boxes(ids, self.boxes[mask], self.labels[mask], self.scores[mask])
+
+
+def _truth_boxes(cell_truth: Mapping[Key, SlideBoxes], keys: list[Key]) -> Boxes:
+    ids: list[str] = []
+    boxes: list[np.ndarray] = []
+    labels: list[int] = []
+    index = {c: i for i, c in enumerate(ABNORMAL_CLASSES)}
+    for key in keys:
+        sb = cell_truth[key]
+        classes = np.asarray(sb.classes, dtype=object)
+        keep = np.fromiter((c in index for c in classes), dtype=bool, count=len(classes))
+        if not keep.any():
+            continue
+        boxes.append(np.asarray(sb.boxes, dtype=np.float64).reshape(-1, 4)[keep])
+        labels.extend(index[c] for c in classes[keep])
+        ids.extend([_key_name(key)] * int(keep.sum()))
+    if not ids:
+        return Boxes(np.array([], dtype=str), np.zeros((0, 4)), np.array([], dtype=np.int64))
+    return Boxes(np.array(ids, dtype=str), np.concatenate(boxes), np.array(labels))
+
+
+def _detection(
+    cells: _Cells,
+    cell_truth: Mapping[Key, SlideBoxes] | None,
+    scored_keys: list[Key],
+    cfg: EvaluationConfig,
+) -> tuple[DetectionResult | None, str | None]:
+    if not cell_truth:
+        return None, "no cell annotations (labels/<center>/<batch>/cells.parquet)"
+    keys = [k for k in scored_keys if k in cell_truth]
+    if not keys:
+        return None, "none of the scored slides has cell annotations"
+    pred = cells.for_slides({_key_name(k) for k in keys})
+    gt = _truth_boxes(cell_truth, keys)
+    rep = detection_report(pred, gt, ABNORMAL_CLASSES, cfg.iou)
+    return DetectionResult(n_slides=len(keys), report=rep), None
+
+
+def evaluate(
+    slides: pa.Table,
+    cells: pa.Table,
+    truth: pa.Table,
+    cell_truth: Mapping[Key, SlideBoxes] | None = None,
+    cfg: EvaluationConfig | None = None,
+) -> Evaluation:
+    """Evaluate screening results against ground truth: groups ``overall`` + one per center.
+
+    ``slides`` and ``cells`` are the result tables with ``center``/``batch`` columns;
+    ``truth`` has ``center, batch, slide_id, grade``; ``cell_truth`` maps (center, batch,
+    slide_id) to annotated cells (``load_cell_labels``), or is None. The rules (failed slides
+    counted not scored, inadequate scored and counted, one stored threshold per model, detection
+    as AP of the kept cells at IoU ``cfg.iou``) are in the module docstring and :data:`RULES`.
+    Raises :class:`EvaluationError` on results that cannot be evaluated as one model.
+    """
+    cfg = cfg or EvaluationConfig()
+    s = _Slides(slides)
+    t = _truth_map(truth)
+    c = _Cells(cells)
+    threshold = s.model.threshold
+    partitions = sorted({(k[0], k[1]) for k in s.keys})
+    in_results = set(s.keys)
+    centers = sorted({k[0] for k in s.keys})
+
+    groups = []
+    for name in (OVERALL, *centers):
+        idx = [i for i, k in enumerate(s.keys) if name == OVERALL or k[0] == name]
+        with_truth = [i for i in idx if s.keys[i] in t]
+        positive = {i for i in with_truth if t[s.keys[i]] != NEGATIVE_GRADE}
+        scored = [i for i in with_truth if s.scored[i]]
+        inadequate = [i for i in with_truth if s.status[i] == STATUS_INADEQUATE]
+        failed = [i for i in with_truth if s.status[i] == STATUS_FAILED]
+        group_parts = {p for p in partitions if name == OVERALL or p[0] == name}
+        not_in_results = sum(1 for k in t if (k[0], k[1]) in group_parts and k not in in_results)
+
+        y = np.array([i in positive for i in scored], dtype=bool)
+        sc = np.array([s.score[i] for i in scored], dtype=np.float64)
+        rep, roc, reason = _binary(y, sc, threshold, cfg)
+        cm = confusion_matrix(
+            [t[s.keys[i]] for i in scored], [s.predicted[i] for i in scored], GRADES
+        )
+        det, det_reason = _detection(c, cell_truth, [s.keys[i] for i in idx if s.scored[i]], cfg)
+        groups.append(
+            GroupResult(
+                name=name,
+                n_slides=len(with_truth),
+                n_positive=len(positive),
+                n_scored=len(scored),
+                n_inadequate=len(inadequate),
+                n_inadequate_positive=sum(1 for i in inadequate if i in positive),
+                n_failed=len(failed),
+                n_failed_positive=sum(1 for i in failed if i in positive),
+                n_without_truth=len(idx) - len(with_truth),
+                n_not_in_results=not_in_results,
+                binary=rep,
+                binary_reason=reason,
+                roc=roc,
+                confusion=ConfusionMatrix(counts=cm.tolist(), n=int(cm.sum())),
+                detection=det,
+                detection_reason=det_reason,
+            )
+        )
+    return Evaluation(
+        config=cfg,
+        model=s.model,
+        partitions=[f"{c}/{b}" for c, b in partitions],
+        run_ids=s.run_ids,
+        groups=groups,
+    )

@@ -1,0 +1,222 @@
+"""The evaluation entry point: read the committed result tables and the truth, write the report.
+
+Used by ``ccs evaluate`` and ``python -m jobs.evaluate``; everything here is loading and
+wiring, the numbers come from :func:`smartccs.evaluation.report.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs.batches import BatchRef, load_batch
+from smartccs.errors import SlideError
+from smartccs.evaluation.render import SlideOpener, write_report
+from smartccs.evaluation.report import (
+    Evaluation,
+    EvaluationConfig,
+    EvaluationError,
+    evaluate,
+    slide_outcomes,
+)
+from smartccs.evaluation.truth import TruthError, slide_truth, truth_from_file
+from smartccs.labels import SlideBoxes, has_cell_labels, load_cell_labels
+from smartccs.slide.cache import SlideCache
+from smartccs.slide.reader import Slide, open_slide
+from smartccs.store import Store, StoreConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EvaluationJobConfig",
+    "EvaluationJobResult",
+    "run_evaluation",
+    "run_evaluation_job",
+    "summary_line",
+]
+
+TRUTH_FILE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+
+
+def _is_file_uri(labels: str) -> bool:
+    return labels.lower().endswith(TRUTH_FILE_SUFFIXES)
+
+
+def _other_store(store: Store, uri: str) -> Store:
+    """A store at ``uri`` with the results store's S3 settings (same endpoint and keys)."""
+    if urlparse(uri).scheme in ("s3", "s3a"):
+        return Store(store.config.model_copy(update={"uri": uri}))
+    return Store(StoreConfig(uri=uri))
+
+
+def load_truth(
+    store: Store, labels: str | None, partitions: Sequence[tuple[str, str]]
+) -> tuple[pa.Table, Store | None, str]:
+    """``(truth, truth store or None, description)``: the manifests' grades of ``store`` (when
+    ``labels`` is None or names the same store root), of another store root, or a CSV/Parquet
+    file (local, or an ``s3://`` object read with the results store's S3 settings)."""
+    if labels is None:
+        return slide_truth(store, partitions), store, f"manifests in {store.uri()}"
+    if _is_file_uri(labels):
+        if urlparse(labels).scheme in ("s3", "s3a"):
+            parent = str(PurePosixPath(urlparse(labels).path).parent)
+            holder = _other_store(store, f"s3://{urlparse(labels).netloc}{parent}")
+            data = holder.read_bytes(PurePosixPath(labels).name)
+            return truth_from_file(labels, data=data), None, labels
+        return truth_from_file(Path(labels).expanduser()), None, labels
+    other = _other_store(store, labels)
+    if other.uri() == store.uri():
+        return slide_truth(store, partitions), store, f"manifests in {store.uri()}"
+    if other.protocol == "file" and not Path(other.root).is_dir():
+        raise TruthError(f"{labels}: not a ground-truth file (.csv, .parquet) nor a store folder")
+    return slide_truth(other, partitions), other, f"manifests in {other.uri()}"
+
+
+def load_cell_truth(
+    store: Store, partitions: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str, str], SlideBoxes]:
+    """Cell annotations of those ``partitions`` that have them in ``store``'s ``labels/``."""
+    refs = [load_batch(store, c, b) for c, b in partitions if has_cell_labels(store, c, b)]
+    if not refs:
+        return {}
+    log.info("cell annotations for %d of %d batches", len(refs), len(partitions))
+    return load_cell_labels(store, refs)
+
+
+def store_slide_opener(store: Store, cache: SlideCache | None = None) -> SlideOpener:
+    """Open a committed batch's slide by (center, batch, slide_id), through the slide cache."""
+    refs: dict[tuple[str, str], BatchRef] = {}
+    cache = cache or SlideCache.from_env()
+
+    def open_store_slide(center: str, batch: str, slide_id: str) -> Slide:
+        if (center, batch) not in refs:
+            refs[(center, batch)] = load_batch(store, center, batch)
+        ref = refs[(center, batch)]
+        try:
+            entry = ref.manifest.slide(slide_id)
+        except KeyError:
+            raise SlideError(f"{slide_id}: not in the manifest of {center}/{batch}") from None
+        key = ref.slide_key(entry.path)
+        local = cache.local_path(store, key, entry.sha256, entry.bytes)
+        return open_slide(local, mpp_override=entry.mpp, name=f"{center}/{batch}/{entry.path}")
+
+    return open_store_slide
+
+
+def run_evaluation(
+    store: Store,
+    out_dir: str | Path,
+    labels: str | None = None,
+    centers: Sequence[str] | None = None,
+    batches: Sequence[str] | None = None,
+    cfg: EvaluationConfig | None = None,
+    max_slides: int = 50,
+    *,
+    progress: bool = True,
+) -> Evaluation:
+    """Evaluate the committed results in ``store`` (optionally only ``centers``/``batches``)
+    against ground truth, write the report into ``out_dir`` and return the evaluation.
+
+    ``labels``: None or the store's own root for the manifests' grades, another store root,
+    or a CSV/Parquet truth file (``smartccs.evaluation.truth``). Cell annotations come from the
+    truth store's ``labels/`` (the results store's when truth is a file), where present.
+    """
+    from smartccs.results.tables import read_table  # written alongside; import when used
+
+    cfg = cfg or EvaluationConfig()
+    centers = list(centers) if centers else None
+    batches = list(batches) if batches else None
+    slides = read_table(store, "slides", centers=centers, batches=batches)
+    cells = read_table(store, "cells", centers=centers, batches=batches)
+    if slides.num_rows == 0:
+        scope = ""
+        if centers:
+            scope += f" for centers {', '.join(centers)}"
+        if batches:
+            scope += f" for batches {', '.join(batches)}"
+        raise EvaluationError(f"no committed results in {store.uri('results', 'slides')}{scope}")
+    partitions = sorted(
+        set(zip(slides["center"].to_pylist(), slides["batch"].to_pylist(), strict=True))
+    )
+    truth, truth_store, source = load_truth(store, labels, partitions)
+    if truth.num_rows == 0:
+        raise EvaluationError(
+            f"no ground truth for {', '.join(f'{c}/{b}' for c, b in partitions)} in {source}"
+        )
+    cell_truth = load_cell_truth(truth_store or store, partitions)
+    evaluation = evaluate(slides, cells, truth, cell_truth, cfg)
+    evaluation = evaluation.model_copy(
+        update={"results_uri": store.uri("results"), "truth_source": source}
+    )
+    write_report(
+        evaluation,
+        out_dir,
+        outcomes=slide_outcomes(slides, truth),
+        cells=cells,
+        open_slide=store_slide_opener(store),
+        max_slides=max_slides,
+        progress=progress,
+    )
+    return evaluation
+
+
+def summary_line(evaluation: Evaluation, report: str | Path | None = None) -> str:
+    """One line on the overall group, for the CLI and the job."""
+    g = evaluation.overall
+    parts = [f"{g.n_slides} slides ({g.n_positive} abnormal)"]
+    b = g.binary
+    if b is not None:
+        level = round(b.ci_level * 100)
+        parts.append(
+            f"AUC {b.auc:.3f} ({level}% CI {b.auc_ci_low:.3f}-{b.auc_ci_high:.3f}), "
+            f"sensitivity {b.sensitivity:.3f}, specificity {b.specificity:.3f} "
+            f"at threshold {b.threshold:.3g}"
+        )
+    else:
+        parts.append(f"no AUC: {g.binary_reason}")
+    parts.append(f"{g.n_failed} failed, {g.n_inadequate} inadequate")
+    if report is not None:
+        parts.append(f"report: {report}")
+    return "evaluation: " + "; ".join(parts)
+
+
+class EvaluationJobConfig(BaseModel):
+    """``python -m jobs.evaluate --config jobs/configs/evaluate-demo.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: StoreConfig = StoreConfig()
+    out: str = Field(default="./ccs-evaluation", description="report folder (driver's disk)")
+    labels: str | None = Field(
+        default=None, description="truth: null (the store's manifests), a store root, or a file"
+    )
+    centers: list[str] = Field(default_factory=list, description="empty: every center")
+    batches: list[str] = Field(default_factory=list, description="empty: every batch")
+    evaluation: EvaluationConfig = EvaluationConfig()
+    max_slides: int = Field(default=50, ge=0, description="slides with per-slide figures")
+
+
+class EvaluationJobResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    evaluation: Evaluation
+    report: str
+
+
+def run_evaluation_job(cfg: EvaluationJobConfig) -> EvaluationJobResult:
+    out = Path(cfg.out).expanduser()
+    evaluation = run_evaluation(
+        Store(cfg.store),
+        out,
+        labels=cfg.labels,
+        centers=cfg.centers,
+        batches=cfg.batches,
+        cfg=cfg.evaluation,
+        max_slides=cfg.max_slides,
+    )
+    return EvaluationJobResult(evaluation=evaluation, report=str(out / "report.html"))

@@ -1,0 +1,89 @@
+"""The ``slides`` and ``cells`` tables' columns, typed and versioned (docs/results.md).
+
+Both tables are Hive-partitioned by ``center`` and ``batch``: those two columns live in the
+directory names (``results/<table>/center=<c>/batch=<b>/``), not in the files, which is what
+DuckDB, pandas, pyarrow, Spark and Athena all expect. A reader that must know the version finds
+it in each file's metadata (``smartccs.schema_version``) and in the partition's commit record.
+Adding a nullable column bumps the minor version; anything else bumps the major one.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from smartccs.taxonomy import GRADES
+
+SCHEMA_VERSION = "1.0"
+TABLES = ("slides", "cells")
+PARTITION_COLUMNS = ("center", "batch")
+
+STATUS_SCREENED = "screened"
+STATUS_INADEQUATE = "inadequate"
+STATUS_FAILED = "failed"
+SLIDE_STATUSES = (STATUS_SCREENED, STATUS_INADEQUATE, STATUS_FAILED)
+"""``screened``: scored. ``inadequate``: scored, but too few squamous cells for a reliable
+call (Bethesda adequacy), so the score must not be read as negative. ``failed``: no score;
+``error`` says why (unreadable file, no mpp, no foreground, every tile failed)."""
+
+
+def grade_column(grade: str) -> str:
+    """``p_nilm``, ``p_asc_us``, ...: the probability column of one of the 7 grades."""
+    return "p_" + grade.lower().replace("-", "_")
+
+
+PROB_COLUMNS = tuple(grade_column(g) for g in GRADES)
+
+_UTC = pa.timestamp("us", tz="UTC")
+
+SLIDES = pa.schema(
+    [
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        *[pa.field(c, pa.float32()) for c in PROB_COLUMNS],
+        pa.field("score", pa.float32(), metadata={"doc": "1 - P(NILM)"}),
+        pa.field("predicted_grade", pa.string()),
+        pa.field("threshold", pa.float32(), metadata={"doc": "operating point of the model"}),
+        pa.field("positive", pa.bool_(), metadata={"doc": "score >= threshold"}),
+        pa.field("n_tiles", pa.int32(), metadata={"doc": "planned foreground tiles"}),
+        pa.field("tiles_read", pa.int32()),
+        pa.field("tiles_failed", pa.int32()),
+        pa.field("n_cells", pa.int32(), metadata={"doc": "abnormal cells kept (cells table)"}),
+        pa.field("n_squamous", pa.int64(), metadata={"doc": "estimated squamous cells"}),
+        pa.field("adequate", pa.bool_()),
+        pa.field("slide_mpp", pa.float32()),
+        pa.field("background_fraction", pa.float32(), metadata={"doc": "mean over read tiles"}),
+        pa.field("blur", pa.float32(), metadata={"doc": "mean tile sharpness (QC)"}),
+        pa.field("detector", pa.string(), metadata={"doc": "model name/version"}),
+        pa.field("classifier", pa.string()),
+        pa.field("encoder", pa.string()),
+        pa.field("adaptation", pa.string(), metadata={"doc": "adapter state version or null"}),
+        pa.field(
+            "screen_seconds",
+            pa.float32(),
+            metadata={"doc": "worker compute spent on the slide: read, detect, crop, embed"},
+        ),
+        pa.field("screened_at", _UTC, nullable=False),
+    ],
+    metadata={"smartccs.table": "slides", "smartccs.schema_version": SCHEMA_VERSION},
+)
+
+CELLS = pa.schema(
+    [
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("cell_class", pa.string(), nullable=False),
+        pa.field("rank", pa.int16(), nullable=False, metadata={"doc": "0 = top of its class"}),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("x0", pa.float64(), nullable=False, metadata={"doc": "level-0 px"}),
+        pa.field("y0", pa.float64(), nullable=False),
+        pa.field("x1", pa.float64(), nullable=False),
+        pa.field("y1", pa.float64(), nullable=False),
+        pa.field("width_um", pa.float32()),
+        pa.field("height_um", pa.float32()),
+    ],
+    metadata={"smartccs.table": "cells", "smartccs.schema_version": SCHEMA_VERSION},
+)
+
+SCHEMAS: dict[str, pa.Schema] = {"slides": SLIDES, "cells": CELLS}

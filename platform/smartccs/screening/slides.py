@@ -1,0 +1,190 @@
+"""From a slide's bag to its row: the MIL head's grades, the adequacy call, the table rows.
+
+The classifier artifact names everything the engine needs (its detector, the frozen encoder,
+how cells were cut, top-K, the operating threshold chosen on validation), so a screening run is
+fully pinned by one classifier version.
+
+Adequacy follows the Bethesda System: a liquid-based preparation needs at least 5,000
+well-preserved squamous cells (conventional smears 8,000-12,000). The detector counts normal
+squamous cells on every tile it reads; when some tiles failed, the count is scaled up by the
+share that was read. Below the minimum a slide is still scored but marked ``inadequate``, so
+its score is never mistaken for a negative result.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from smartccs.models.artifacts import ModelCard, load_model
+from smartccs.models.mil import MILConfig, MILHead
+from smartccs.results.schema import (
+    CELLS,
+    PROB_COLUMNS,
+    SLIDES,
+    STATUS_FAILED,
+    STATUS_INADEQUATE,
+    STATUS_SCREENED,
+)
+from smartccs.screening.bags import SlideBag
+from smartccs.screening.cells import CellConfig, ModelRef
+from smartccs.store import Store
+from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES
+
+
+class AdequacyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_squamous: int = Field(
+        default=5000,
+        ge=0,
+        description="estimated well-preserved squamous cells a slide needs (Bethesda, "
+        "liquid-based; 8000 for conventional smears); 0 turns the check off",
+    )
+
+
+@torch.no_grad()
+def predict(head: MILHead, bags: list[SlideBag], batch: int = 64) -> np.ndarray:
+    """(N, 7) grade probabilities."""
+    head.eval()
+    out = []
+    for i in range(0, len(bags), batch):
+        chunk = bags[i : i + batch]
+        logits = head(
+            torch.from_numpy(np.stack([b.embeddings for b in chunk])),
+            torch.from_numpy(np.stack([b.scores for b in chunk])),
+            torch.from_numpy(np.stack([b.mask for b in chunk])),
+        )
+        out.append(torch.softmax(logits.float(), -1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(GRADES)), np.float32)
+
+
+class SlideClassifier:
+    """A classifier version with the pieces of the pipeline it was trained on."""
+
+    def __init__(self, store: Store, ref: ModelRef):
+        card, state = load_model(store, ref.name, ref.version)
+        if card.task != "classifier" or not {"mil", "dim", "detector"} <= set(card.head):
+            raise ValueError(f"model {ref.name}/{card.version} is not a slide classifier")
+        self.card: ModelCard = card
+        self.ref = ModelRef(name=card.name, version=str(card.version))
+        self.mil = MILConfig.model_validate(card.head["mil"])
+        self.dim = int(card.head["dim"])
+        self.head = MILHead(self.dim, self.mil)
+        self.head.load_state_dict(state)
+        self.head.eval()
+        self.detector = ModelRef.model_validate(card.head["detector"])
+        self.encoder = ModelRef.model_validate(card.head["encoder"])
+        self.cells = CellConfig.model_validate(card.head["cells"])
+        self.threshold = float(card.head["threshold"])
+
+    @property
+    def top_k(self) -> int:
+        return self.mil.top_k
+
+    def predict(self, bags: list[SlideBag]) -> np.ndarray:
+        return predict(self.head, bags)
+
+
+def estimated_squamous(bag: SlideBag) -> int:
+    """Squamous cells on the slide, scaled up for tiles that could not be read."""
+    if not bag.tiles_read:
+        return 0
+    return round(bag.n_squamous * max(bag.n_tiles, bag.tiles_read) / bag.tiles_read)
+
+
+def _version(ref: ModelRef) -> str:
+    return f"{ref.name}/{ref.version}"
+
+
+def slides_table(
+    bags: list[SlideBag],
+    probs: np.ndarray,
+    *,
+    run_id: str,
+    classifier: SlideClassifier,
+    adequacy: AdequacyConfig,
+    adaptation: str | None = None,
+    screened_at: datetime | None = None,
+) -> pa.Table:
+    """The ``slides`` rows of one batch: scored slides, and failed ones with their reason.
+
+    ``probs`` holds one row per bag (ignored for slides that read no tile).
+    """
+    when = screened_at or datetime.now(UTC)
+    cols: dict[str, list] = {f.name: [] for f in SLIDES}
+    for bag, p in zip(bags, probs, strict=True):
+        read = bag.ok
+        squamous = estimated_squamous(bag)
+        adequate = bool(read and squamous >= adequacy.min_squamous)
+        status = STATUS_FAILED if not read else STATUS_SCREENED if adequate else STATUS_INADEQUATE
+        error = bag.error
+        if read and bag.tiles_failed:
+            error = f"{bag.tiles_failed} of {bag.n_tiles} tiles failed: {bag.error}"
+        if status == STATUS_INADEQUATE:
+            note = f"about {squamous} squamous cells, fewer than {adequacy.min_squamous}"
+            error = f"{note}; {error}" if error else note
+        score = float(1 - p[0]) if read else None
+        values = {
+            "slide_id": bag.slide_id,
+            "run_id": run_id,
+            "status": status,
+            "error": error or None,
+            **{c: (float(p[i]) if read else None) for i, c in enumerate(PROB_COLUMNS)},
+            "score": score,
+            "predicted_grade": GRADES[int(np.argmax(p))] if read else None,
+            "threshold": classifier.threshold,
+            "positive": (score >= classifier.threshold) if score is not None else None,
+            "n_tiles": bag.n_tiles,
+            "tiles_read": bag.tiles_read,
+            "tiles_failed": bag.tiles_failed,
+            "n_cells": int(bag.mask.sum()),
+            "n_squamous": squamous,
+            "adequate": adequate if read else None,
+            "slide_mpp": _finite(bag.slide_mpp),
+            "background_fraction": _finite(bag.background_fraction),
+            "blur": _finite(bag.blur),
+            "detector": _version(classifier.detector),
+            "classifier": _version(classifier.ref),
+            "encoder": _version(classifier.encoder),
+            "adaptation": adaptation,
+            "screen_seconds": _finite(bag.seconds),
+            "screened_at": when,
+        }
+        for k, v in values.items():
+            cols[k].append(v)
+    return pa.table(cols, schema=SLIDES)
+
+
+def cells_table(bags: list[SlideBag], *, run_id: str) -> pa.Table:
+    """The ``cells`` rows of one batch: every cell a slide's bag kept, best first per class."""
+    cols: dict[str, list] = {f.name: [] for f in CELLS}
+    for bag in bags:
+        mpp = bag.slide_mpp if np.isfinite(bag.slide_mpp) else None
+        for c, name in enumerate(ABNORMAL_CLASSES):
+            for rank in np.flatnonzero(bag.mask[c]):
+                x0, y0, x1, y1 = (float(v) for v in bag.boxes[c, rank])
+                values = {
+                    "slide_id": bag.slide_id,
+                    "run_id": run_id,
+                    "cell_class": name,
+                    "rank": int(rank),
+                    "score": float(bag.scores[c, rank]),
+                    "x0": x0,
+                    "y0": y0,
+                    "x1": x1,
+                    "y1": y1,
+                    "width_um": (x1 - x0) * mpp if mpp else None,
+                    "height_um": (y1 - y0) * mpp if mpp else None,
+                }
+                for k, v in values.items():
+                    cols[k].append(v)
+    return pa.table(cols, schema=CELLS)
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None

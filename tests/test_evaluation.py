@@ -1,0 +1,534 @@
+"""Evaluation of screening results: metrics on hand-built tables with known answers, the truth
+sources, real PNG figures of a real synthetic slide, the report folder, and ``ccs evaluate``
+end to end on committed result tables of an uploaded synthetic batch."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from cli import assert_one_line_error, run_ccs
+from PIL import Image
+
+from smartccs.evaluation.figures import cell_gallery, confusion_figure, roc_figure, slide_heatmap
+from smartccs.evaluation.render import choose_slides, write_report
+from smartccs.evaluation.report import (
+    Evaluation,
+    EvaluationConfig,
+    EvaluationError,
+    evaluate,
+    slide_outcomes,
+)
+from smartccs.evaluation.truth import TruthError, slide_truth, truth_from_file
+from smartccs.labels import SlideBoxes
+from smartccs.manifest import Manifest
+from smartccs.results.schema import CELLS, SLIDES, grade_column
+from smartccs.slide.reader import open_slide
+from smartccs.store import Store
+from smartccs.taxonomy import GRADES
+
+CFG = EvaluationConfig(n_boot=200, seed=0)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def slide_row(slide_id: str, status: str = "screened", score: float | None = None, **kw) -> dict:
+    """One slides-table row (schema columns; unset ones null)."""
+    scored = status != "failed"
+    grade = kw.pop("predicted_grade", None)
+    if scored and grade is None:
+        grade = "HSIL" if (score or 0) >= 0.5 else "NILM"
+    row = {
+        "slide_id": slide_id,
+        "run_id": "run-1",
+        "status": status,
+        "error": "unreadable file" if not scored else None,
+        "score": score if scored else None,
+        "predicted_grade": grade if scored else None,
+        "threshold": 0.5 if scored else None,
+        "positive": (score >= 0.5) if scored and score is not None else None,
+        "classifier": "classifier/v1" if scored else None,
+        "detector": "detector/v1" if scored else None,
+        "encoder": "encoder/v1" if scored else None,
+        "adequate": status == "screened" if scored else None,
+        "screened_at": NOW,
+    }
+    if scored and score is not None:
+        row[grade_column("NILM")] = 1.0 - score
+    row.update(kw)
+    return row
+
+
+def in_memory(schema: pa.Schema, rows: list[dict], centers: list[tuple[str, str]]) -> pa.Table:
+    """Rows as ``read_table`` returns them: ``center`` and ``batch`` columns in front."""
+    t = pa.Table.from_pylist(rows, schema=schema)
+    t = t.add_column(0, "batch", pa.array([b for _, b in centers], pa.string()))
+    return t.add_column(0, "center", pa.array([c for c, _ in centers], pa.string()))
+
+
+def slides_table(rows: list[tuple[str, str, dict]]) -> pa.Table:
+    return in_memory(SLIDES, [r for _, _, r in rows], [(c, b) for c, b, _ in rows])
+
+
+def cells_table(rows: list[tuple[str, str, dict]] = ()) -> pa.Table:
+    return in_memory(CELLS, [r for _, _, r in rows], [(c, b) for c, b, _ in rows])
+
+
+def truth_table(rows: list[tuple[str, str, str, str]]) -> pa.Table:
+    cols = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
+    return pa.table(
+        {
+            n: pa.array(c, pa.string())
+            for n, c in zip(("center", "batch", "slide_id", "grade"), cols, strict=True)
+        }
+    )
+
+
+def cell_row(slide_id: str, cls: str, box, score: float, rank: int = 0) -> dict:
+    x0, y0, x1, y1 = box
+    return {
+        "slide_id": slide_id,
+        "run_id": "run-1",
+        "cell_class": cls,
+        "rank": rank,
+        "score": score,
+        "x0": x0,
+        "y0": y0,
+        "x1": x1,
+        "y1": y1,
+    }
+
+
+def two_centers() -> tuple[pa.Table, pa.Table]:
+    """Center A: 3 abnormal + 3 NILM slides, perfectly separated, one inadequate and one failed
+    abnormal slide; center B: NILM only (single class)."""
+    rows = [
+        ("A", "b1", slide_row("a1", score=0.9)),
+        ("A", "b1", slide_row("a2", score=0.8)),
+        ("A", "b1", slide_row("a3", "inadequate", score=0.7)),
+        ("A", "b1", slide_row("a4", score=0.3)),
+        ("A", "b1", slide_row("a5", score=0.2)),
+        ("A", "b1", slide_row("a6", score=0.1)),
+        ("A", "b1", slide_row("a7", "failed")),
+        ("B", "b2", slide_row("b1", score=0.6, predicted_grade="LSIL")),
+        ("B", "b2", slide_row("b2", score=0.2)),
+        ("B", "b2", slide_row("x9", score=0.4)),  # no ground truth
+    ]
+    truth = [
+        ("A", "b1", "a1", "HSIL"),
+        ("A", "b1", "a2", "HSIL"),
+        ("A", "b1", "a3", "LSIL"),
+        ("A", "b1", "a4", "NILM"),
+        ("A", "b1", "a5", "NILM"),
+        ("A", "b1", "a6", "NILM"),
+        ("A", "b1", "a7", "HSIL"),
+        ("B", "b2", "b1", "NILM"),
+        ("B", "b2", "b2", "NILM"),
+        ("B", "b2", "b3", "NILM"),  # never screened
+    ]
+    return slides_table(rows), truth_table(truth)
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def test_perfect_separation_failed_and_inadequate_slides_and_groups():
+    slides, truth = two_centers()
+    ev = evaluate(slides, cells_table(), truth, None, CFG)
+    assert [g.name for g in ev.groups] == ["overall", "A", "B"]
+    a = ev.group("A")
+    # the failed slide is counted, with its truth, but not scored
+    assert (a.n_slides, a.n_positive, a.n_scored, a.n_failed, a.n_failed_positive) == (
+        7,
+        4,
+        6,
+        1,
+        1,
+    )
+    assert (a.n_inadequate, a.n_inadequate_positive) == (1, 1)
+    assert a.binary is not None and a.binary_reason is None
+    assert a.binary.auc == 1.0 and (a.binary.auc_ci_low, a.binary.auc_ci_high) == (1.0, 1.0)
+    assert (a.binary.n_pos, a.binary.n_neg) == (3, 3)  # the inadequate slide is scored
+    assert (a.binary.sensitivity, a.binary.specificity, a.binary.threshold) == (1.0, 1.0, 0.5)
+    assert a.roc is not None and (a.roc.operating_fpr, a.roc.operating_tpr) == (0.0, 1.0)
+
+    b = ev.group("B")  # NILM only: a reason, not a crash
+    assert b.binary is None and b.roc is None
+    assert "need both classes" in b.binary_reason and "NILM" in b.binary_reason
+    assert (b.n_slides, b.n_without_truth, b.n_not_in_results) == (2, 1, 1)
+
+    o = ev.overall
+    assert o.n_slides == a.n_slides + b.n_slides and o.n_failed == 1
+    assert (o.binary.n_pos, o.binary.n_neg) == (3, 5)
+    # b1 (NILM, score 0.6) is the only false positive among 5 negatives
+    assert o.binary.specificity == pytest.approx(4 / 5)
+    assert o.binary.auc == 1.0  # b1 (0.6) is above threshold but below every positive
+    assert (o.n_without_truth, o.n_not_in_results) == (1, 1)
+
+    cm = np.array(o.confusion.counts)
+    assert cm.shape == (7, 7) and o.confusion.labels == list(GRADES)
+    assert o.confusion.n == cm.sum() == 8  # scored slides with truth
+    g = GRADES.index
+    assert cm[g("HSIL"), g("HSIL")] == 2 and cm[g("LSIL"), g("HSIL")] == 1
+    assert cm[g("NILM"), g("LSIL")] == 1 and cm[g("NILM"), g("NILM")] == 4
+    assert ev.model.threshold == 0.5 and ev.model.classifier == "classifier/v1"
+    assert ev.partitions == ["A/b1", "B/b2"] and ev.run_ids == ["run-1"]
+
+
+def test_mixed_thresholds_or_classifiers_are_refused_with_a_hint_to_filter():
+    slides = slides_table(
+        [
+            ("A", "b1", slide_row("a1", score=0.9)),
+            ("B", "b2", slide_row("b1", score=0.1, threshold=0.4)),
+        ]
+    )
+    truth = truth_table([("A", "b1", "a1", "HSIL"), ("B", "b2", "b1", "NILM")])
+    with pytest.raises(EvaluationError, match=r"several thresholds.*--center/--batch"):
+        evaluate(slides, cells_table(), truth, None, CFG)
+    slides = slides_table(
+        [
+            ("A", "b1", slide_row("a1", score=0.9)),
+            ("B", "b2", slide_row("b1", score=0.1, classifier="classifier/v2")),
+        ]
+    )
+    with pytest.raises(
+        EvaluationError, match=r"several classifiers \(classifier/v1, classifier/v2"
+    ):
+        evaluate(slides, cells_table(), truth, None, CFG)
+
+
+def test_bad_results_rows_are_errors_naming_the_slide():
+    truth = truth_table([("A", "b1", "a1", "HSIL")])
+    no_score = slides_table([("A", "b1", slide_row("a1", score=None))])
+    with pytest.raises(EvaluationError, match=r"A/b1/a1 is screened but has no finite score"):
+        evaluate(no_score, cells_table(), truth, None, CFG)
+    with pytest.raises(EvaluationError, match=r"no column 'threshold'"):
+        evaluate(no_score.drop_columns(["threshold"]), cells_table(), truth, None, CFG)
+
+
+def test_detection_ap_is_one_for_kept_cells_that_match_the_labelled_boxes():
+    slides = slides_table(
+        [
+            ("A", "b1", slide_row("a1", score=0.9)),
+            ("A", "b1", slide_row("a2", score=0.2)),
+            ("B", "b2", slide_row("b1", score=0.8)),  # no annotations: left out of detection
+        ]
+    )
+    truth = truth_table(
+        [("A", "b1", "a1", "HSIL"), ("A", "b1", "a2", "NILM"), ("B", "b2", "b1", "HSIL")]
+    )
+    boxes = np.array([[10, 10, 30, 30], [50, 50, 70, 70], [100, 100, 140, 140]], float)
+    cell_truth = {
+        ("A", "b1", "a1"): SlideBoxes(boxes, np.array(["HSIL", "HSIL", "superficial"], object)),
+        ("A", "b1", "a2"): SlideBoxes(np.zeros((0, 4)), np.array([], object)),
+    }
+    cells = cells_table(
+        [
+            ("A", "b1", cell_row("a1", "HSIL", boxes[0], 0.9)),
+            ("A", "b1", cell_row("a1", "HSIL", boxes[1], 0.8, rank=1)),
+            ("A", "b1", cell_row("a2", "LSIL", (5, 5, 25, 25), 0.3)),  # no LSIL labelled
+            ("B", "b2", cell_row("b1", "HSIL", (0, 0, 9, 9), 0.99)),
+        ]
+    )
+    ev = evaluate(slides, cells, truth, cell_truth, CFG)
+    det = ev.group("A").detection
+    assert det is not None and det.n_slides == 2
+    r = det.report
+    assert r.ap["HSIL"] == 1.0 and r.n_gt["HSIL"] == 2 and r.n_pred["HSIL"] == 2
+    assert math.isnan(r.ap["LSIL"]) and r.n_pred["LSIL"] == 1  # no truth: undefined, not 0
+    assert r.map == 1.0 and r.n_gt["ASC-US"] == 0  # 'superficial' is not an abnormal class
+    assert "recall is capped by K" in det.note
+    assert ev.group("overall").detection.report.n_pred["HSIL"] == 2  # B's cell is not counted
+    b = ev.group("B")
+    assert b.detection is None and "none of the scored slides" in b.detection_reason
+    dumped = json.loads(ev.model_dump_json())
+    assert dumped["groups"][1]["detection"]["report"]["ap"]["LSIL"] is None  # NaN as null
+    assert (
+        Evaluation.model_validate_json(ev.model_dump_json()).group("A").detection.report.map == 1.0
+    )
+
+    shifted = cells.set_column(
+        cells.column_names.index("x0"), "x0", pa.array([20.0, 60.0, 5.0, 0.0])
+    )  # IoU 0.5 with the labelled boxes: a miss at iou 0.6
+    strict = evaluate(slides, shifted, truth, cell_truth, EvaluationConfig(n_boot=10, iou=0.6))
+    assert strict.group("A").detection.report.ap["HSIL"] == 0.0
+
+
+# --- truth -----------------------------------------------------------------------------------
+
+
+def test_truth_file_csv_and_parquet_and_one_clear_error_per_bad_row(tmp_path: Path):
+    good = tmp_path / "truth.csv"
+    good.write_text("center,batch,slide_id,grade,note\nA,001,s1,HSIL,x\nA,001,s2,NILM,\n")
+    t = truth_from_file(good)
+    assert t.column_names == ["center", "batch", "slide_id", "grade"]
+    assert t.to_pylist()[0] == {"center": "A", "batch": "001", "slide_id": "s1", "grade": "HSIL"}
+    pq.write_table(t, tmp_path / "truth.parquet")
+    assert truth_from_file(tmp_path / "truth.parquet").equals(t)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("center,batch,slide_id,grade\nA,b,s1,HSIL\nA,b,s2,NILM\nA,b,s3,CIN2\n")
+    with pytest.raises(TruthError) as exc:
+        truth_from_file(bad)
+    msg = str(exc.value)
+    assert msg.startswith(str(bad)) and "row 3 (line 4)" in msg and "grade: 'CIN2'" in msg
+    for text, fragment in [
+        ("center,batch,grade\nA,b,NILM\n", "missing column 'slide_id'"),
+        ("center,batch,slide_id,grade\nA,b,,NILM\n", "row 1 (line 2): slide_id: missing value"),
+        ("center,batch,slide_id,grade\nA,b,../x,NILM\n", "row 1 (line 2): slide_id: invalid"),
+        ("center,batch,slide_id,grade\nA,b,s,NILM\nA,b,s,HSIL\n", "row 2 (line 3): slide_id"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(TruthError, match=re.escape(fragment)):
+            truth_from_file(bad)
+    with pytest.raises(TruthError, match="must be a .csv or .parquet"):
+        truth_from_file(tmp_path / "truth.xlsx")
+
+
+# --- figures and report ----------------------------------------------------------------------
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+def _synth_slide(cohort: Path) -> tuple[Path, pa.Table]:
+    """A real synthetic slide with abnormal cells, and its ground-truth abnormal cells as a
+    cells table (score by cell size, so there is an order)."""
+    for center_dir in sorted(p.parent for p in cohort.glob("*/manifest.json")):
+        manifest = Manifest.loads((center_dir / "manifest.json").read_bytes())
+        gt = pq.read_table(center_dir / "ground_truth" / "cells.parquet")
+        for entry in manifest.slides:
+            if entry.grade in (None, "NILM"):
+                continue
+            rows = [
+                r for r in gt.to_pylist() if r["slide_id"] == entry.slide_id and r["is_abnormal"]
+            ]
+            cells = pa.table(
+                {
+                    "cell_class": [r["class"] for r in rows],
+                    "score": np.linspace(0.99, 0.5, len(rows)).astype(np.float32),
+                    **{k: [float(r[k]) for r in rows] for k in ("x0", "y0", "x1", "y1")},
+                }
+            )
+            return center_dir / entry.path, cells
+    raise AssertionError("the tiny cohort has no abnormal slide")
+
+
+def test_slide_figures_on_a_real_synthetic_slide(tiny_cohort: Path, tmp_path: Path):
+    path, cells = _synth_slide(tiny_cohort)
+    with open_slide(path) as slide:
+        heat = slide_heatmap(slide, cells, tmp_path / "h.png", mpp=12.0)
+        w, h = _png_size(heat)
+        assert 300 <= w <= 1500 and 200 <= h <= 1500, (w, h)
+        with Image.open(heat) as im:  # the overlay is drawn: some warm (inferno) pixels
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        assert ((rgb[..., 0] - rgb[..., 2]) > 80).sum() > 50
+
+        gallery = cell_gallery(slide, cells, tmp_path / "g.png", per_class=4, crop_um=56)
+        n_classes = len(set(cells["cell_class"].to_pylist()))
+        w, h = _png_size(gallery)
+        assert 4 * 100 <= w <= 4 * 250 and n_classes * 100 <= h <= n_classes * 250 + 150
+        empty = cell_gallery(slide, cells.slice(0, 0), tmp_path / "e.png")
+        assert _png_size(empty)[0] > 100
+        none = slide_heatmap(slide, cells.slice(0, 0), tmp_path / "n.png")
+        assert _png_size(none)[0] > 100
+
+
+def test_write_report_writes_md_html_json_and_linked_figures(tiny_cohort: Path, tmp_path: Path):
+    path, gt_cells = _synth_slide(tiny_cohort)
+    slides, truth = two_centers()
+    cells = in_memory(
+        CELLS,
+        [
+            cell_row("a1", r["cell_class"], (r["x0"], r["y0"], r["x1"], r["y1"]), r["score"])
+            for r in gt_cells.to_pylist()
+        ],
+        [("A", "b1")] * gt_cells.num_rows,
+    )
+    ev = evaluate(slides, cells, truth, None, CFG)
+    outcomes = slide_outcomes(slides, truth)
+    order = [outcomes["slide_id"][i].as_py() for i in choose_slides(outcomes, 5)]
+    assert order == ["a1", "a2", "a3", "b1", "x9"]  # abnormal first, then by score; no failed
+
+    opened = []
+
+    def opener(center: str, batch: str, sid: str):
+        opened.append(sid)
+        if sid == "b1":
+            from smartccs.errors import SlideError
+
+            raise SlideError(f"{center}/{batch}/{sid}: cannot open")
+        return open_slide(path, name=sid)  # every slide is drawn from the one real file
+
+    files = write_report(
+        ev,
+        tmp_path / "out",
+        outcomes=outcomes,
+        cells=cells,
+        open_slide=opener,
+        max_slides=4,
+        progress=False,
+    )
+    assert opened == ["a1", "a2", "a3", "b1"]
+    out = tmp_path / "out"
+    for p in (files.markdown, files.html, files.metrics, files.roc, files.confusion):
+        assert p.is_file() and p.parent == out
+    assert _png_size(files.roc)[0] > 300 and _png_size(files.confusion)[0] > 300
+    assert json.loads(files.metrics.read_text())["groups"][0]["name"] == "overall"
+    md, page = files.markdown.read_text(), files.html.read_text()
+    links = {s for f in files.slides for s in (f.heatmap, f.cells) if s}
+    assert "slides/A/b1/a1-heatmap.png" in links and "slides/A/b1/a1-cells.png" in links
+    assert len(links) == 6  # 3 slides drawn; b1 failed to open
+    for link in [*links, "roc.png", "confusion.png"]:
+        assert (out / link).is_file(), link
+        assert f"({link})" in md and f'"{link}"' in page
+    assert "B/b2/b1: cannot open" in md  # the slide's error, in place of its figures
+    assert "recall is capped by K" in md and "<script" not in page
+    assert "need both classes" in page and "1.000 (1.000-1.000)" in md
+
+
+def test_roc_and_confusion_figures_without_any_two_class_group(tmp_path: Path):
+    slides = slides_table([("B", "b2", slide_row("b1", score=0.2))])
+    ev = evaluate(slides, cells_table(), truth_table([("B", "b2", "b1", "NILM")]), None, CFG)
+    assert _png_size(roc_figure({}, tmp_path / "roc.png"))[0] > 200
+    matrices = {g.name: g.confusion for g in ev.groups}
+    assert _png_size(confusion_figure(matrices, tmp_path / "cm.png"))[0] > 200
+
+
+# --- end to end: committed tables, manifests' truth, labels/, ccs evaluate -------------------
+
+
+@pytest.fixture
+def screened_store(tiny_cohort: Path, local_store: Store) -> Store:
+    """The tiny cohort uploaded with its cell annotations, and results written for it with
+    ``write_batch_results``: scores that separate abnormal from NILM, and every annotated
+    abnormal cell kept (so AP is 1 for each class present)."""
+    from smartccs.labels import put_cell_labels
+    from smartccs.results.tables import write_batch_results
+    from smartccs.upload import upload_batch
+
+    for center_dir in sorted(p.parent for p in tiny_cohort.glob("*/manifest.json")):
+        center = center_dir.name
+        ref = upload_batch(
+            center_dir, center=center, batch="synth", store=local_store, progress=False
+        )
+        put_cell_labels(local_store, ref, center_dir / "ground_truth" / "cells.parquet")
+        gt = pq.read_table(center_dir / "ground_truth" / "cells.parquet").to_pylist()
+        slides, cells = [], []
+        for k, s in enumerate(ref.manifest.slides):
+            abnormal = s.grade != "NILM"
+            slides.append(
+                slide_row(
+                    s.slide_id,
+                    score=0.9 - 0.1 * k if abnormal else 0.1 + 0.1 * k,
+                    predicted_grade=s.grade,
+                    n_cells=0,
+                )
+            )
+            mine = [r for r in gt if r["slide_id"] == s.slide_id and r["is_abnormal"]]
+            for rank, r in enumerate(mine):
+                cells.append(
+                    cell_row(
+                        s.slide_id,
+                        r["class"],
+                        (r["x0"], r["y0"], r["x1"], r["y1"]),
+                        1.0 - rank / (len(mine) + 1),
+                        rank=rank,
+                    )
+                )
+        write_batch_results(
+            local_store,
+            center,
+            "synth",
+            "run-1",
+            pa.Table.from_pylist(slides, schema=SLIDES),
+            pa.Table.from_pylist(cells, schema=CELLS),
+        )
+    return local_store
+
+
+def test_ccs_evaluate_end_to_end_on_committed_results(screened_store: Store, tmp_path: Path):
+    root = screened_store.root
+    out = tmp_path / "report"
+    res = run_ccs("evaluate", root, "--labels", root, "--out", str(out), "--max-slides", "3")
+    assert res.returncode == 0, res.stderr
+    assert "AUC 1.000" in res.stdout and str(out / "report.html") in res.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = [g["name"] for g in metrics["groups"]]
+    assert names[0] == "overall" and len(names) == 3  # overall + 2 centers
+    overall = metrics["groups"][0]
+    assert overall["n_slides"] == 4 and overall["binary"]["auc"] == 1.0
+    assert overall["detection"]["n_slides"] == 4 and overall["detection"]["report"]["map"] == 1.0
+    assert metrics["truth_source"].startswith("manifests in file://")
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert len([p for p in pngs if p.startswith("slides/")]) == 6  # 3 slides x 2 figures
+    md = (out / "report.md").read_text()
+    assert all(f"({p})" in md for p in pngs)
+
+    # one center only, truth from a file: the same slides, one group besides overall
+    center = names[1]
+    truth = slide_truth(screened_store, [(center, "synth")])
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    res = run_ccs(
+        "evaluate",
+        root,
+        "--labels",
+        str(tmp_path / "truth.parquet"),
+        "--out",
+        str(tmp_path / "r2"),
+        "--center",
+        center,
+        "--max-slides",
+        "0",
+    )
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    assert [g["name"] for g in metrics["groups"]] == ["overall", center]
+    assert not list((tmp_path / "r2").glob("slides"))
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("center,batch,slide_id,grade\nx,synth,s,NILM\nx,synth,t,cancer\n")
+    res = run_ccs("evaluate", root, "--labels", str(bad), "--out", str(tmp_path / "r3"))
+    assert_one_line_error(res, "bad.csv", "row 2", "grade")
+    res = run_ccs(
+        "evaluate", root, "--labels", root, "--out", str(tmp_path / "r4"), "--center", "nowhere"
+    )
+    assert_one_line_error(res, "no committed results", "nowhere")
+
+
+def test_evaluate_job_config_and_run_without_ray(screened_store: Store, tmp_path: Path):
+    import importlib.util
+
+    from smartccs.evaluation.run import EvaluationJobConfig, run_evaluation_job
+    from smartccs.jobrunner import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("jobs_evaluate", repo / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)  # the entrypoint imports; its main() would start Ray
+    demo = repo / "jobs" / "configs" / "evaluate-demo.yaml"
+    cfg = load_config(EvaluationJobConfig, demo, store=screened_store.root)
+    assert cfg.evaluation == EvaluationConfig() and cfg.max_slides == 50
+    cfg = cfg.model_copy(
+        update={
+            "out": str(tmp_path / "job"),
+            "max_slides": 0,
+            "evaluation": EvaluationConfig(n_boot=50),
+        }
+    )
+    result = run_evaluation_job(cfg)
+    assert (tmp_path / "job" / "report.html").is_file()
+    line = job.summary(result)
+    assert line.startswith("evaluation: 4 slides (") and "AUC 1.000" in line and "report:" in line

@@ -1,0 +1,71 @@
+"""Tiny real model artifacts (random weights, saved through the normal artifact path) so the
+screening engine can be tested end to end without spending minutes on training. What the
+models predict is meaningless; everything around them (tiling, detection, crops, bags, MIL,
+tables) is the production code. Training itself is covered by test_finetune_jobs.py."""
+
+from __future__ import annotations
+
+import torch
+
+from smartccs.models.artifacts import Architecture, ModelCard, save_model
+from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
+from smartccs.models.encoder import build_from
+from smartccs.models.mil import MILConfig, MILHead
+from smartccs.screening.cells import CellConfig, ModelRef
+from smartccs.slide.tiling import TilingConfig
+from smartccs.store import Store
+from smartccs.taxonomy import GRADES
+
+TOY_TILING = TilingConfig(target_mpp=1.0, tile_px=128)
+TOY_ENCODER = Architecture(
+    timm_name="vit_tiny_patch16_224",
+    kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+            "dynamic_img_size": True},
+)  # fmt: skip
+
+
+def save_toy_models(store: Store, *, seed: int = 0, threshold: float = 0.5) -> ModelRef:
+    """Encoder, detector and classifier versions in ``store``; returns the classifier's ref.
+
+    The detector's score floor is tiny so that its untrained head still reports cells.
+    """
+    torch.manual_seed(seed)
+    enc_card = ModelCard(
+        name="encoder", architecture=TOY_ENCODER, task="encoder", tiling=TOY_TILING,
+        synthetic=True,
+    )  # fmt: skip
+    enc_version = save_model(store, enc_card, build_from(TOY_ENCODER).state_dict())
+    det_card = ModelCard(
+        name="detector",
+        architecture=TOY_ENCODER,
+        task="detector",
+        classes=list(DETECTION_CLASSES),
+        head={
+            "config": HeadConfig(width=16, score_floor=0.001, max_per_tile=20).model_dump(),
+            "input_px": 64,
+        },
+        tiling=TOY_TILING,
+        training_config={"encoder_model": "encoder", "encoder_version": enc_version},
+        synthetic=True,
+    )
+    det_version = save_model(store, det_card, build_detector(det_card).state_dict())
+    mil = MILConfig(hidden=16, top_k=5, dropout=0.0)
+    dim = 32
+    cls_card = ModelCard(
+        name="classifier",
+        architecture=TOY_ENCODER,
+        task="classifier",
+        classes=list(GRADES),
+        head={
+            "mil": mil.model_dump(mode="json"),
+            "cells": CellConfig(cells_per_tile=4, squamous_score=0.001).model_dump(mode="json"),
+            "detector": {"name": "detector", "version": det_version},
+            "encoder": {"name": "encoder", "version": enc_version},
+            "dim": dim,
+            "threshold": threshold,
+        },
+        tiling=TOY_TILING,
+        synthetic=True,
+    )
+    version = save_model(store, cls_card, MILHead(dim, mil).state_dict())
+    return ModelRef(name="classifier", version=version)
