@@ -19,6 +19,7 @@ from smartccs.train.dino import (
     MultiCropNet,
     ema_update,
     make_teacher,
+    sinkhorn_knopp,
     teacher_momentum,
     teacher_temperature,
 )
@@ -108,6 +109,30 @@ def test_center_tracks_the_teacher_mean():
         loss.update_center(teacher_out)
         torch.testing.assert_close(loss.center, (1 - 0.9**n) * mean)
     assert torch.allclose(loss.center, mean, atol=0.05 * mean.abs().max().item())
+
+
+def test_sinkhorn_targets_are_distributions_balanced_over_prototypes():
+    cfg = SMALL.model_copy(update={"centering": "sinkhorn", "sinkhorn_iterations": 50})
+    logits = torch.randn(8, cfg.out_dim) * 0.01 + torch.randn(1, cfg.out_dim)  # near-identical
+    q = sinkhorn_knopp(logits, 0.04, cfg)
+    torch.testing.assert_close(q.sum(1), torch.ones(8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(q.sum(0), torch.full((cfg.out_dim,), 8 / cfg.out_dim), atol=1e-3,
+                               rtol=0)  # fmt: skip
+    assert torch.softmax(logits / 0.04, -1).sum(0).max() > 2 * q.sum(0).max(), "balanced"
+    loss = DINOLoss(cfg)
+    assert torch.isfinite(loss([logits, logits], [logits, logits], step=0))
+    assert loss.center.abs().sum() > 0, "the center is still tracked (for a switch back)"
+
+
+def test_crop_tries_keep_the_region_with_the_most_stain():
+    img = torch.ones(3, 64, 64)
+    img[:, 40:56, 40:56] = 0.2  # one dark cell in a corner of bare glass
+    dark = [random_resized_crop(img, 16, (0.06, 0.06), torch.Generator().manual_seed(s), tries=8)
+            for s in range(10)]  # fmt: skip
+    plain = [random_resized_crop(img, 16, (0.06, 0.06), torch.Generator().manual_seed(s))
+             for s in range(10)]  # fmt: skip
+    assert sum(float(c.mean()) for c in dark) < sum(float(c.mean()) for c in plain)
+    assert min(float(c.min()) for c in dark) < 0.3
 
 
 def test_loss_pairs_only_different_views():
