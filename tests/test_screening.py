@@ -250,3 +250,18 @@ def test_batch_and_model_uris_name_the_store():
     with pytest.raises(CCSError, match="different stores"):
         resolve(ScreenJobConfig(batches=["/x/incoming/a/b", "/y/incoming/a/b"]))
     assert layout.locate("incoming/a/b", "incoming") == (None, ["a", "b"])
+
+
+@pytest.mark.parametrize("name", ["screen-demo", "screen-prod"])
+def test_screen_configs_validate(name: str):
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / f"jobs/configs/{name}.yaml").read_text())
+    cfg = ScreenJobConfig.model_validate(raw)
+    store, ids, screening = resolve(cfg)
+    assert screening.classifier_model == "classifier" and ids == []
+    if name == "screen-prod":
+        assert store.config.uri.startswith("s3://") and screening.scorers.gpus >= 1
+        assert screening.adequacy.min_squamous == 5000, "Bethesda, liquid-based"
+    else:
+        assert screening.scorers.gpus == 0 and screening.scorers.fused

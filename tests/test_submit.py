@@ -36,6 +36,7 @@ MANIFESTS = {
     "pretrain": ("pretrain", "pretrain"),
     "finetune-detector": ("finetune_detector", "detector"),
     "finetune-classifier": ("finetune_classifier", "classifier"),
+    "screen": ("screen", "screen"),
 }
 
 
@@ -288,6 +289,5 @@ def test_rayjob_manifest(manifest):
             assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "smartccs-s3"
         assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
         assert env["AWS_REGION"]["value"]
-    if module == "pretrain":  # the others' modules and configs arrive with their issue
-        assert (REPO / "jobs" / f"{module}.py").is_file()
-        assert (REPO / f"jobs/configs/{config}-prod.yaml").is_file()
+    assert (REPO / "jobs" / f"{module}.py").is_file()
+    assert (REPO / f"jobs/configs/{config}-prod.yaml").is_file()

@@ -114,6 +114,7 @@ class CellDetector(nn.Module):
     def detect(self, x: torch.Tensor) -> list[Detections]:
         """Boxes, scores and classes per image after the score floor and per-class NMS."""
         logits, dist = self(x)
+        logits, dist = logits.float(), dist.float()  # boxes and NMS in fp32, even under autocast
         b, c, h, w = logits.shape
         centers = self.centers(h, w, x.device)
         scores = logits.sigmoid().permute(0, 2, 3, 1).reshape(b, -1, c)

@@ -139,7 +139,8 @@ class CellScorer:
         detections = []
         if len(ok):
             x = preprocess(batch["image"][ok], self.input_px, self.card.normalization)
-            detections = self.detector.detect(x.to(self.device))
+            with self._autocast():
+                detections = self.detector.detect(x.to(self.device))
         by_tile = dict(zip(ok.tolist(), detections, strict=True))
         scale = self.tile_px / self.input_px
         for i in range(len(batch["slide_id"])):
@@ -161,7 +162,8 @@ class CellScorer:
                     tile = torch.from_numpy(batch["image"][i]).permute(2, 0, 1).float() / 255
                     crops = crop_cells(tile, centers, self.crop_px, self.embed_px)
                     crops = normalize(crops, self.encoder_card.normalization).to(self.device)
-                    emb = self.encoder(crops).float().cpu().numpy()
+                    with self._autocast():
+                        emb = self.encoder(crops).float().cpu().numpy()
                     level0 = self._level0(batch, i, boxes)
                     for j in range(len(keep)):
                         _append(
@@ -187,6 +189,12 @@ class CellScorer:
         out["box"] = np.stack(rows["box"]).astype(np.float64)
         out["embedding"] = np.stack(emb_rows).astype(np.float32)
         return out
+
+    def _autocast(self):
+        """bfloat16 on a GPU (as in training); full precision on CPU, where it is not faster."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
 
     def _level0(self, batch: dict[str, np.ndarray], i: int, boxes: torch.Tensor) -> np.ndarray:
         """Boxes in tile pixels -> level-0 slide pixels (the ``cells`` table's frame)."""
