@@ -265,3 +265,20 @@ def test_screen_configs_validate(name: str):
         assert screening.adequacy.min_squamous == 5000, "Bethesda, liquid-based"
     else:
         assert screening.scorers.gpus == 0 and screening.scorers.fused
+
+
+def test_screen_then_evaluate_writes_the_report(cohort_store: Store, first_run, tmp_path):
+    from smartccs.evaluation.run import run_evaluation
+
+    out = tmp_path / "report"
+    evaluation = run_evaluation(
+        cohort_store, out, centers=[b.center for b in first_run.batches if b.center != "c9"],
+        max_slides=2, progress=False,
+    )  # fmt: skip
+    overall = evaluation.overall
+    assert overall.n_slides == len(_manifest_slides(cohort_store)) - 2  # without c9's two
+    for name in ("report.md", "report.html", "metrics.json"):
+        assert (out / name).stat().st_size > 0
+    pngs = sorted(p.name for p in out.rglob("*.png"))
+    assert any("heatmap" in p for p in pngs) and any("cells" in p for p in pngs), pngs
+    assert "heatmap.png" in (out / "report.md").read_text()
