@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--detector-steps", type=int, default=300)
+    ap.add_argument(
+        "--detector-seeds",
+        default="0,1,2",
+        help="one pretrained-vs-random pair per seed (run seed and split seed)",
+    )
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
@@ -80,23 +86,29 @@ def main(argv: list[str] | None = None) -> int:
         )
     )  # fmt: skip
     t_pretrain = time.perf_counter() - t0
-    results = {}
-    for init in ("pretrained", "random"):
-        t0 = time.perf_counter()
-        cfg = DetectorConfig.model_validate(
-            _config(
-                "detector-demo.yaml", store, run_name=f"detector-{init}-{tag}",
+    results: dict = {"pretrained": [], "random": []}
+    detector_versions = {}
+    for seed in (int(v) for v in args.detector_seeds.split(",")):
+        for init in ("pretrained", "random"):
+            t0 = time.perf_counter()
+            raw = _config(
+                "detector-demo.yaml", store, run_name=f"detector-{init}-{tag}-s{seed}",
                 model_name=f"detector-{init}", init=init, encoder_version=enc.version,
-                max_steps=args.detector_steps, seed=args.seed, batches=annotated,
+                max_steps=args.detector_steps, seed=seed, batches=annotated,
+            )  # fmt: skip
+            raw["split"] = dict(raw.get("split", {}), seed=seed)
+            r = finetune_detector(DetectorConfig.model_validate(raw))
+            detector_versions.setdefault(init, r.version)
+            results[init].append(
+                {
+                    "seed": seed,
+                    "map50_abnormal": abnormal_map(r.report),
+                    "ap50": r.report.ap,
+                    "n_gt": r.report.n_gt,
+                    "seconds": time.perf_counter() - t0,
+                }
             )
-        )  # fmt: skip
-        r = finetune_detector(cfg)
-        results[init] = {
-            "map50_abnormal": abnormal_map(r.report),
-            "ap50": r.report.ap,
-            "n_gt": r.report.n_gt,
-            "seconds": time.perf_counter() - t0,
-        }
+            print(f"seed {seed} {init}: abnormal mAP@0.5 {results[init][-1]['map50_abnormal']:.3f}")
     graded = args.out / f"graded-tiny-{args.classifier_slides}-seed{args.seed + 1}"
     if not (graded / "cohort.json").is_file():
         generate_cohort(
@@ -116,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             _config(
                 "classifier-demo.yaml", store, run_name=f"classifier-{tag}",
                 batches=graded_batches, detector_model="detector-pretrained", seed=args.seed,
+                detector_version=detector_versions["pretrained"],
             )
         )
     )  # fmt: skip
@@ -129,14 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{tag}.json").write_text(json.dumps(summary, indent=2, default=float))
-    classes = list(results["pretrained"]["ap50"])
     print(f"\nSYNTHETIC cohorts; {command}\nheld-out AP@0.5 on {cohort.name}")
-    print(f"{'init':<11} {'mAP abn':>8} " + " ".join(f"{c:>8}" for c in classes))
-    for init in ("pretrained", "random"):
-        r = results[init]
-        aps = " ".join(f"{r['ap50'][c]:>8.3f}" for c in classes)
-        print(f"{init:<11} {r['map50_abnormal']:>8.3f} {aps}")
-    print("held-out cells per class: " + ", ".join(f"{c} {n}" for c, n in r["n_gt"].items()))
+    pairs = list(zip(results["pretrained"], results["random"], strict=True))
+    print(f"{'seed':<6} {'pretrained':>10} {'random':>10} {'difference':>10}")
+    for p, r in pairs:
+        diff = p["map50_abnormal"] - r["map50_abnormal"]
+        pm, rm = p["map50_abnormal"], r["map50_abnormal"]
+        print(f"{p['seed']:<6} {pm:>10.3f} {rm:>10.3f} {diff:>+10.3f}")
+    diffs = [p["map50_abnormal"] - r["map50_abnormal"] for p, r in pairs]
+    mean = {
+        k: statistics.mean(x["map50_abnormal"] for x in results[k])
+        for k in ("pretrained", "random")
+    }
+    print(
+        f"{'mean':<6} {mean['pretrained']:>10.3f} {mean['random']:>10.3f} "
+        f"{statistics.mean(diffs):>+10.3f}  (pretrained ahead in {sum(d > 0 for d in diffs)} of "
+        f"{len(diffs)} seeds)"
+    )
     t = cls.test
     print(
         f"classifier on {graded.name}: held-out AUC {t.auc:.3f} (95% CI {t.auc_ci_low:.3f}-"
