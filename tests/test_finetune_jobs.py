@@ -7,6 +7,7 @@ saved through the normal artifact path (pretraining itself is covered by test_pr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,10 @@ import yaml
 
 from smartccs.data.tiles import StreamConfig
 from smartccs.labels import LabelsError, has_cell_labels, load_cell_labels, put_cell_labels
-from smartccs.models.artifacts import Architecture, ModelCard, load_model, save_model
+from smartccs.models.artifacts import ModelCard, load_model, save_model
 from smartccs.models.detector import DETECTION_CLASSES, build_detector
 from smartccs.models.encoder import build_from
 from smartccs.models.mil import MILConfig, MILHead
-from smartccs.slide.tiling import TilingConfig
 from smartccs.splits import SplitConfig
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import GRADES
@@ -28,15 +28,13 @@ from smartccs.train.classifier import ClassifierConfig, train_classifier
 from smartccs.train.detector import DetectorConfig, finetune_detector
 from smartccs.upload import upload_batch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_models import TOY_ENCODER, TOY_TILING
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 REPO = Path(__file__).resolve().parents[1]
-TILING = TilingConfig(target_mpp=1.0, tile_px=128)
-TOY_ENCODER = Architecture(
-    timm_name="vit_tiny_patch16_224",
-    kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
-            "dynamic_img_size": True},
-)  # fmt: skip
+TILING = TOY_TILING
 SPLIT = SplitConfig(val=0.34, test=0.34, seed=0)
 
 

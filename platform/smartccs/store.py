@@ -74,6 +74,13 @@ class StoreConfig(BaseModel):
         return cls(uri=uri or os.environ.get("CCS_STORE") or DEFAULT_STORE_URI)
 
 
+def _staging(path: str) -> str:
+    """A hidden sibling of ``path`` to write before the atomic rename: Parquet, Spark and
+    DuckDB readers skip dot-files, so a crash mid-write leaves nothing they would read."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
@@ -237,7 +244,7 @@ class Store:
             self.fs.pipe_file(path, data)  # a single PUT is atomic on S3
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = _staging(path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -255,7 +262,7 @@ class Store:
             self.fs.put_file(str(local_path), path)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = _staging(path)
         try:
             self.fs.cp_file(str(local_path), tmp)
             os.replace(tmp, path)
@@ -282,7 +289,7 @@ class Store:
             self.fs.invalidate_cache(path)
             return True
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = _staging(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

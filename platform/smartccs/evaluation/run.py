@@ -26,6 +26,7 @@ from smartccs.evaluation.report import (
 )
 from smartccs.evaluation.truth import TruthError, slide_truth, truth_from_file
 from smartccs.labels import SlideBoxes, has_cell_labels, load_cell_labels
+from smartccs.results.tables import read_table
 from smartccs.slide.cache import SlideCache
 from smartccs.slide.reader import Slide, open_slide
 from smartccs.store import Store, StoreConfig
@@ -126,8 +127,6 @@ def run_evaluation(
     or a CSV/Parquet truth file (``smartccs.evaluation.truth``). Cell annotations come from the
     truth store's ``labels/`` (the results store's when truth is a file), where present.
     """
-    from smartccs.results.tables import read_table  # written alongside; import when used
-
     cfg = cfg or EvaluationConfig()
     centers = list(centers) if centers else None
     batches = list(batches) if batches else None

@@ -23,11 +23,8 @@ are not supported (one screening job per batch); if it happens, the mix is detec
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
-import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated
@@ -254,32 +251,6 @@ def _to_parquet(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _write_data_file(store: Store, key: str, data: bytes) -> None:
-    """Write a Parquet file so that no reader ever lists a partial one.
-
-    On S3 that is ``Store.write_bytes`` (one PUT, no temporary object). Locally,
-    ``Store.write_bytes`` stages at ``<name>.tmp-<hex>``, which pyarrow and pandas would try to
-    read as data (and fail on) if a crash left it behind; here the temporary name is hidden
-    (``.<name>.tmp-<hex>``), which every Parquet reader skips.
-    """
-    if store.protocol != "file":
-        store.write_bytes(key, data)
-        return
-    path = store.path(key)
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def _schema(table: str) -> pa.Schema:
     try:
         return SCHEMAS[table]
@@ -339,9 +310,7 @@ def write_batch_results(
         },
     )
     for name in _WRITE_ORDER:
-        _write_data_file(
-            store, f"{layout.results(name, center, batch)}/{PART_NAME}", payloads[name]
-        )
+        store.write_bytes(f"{layout.results(name, center, batch)}/{PART_NAME}", payloads[name])
     record = commit.model_dump_json(indent=2).encode()
     for name in _WRITE_ORDER:
         store.write_bytes(f"{layout.results(name, center, batch)}/{layout.COMMIT_MARKER}", record)

@@ -29,7 +29,7 @@ from smartccs.data.tiles import StreamConfig, plan_stream, slide_rows, tile_stre
 from smartccs.ids import Id
 from smartccs.models.artifacts import load_card
 from smartccs.results.tables import ResultCommit, write_batch_results
-from smartccs.screening.bags import SlideBag, SlideKey, collect_bags, iter_bags
+from smartccs.screening.bags import SlideBag, SlideKey, iter_bags
 from smartccs.screening.cells import CellConfig, CellScorer, ModelRef, encoder_ref
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier, cells_table, slides_table
 from smartccs.store import Store
@@ -99,7 +99,7 @@ def cell_stream(
     return source.map_batches(
         CellScorer,
         fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.actors),
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),  # all up at once: no ramp-up
         batch_size=pool.batch_size,
         batch_format="numpy",
         num_cpus=pool.cpus,
@@ -140,13 +140,8 @@ def screen_cells(
     top_k: int,
 ) -> dict[SlideKey, SlideBag]:
     """Detect, embed and keep the top-K cells per class of every slide in ``rows``."""
-    ds = cell_stream(store, rows, detector, cells, stream, pool)
-    return collect_bags(
-        ds.iter_batches(batch_size=256, batch_format="numpy"),
-        top_k=top_k,
-        dim=embedding_dim(store, detector),
-        expected=_keys(rows),
-    )
+    bags = screen_bags(store, rows, detector, cells, stream, pool, top_k)
+    return {b.key: b for b in bags}
 
 
 class ScreeningConfig(BaseModel):
