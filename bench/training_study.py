@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -32,6 +33,7 @@ from smartccs.train.classifier import ClassifierConfig, train_classifier
 from smartccs.train.detector import DetectorConfig, abnormal_map, finetune_detector
 from smartccs.train.pretrain import PretrainConfig, pretrain
 
+CONFIG_NAMES = ("pretrain", "detector", "classifier")
 OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
@@ -71,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
     input_px = yaml.safe_load((CONFIGS / "detector-demo.yaml").read_text())["input_px"]
-    tag = f"p{args.pretrain_steps}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
+    configs = b"".join((CONFIGS / f"{n}-demo.yaml").read_bytes() for n in CONFIG_NAMES)
+    # a new config is a new run: never resume an earlier config's checkpoints
+    tag = (
+        f"p{args.pretrain_steps}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
+        f"-{hashlib.sha256(configs).hexdigest()[:6]}"
+    )
     store = Store(str(args.out / f"store-{cohort.name}"))
     annotated = [f"{d.name}/{ensure_uploaded(store, d, d.name, 'bench').batch}" for d in
                  generated_centers(cohort)]  # fmt: skip
