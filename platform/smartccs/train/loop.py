@@ -67,6 +67,13 @@ class RunFields(BaseModel):
     optimizer: OptimizerConfig = OptimizerConfig()
     scaling: ScalingFields = ScalingFields()
     batch_size: int = Field(default=16, ge=1, description="items per step per worker")
+    shuffle_buffer: int = Field(
+        default=256,
+        ge=0,
+        description="items each worker draws its batches from at random (0: stream order); "
+        "the stream yields neighbouring tiles of one slide together, which SGD must not see "
+        "as a batch",
+    )
     max_steps: int = Field(default=100, ge=1, description="optimizer steps; schedules span it")
     max_epochs: int = Field(default=100, ge=1, description="passes over the data, at most")
     checkpoint_every: int = Field(default=20, ge=1, description="steps between checkpoints")
@@ -182,7 +189,13 @@ def worker_loop(
     last_checkpoint = step
     skip = position
     while step < cfg.max_steps and epoch < cfg.max_epochs:
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+        batches = shard.iter_batches(
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + 1000 * rank + epoch if cfg.shuffle_buffer else None,
+        )
+        for batch in batches:
             if skip:  # the resumed epoch continues from its position instead of restarting
                 skip -= 1
                 continue
