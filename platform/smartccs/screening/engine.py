@@ -130,20 +130,6 @@ def screen_bags(
     )
 
 
-def screen_cells(
-    store: Store,
-    rows: list[dict[str, Any]],
-    detector: ModelRef,
-    cells: CellConfig,
-    stream: StreamConfig,
-    pool: ScorerPool,
-    top_k: int,
-) -> dict[SlideKey, SlideBag]:
-    """Detect, embed and keep the top-K cells per class of every slide in ``rows``."""
-    bags = screen_bags(store, rows, detector, cells, stream, pool, top_k)
-    return {b.key: b for b in bags}
-
-
 class ScreeningConfig(BaseModel):
     """What a screening run uses besides its batches; shared by the job and the service."""
 

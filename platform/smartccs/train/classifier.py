@@ -35,7 +35,7 @@ from smartccs.models.artifacts import ModelCard, config_sha256, load_card, save_
 from smartccs.models.mil import MILConfig, MILHead, pooled_embedding
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import CellConfig, ModelRef, encoder_ref
-from smartccs.screening.engine import ScorerPool, screen_cells
+from smartccs.screening.engine import ScorerPool, screen_bags
 from smartccs.screening.slides import predict
 from smartccs.splits import SplitConfig, split_rows
 from smartccs.store import Store
@@ -236,9 +236,10 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     else:
         rows = [r for part in splits.values() for r in part]
         log.info("screening %d slides into top-%d cell bags", len(rows), cfg.mil.top_k)
-        bags = screen_cells(
+        screened = screen_bags(
             store, rows, detector, cfg.cells, cfg.stream, cfg.scorers, cfg.mil.top_k
         )
+        bags = {b.key: b for b in screened}
         save_bags(store, key, bags)
     part: dict[str, tuple[list[SlideBag], list[int]]] = {}
     for name, rows in splits.items():
