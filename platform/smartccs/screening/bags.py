@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from smartccs.data.tiles import NO_TILE, STATUS_OK
-from smartccs.screening.cells import TILE_ROW
+from smartccs.screening.cells import SECONDS, TILE_ROW
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 N_CLASSES = len(ABNORMAL_CLASSES)
@@ -104,8 +104,8 @@ class _Acc:
         self.n_tiles, self.planned = int(b["n_tiles"][i]), True
         if "slide_mpp" in b:
             self.mpp = float(b["slide_mpp"][i])
-        if "seconds" in b and np.isfinite(b["seconds"][i]):
-            self.seconds += float(b["seconds"][i])
+        if SECONDS in b and np.isfinite(b[SECONDS][i]):
+            self.seconds += float(b[SECONDS][i])
         if b["status"][i] == STATUS_OK:
             self.read += 1
             self.squamous += int(b["n_squamous"][i])

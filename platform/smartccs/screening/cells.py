@@ -39,10 +39,12 @@ TILE_ROW = -1
 """``class_index`` of a tile's summary row."""
 
 SLIDE_COLUMNS = ("center", "batch", "slide_id", "n_tiles")
-QC_COLUMNS = ("slide_mpp", "background_fraction", "blur", "seconds")
-"""Carried on a tile's summary row only (NaN on cell rows); ``seconds`` is the tile's share of
-the actor's time on its batch (read, detect, crop, embed): summed per slide, the compute the
-slide cost, which a streaming pipeline cannot give as a wall time."""
+QC_COLUMNS = ("slide_mpp", "background_fraction", "blur")
+"""Copied from the tile row onto its summary row only (NaN on cell rows)."""
+SECONDS = "seconds"
+"""On a summary row: the tile's share of the actor's time on its batch (read, detect, crop,
+embed). Summed per slide it is the compute the slide cost, which a streaming pipeline cannot
+give as a wall time."""
 
 
 class CellConfig(BaseModel):
@@ -178,14 +180,16 @@ class CellScorer:
                             _NO_QC,
                         )
                         emb_rows.append(emb[j])
-            qc = (*(float(batch[k][i]) for k in QC_COLUMNS[:-1]), float("nan"))
+            qc = tuple(float(batch[k][i]) for k in QC_COLUMNS)
             _append(
                 rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error, squamous, qc
             )
             emb_rows.append(np.zeros(self.dim, np.float32))
         out = {k: np.asarray(v) for k, v in rows.items()}
         tile_rows = out["class_index"] == TILE_ROW
-        out["seconds"][tile_rows] = (time.perf_counter() - t0) / max(1, int(tile_rows.sum()))
+        out[SECONDS] = np.where(
+            tile_rows, (time.perf_counter() - t0) / max(1, int(tile_rows.sum())), np.nan
+        )
         out["box"] = np.stack(rows["box"]).astype(np.float64)
         out["embedding"] = np.stack(emb_rows).astype(np.float32)
         return out
