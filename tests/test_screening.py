@@ -23,6 +23,7 @@ from smartccs.errors import CCSError
 from smartccs.manifest import Manifest, SlideEntry
 from smartccs.results.tables import read_commit, read_table
 from smartccs.screening.bags import BagCollector
+from smartccs.screening.cells import ModelRef
 from smartccs.screening.engine import ScorerPool, ScreeningConfig, cell_stream, embedding_dim
 from smartccs.screening.job import ScreenJobConfig, resolve, run_screen_job
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier
@@ -187,7 +188,7 @@ def test_killed_scorer_actor_still_gives_every_tile_exactly_once(cohort_store: S
     """SIGKILL the detector actor after its first output: Ray Data restarts it and retries its
     work; every slide still ends complete, with each tile counted once."""
     rows = slide_rows([r for r in resolve_batches(cohort_store, []) if r.center != "c9"])
-    classifier = SlideClassifier(cohort_store, _classifier_ref(cohort_store))
+    classifier = SlideClassifier(cohort_store, ModelRef(name="classifier", version="latest"))
     cfg = _screening(tmp_path, tiles_per_call=2)
 
     def run(kill: bool) -> dict:
@@ -212,14 +213,6 @@ def test_killed_scorer_actor_still_gives_every_tile_exactly_once(cohort_store: S
         assert bag.errors == [] and bag.tiles_read == bag.n_tiles == clean[key].n_tiles
         assert bag.n_squamous == clean[key].n_squamous, "no tile counted twice"
         assert bag.mask.sum() == clean[key].mask.sum()
-
-
-def _classifier_ref(store: Store):
-    from smartccs.models.artifacts import load_card
-    from smartccs.screening.cells import ModelRef
-
-    card = load_card(store, "classifier")
-    return ModelRef(name=card.name, version=str(card.version))
 
 
 def test_ccs_screen_takes_batch_and_model_uris(cohort_store: Store, tmp_path):

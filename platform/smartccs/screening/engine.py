@@ -216,8 +216,9 @@ def screen_batches(
     """Screen committed batches and publish each one's tables as soon as it is complete."""
     refs = list(refs)
     run_id = run_id or new_run_id()
-    card = load_card(store, cfg.classifier_model, cfg.classifier_version)
-    classifier = SlideClassifier(store, ModelRef(name=card.name, version=str(card.version)))
+    # resolves 'latest' once; classifier.ref is the pinned version
+    ref = ModelRef(name=cfg.classifier_model, version=cfg.classifier_version)
+    classifier = SlideClassifier(store, ref)
     rows = slide_rows(refs)
     by_batch = {(r.center, r.batch): r for r in refs}
     waiting: dict[tuple[str, str], set[str]] = {

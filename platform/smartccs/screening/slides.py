@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from smartccs.errors import CCSError
 from smartccs.models.artifacts import ModelCard, load_model
 from smartccs.models.mil import MILConfig, MILHead
 from smartccs.results.schema import (
@@ -69,7 +70,7 @@ class SlideClassifier:
     def __init__(self, store: Store, ref: ModelRef):
         card, state = load_model(store, ref.name, ref.version)
         if card.task != "classifier" or not {"mil", "dim", "detector"} <= set(card.head):
-            raise ValueError(f"model {ref.name}/{card.version} is not a slide classifier")
+            raise CCSError(f"model {ref.name}/{card.version} is not a slide classifier")
         self.card: ModelCard = card
         self.ref = ModelRef(name=card.name, version=str(card.version))
         self.mil = MILConfig.model_validate(card.head["mil"])
