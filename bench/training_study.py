@@ -56,6 +56,19 @@ def main(argv: list[str] | None = None) -> int:
         default="0,1,2",
         help="one pretrained-vs-random pair per seed (run seed and split seed)",
     )
+    ap.add_argument(
+        "--label-slides",
+        type=int,
+        default=None,
+        help="label budget: the detector trains on only the first N training slides of each "
+        "seed's split (test slides unchanged); pretraining still sees every slide",
+    )
+    ap.add_argument(
+        "--inits",
+        default="pretrained,random",
+        help="detector arms to run (screening: 'pretrained' alone when random is unchanged)",
+    )
+    ap.add_argument("--no-classifier", action="store_true", help="stop after the detectors")
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         f"p{args.pretrain_steps}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
         f"-{hashlib.sha256(configs).hexdigest()[:6]}"
     )
+    det_tag = tag if args.label_slides is None else f"{tag}-l{args.label_slides}"
     store = Store(str(args.out / f"store-{cohort.name}"))
     annotated = [f"{d.name}/{ensure_uploaded(store, d, d.name, 'bench').batch}" for d in
                  generated_centers(cohort)]  # fmt: skip
@@ -93,15 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     )  # fmt: skip
     t_pretrain = time.perf_counter() - t0
-    results: dict = {"pretrained": [], "random": []}
+    inits = args.inits.split(",")
+    results: dict = {init: [] for init in inits}
     detector_versions = {}
     for seed in (int(v) for v in args.detector_seeds.split(",")):
-        for init in ("pretrained", "random"):
+        for init in inits:
             t0 = time.perf_counter()
             raw = _config(
-                "detector-demo.yaml", store, run_name=f"detector-{init}-{tag}-s{seed}",
+                "detector-demo.yaml", store, run_name=f"detector-{init}-{det_tag}-s{seed}",
                 model_name=f"detector-{init}", init=init, encoder_version=enc.version,
                 max_steps=args.detector_steps, seed=seed, batches=annotated,
+                train_slides=args.label_slides,
             )  # fmt: skip
             raw["split"] = dict(raw.get("split", {}), seed=seed)
             r = finetune_detector(DetectorConfig.model_validate(raw))
@@ -116,63 +132,72 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(f"seed {seed} {init}: abnormal mAP@0.5 {results[init][-1]['map50_abnormal']:.3f}")
-    graded = args.out / f"graded-tiny-{args.classifier_slides}-seed{args.seed + 1}"
-    if not (graded / "cohort.json").is_file():
-        generate_cohort(
-            graded,
-            center_names=args.centers.split(","),
-            slides_per_center=args.classifier_slides,
-            size="tiny",
-            seed=args.seed + 1,
-        )
-    graded_batches = [
-        f"{d.name}/{ensure_uploaded(store, d, d.name, 'graded').batch}"
-        for d in generated_centers(graded)
-    ]
-    t0 = time.perf_counter()
-    cls = train_classifier(
-        ClassifierConfig.model_validate(
-            _config(
-                "classifier-demo.yaml", store, run_name=f"classifier-{tag}",
-                batches=graded_batches, detector_model="detector-pretrained", seed=args.seed,
-                detector_version=detector_versions["pretrained"],
-            )
-        )
-    )  # fmt: skip
-    results["classifier"] = cls.test.model_dump() | {"seconds": time.perf_counter() - t0}
     summary = {
         "command": command,
         "cohort": str(cohort),
         "encoder": enc.version,
+        "label_slides": args.label_slides,
         "pretrain_seconds": t_pretrain,
         "results": results,
     }
+    cls = None
+    if not args.no_classifier and "pretrained" in detector_versions:
+        graded = args.out / f"graded-tiny-{args.classifier_slides}-seed{args.seed + 1}"
+        if not (graded / "cohort.json").is_file():
+            generate_cohort(
+                graded,
+                center_names=args.centers.split(","),
+                slides_per_center=args.classifier_slides,
+                size="tiny",
+                seed=args.seed + 1,
+            )
+        graded_batches = [
+            f"{d.name}/{ensure_uploaded(store, d, d.name, 'graded').batch}"
+            for d in generated_centers(graded)
+        ]
+        t0 = time.perf_counter()
+        cls = train_classifier(
+            ClassifierConfig.model_validate(
+                _config(
+                    "classifier-demo.yaml", store, run_name=f"classifier-{tag}",
+                    batches=graded_batches, detector_model="detector-pretrained", seed=args.seed,
+                    detector_version=detector_versions["pretrained"],
+                )
+            )
+        )  # fmt: skip
+        results["classifier"] = cls.test.model_dump() | {"seconds": time.perf_counter() - t0}
+        summary["graded_cohort"] = str(graded)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{tag}.json").write_text(json.dumps(summary, indent=2, default=float))
+    name = det_tag if inits == ["pretrained", "random"] else f"{det_tag}-{'-'.join(inits)}"
+    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"\nSYNTHETIC cohorts; {command}\nheld-out AP@0.5 on {cohort.name}")
-    pairs = list(zip(results["pretrained"], results["random"], strict=True))
-    print(f"{'seed':<6} {'pretrained':>10} {'random':>10} {'difference':>10}")
-    for p, r in pairs:
-        diff = p["map50_abnormal"] - r["map50_abnormal"]
-        pm, rm = p["map50_abnormal"], r["map50_abnormal"]
-        print(f"{p['seed']:<6} {pm:>10.3f} {rm:>10.3f} {diff:>+10.3f}")
-    diffs = [p["map50_abnormal"] - r["map50_abnormal"] for p, r in pairs]
-    mean = {
-        k: statistics.mean(x["map50_abnormal"] for x in results[k])
-        for k in ("pretrained", "random")
-    }
-    print(
-        f"{'mean':<6} {mean['pretrained']:>10.3f} {mean['random']:>10.3f} "
-        f"{statistics.mean(diffs):>+10.3f}  (pretrained ahead in {sum(d > 0 for d in diffs)} of "
-        f"{len(diffs)} seeds)"
-    )
-    t = cls.test
-    print(
-        f"classifier on {graded.name}: held-out AUC {t.auc:.3f} (95% CI {t.auc_ci_low:.3f}-"
-        f"{t.auc_ci_high:.3f}), sensitivity {t.sensitivity:.3f}, specificity {t.specificity:.3f}"
-        f" at threshold {cls.threshold:.3f} from validation; {t.n_pos} abnormal and {t.n_neg} "
-        "NILM test slides"
-    )
+    for init in inits:
+        per_seed = " ".join(f"{x['map50_abnormal']:.3f}" for x in results[init])
+        print(f"{init:<10} per seed {per_seed}")
+    if {"pretrained", "random"} <= set(inits):
+        pairs = list(zip(results["pretrained"], results["random"], strict=True))
+        print(f"{'seed':<6} {'pretrained':>10} {'random':>10} {'difference':>10}")
+        for p, r in pairs:
+            pm, rm = p["map50_abnormal"], r["map50_abnormal"]
+            print(f"{p['seed']:<6} {pm:>10.3f} {rm:>10.3f} {pm - rm:>+10.3f}")
+        diffs = [p["map50_abnormal"] - r["map50_abnormal"] for p, r in pairs]
+        mean = {
+            k: statistics.mean(x["map50_abnormal"] for x in results[k])
+            for k in ("pretrained", "random")
+        }
+        print(
+            f"{'mean':<6} {mean['pretrained']:>10.3f} {mean['random']:>10.3f} "
+            f"{statistics.mean(diffs):>+10.3f}  (pretrained ahead in "
+            f"{sum(d > 0 for d in diffs)} of {len(diffs)} seeds)"
+        )
+    if cls is not None:
+        t = cls.test
+        print(
+            f"classifier on {summary['graded_cohort']}: held-out AUC {t.auc:.3f} (95% CI "
+            f"{t.auc_ci_low:.3f}-{t.auc_ci_high:.3f}), sensitivity {t.sensitivity:.3f}, "
+            f"specificity {t.specificity:.3f} at threshold {cls.threshold:.3f} from validation; "
+            f"{t.n_pos} abnormal and {t.n_neg} NILM test slides"
+        )
     return 0
 
 

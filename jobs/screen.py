@@ -2,6 +2,7 @@
 tables out (docs/results.md).
 
     python -m jobs.screen --batch int-a/b1 --model classifier/latest
+    python -m jobs.screen --batch ext-a/b1 --batch ext-a/b2 --adapt smartccs
     python -m jobs.screen --config jobs/configs/screen-demo.yaml        # a whole cohort
 """
 
@@ -16,6 +17,7 @@ FLAGS = (
     JobFlag("--batch", "batches", "a batch id 'center/batch' or URI (repeatable)", repeat=True),
     JobFlag("--model", "model", "the classifier: 'name[/version]' or its URI"),
     JobFlag("--run-id", "run_id", "name this run (re-using one replaces its rows)"),
+    JobFlag("--adapt", "adapt", "test-time adaptation: none, smartccs or tent"),
 )
 
 

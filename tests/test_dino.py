@@ -337,3 +337,123 @@ def test_the_pretraining_step_adds_koleo_when_weighted():
         images = np.random.default_rng(0).integers(0, 255, (4, 48, 48, 3), dtype=np.uint8)
         losses[weight] = learner.step(images, 0, torch.Generator().manual_seed(0))
     assert np.isfinite(losses[1.0]) and losses[1.0] != losses[0.0]
+
+
+# -- iBOT masked patch prediction -----------------------------------------------------------
+
+
+def test_patch_masks_follow_the_ratio_and_the_seed():
+    from smartccs.train.dino import IbotConfig, patch_masks
+
+    cfg = IbotConfig(weight=1.0, mask_ratio=(0.2, 0.4), mask_p=0.5)
+    masks = patch_masks(200, 36, cfg, torch.Generator().manual_seed(0))
+    assert masks is not None and masks.shape == (200, 36) and masks.dtype == torch.bool
+    masked = masks.any(dim=1)
+    assert 0.35 < masked.float().mean() < 0.65  # mask_p of the images
+    share = masks[masked].float().mean(dim=1)
+    assert share.min() >= 7 / 36 and share.max() <= 15 / 36  # round(0.2..0.4 x 36)
+    again = patch_masks(200, 36, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again)
+    assert patch_masks(8, 36, cfg.model_copy(update={"mask_p": 0.0}), torch.Generator()) is None
+    with pytest.raises(ValueError):
+        IbotConfig(mask_ratio=(0.5, 0.2))
+
+
+def test_masked_patches_take_the_mask_token_and_only_they_change_at_the_input():
+    torch.manual_seed(0)
+    backbone = build_encoder(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+        dynamic_img_size=True,
+    )  # fmt: skip
+    net = MultiCropNet(backbone, DINOHead(32, SMALL), mask_token=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # unmasked, the token path is timm's own forward_features
+        torch.testing.assert_close(net.tokens(x), backbone.forward_features(x))
+        mask = torch.zeros(2, 16, dtype=torch.bool)
+        mask[0, :5] = True
+        masked = net.tokens(x, mask)
+        assert not torch.allclose(masked[0], net.tokens(x)[0])
+        torch.testing.assert_close(masked[1], net.tokens(x)[1])  # image 1 had no mask
+        # a masked patch no longer depends on its pixels
+        y = x.clone()
+        y[0, :, :8, :8] = 5.0  # patch 0 of image 0, which is masked
+        torch.testing.assert_close(net.tokens(y, mask), masked)
+        out = net([x, x, torch.randn(2, 3, 16, 16)], masks=[mask, None])
+    assert [o.shape for o in out] == [(2, SMALL.out_dim)] * 3
+    assert net.patch_outputs is not None
+    assert [p.shape for p in net.patch_outputs] == [(2, 16, SMALL.out_dim)] * 2
+    # the encoder artifact is the backbone alone: no mask token in its weights
+    assert not any("mask" in k for k in backbone.state_dict())
+    with pytest.raises(ValueError, match="mask_token"):
+        tiny_net(SMALL, seed=0).tokens(x, mask)
+
+
+def test_ibot_loss_reads_masked_positions_only_and_tracks_its_center():
+    from smartccs.train.dino import IbotConfig, IBOTPatchLoss
+
+    cfg = IbotConfig(weight=1.0, center_momentum=0.5)
+    loss_fn = IBOTPatchLoss(cfg, out_dim=8, student_temp=0.1)
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(3, 4, 8, generator=g) for _ in range(2)]
+    student = [torch.randn(3, 4, 8, generator=g) for _ in range(2)]
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, 1] = True
+    base = loss_fn(student, teacher, [mask, None])
+    assert base > 0
+    expected_center = 0.5 * torch.cat(teacher).reshape(-1, 8).mean(0)
+    torch.testing.assert_close(loss_fn.center.view(-1), expected_center)
+    changed = [s.clone() for s in student]
+    changed[0][0, 0] += 10  # an unmasked position of a masked image
+    changed[0][1] += 10  # an image without a mask
+    changed[1] += 10  # a view without a mask
+    loss_fn.center.copy_(torch.zeros(1, 1, 8))
+    again = loss_fn(changed, teacher, [mask, None])
+    torch.testing.assert_close(again, base)
+    assert loss_fn([s.clone() for s in student], teacher, [None, None]) == 0
+
+
+def test_the_pretraining_step_with_ibot_learns_patches_and_checkpoints_its_center():
+    from smartccs.models.artifacts import Architecture, Normalization
+    from smartccs.train.dino import IbotConfig
+    from smartccs.train.pretrain import Learner, PretrainConfig
+
+    arch = Architecture(
+        timm_name="vit_tiny_patch16_224",
+        kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                "dynamic_img_size": True},
+    )  # fmt: skip
+    cfg = PretrainConfig(
+        run_name="ibot", store={"uri": "/nonexistent"}, encoder=arch, batch_size=4,
+        crops=MultiCropConfig(global_size=32, local_size=16, n_local=1,
+                              normalization=Normalization()),
+        dino=DinoConfig(out_dim=32, hidden_dim=16, bottleneck_dim=8),
+        ibot=IbotConfig(weight=1.0, mask_p=1.0),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    learner = Learner(cfg, torch.device("cpu"))
+    learner.prepare()
+    assert learner.raw_student.mask_token is not None
+    images = toy_tiles(4, 48)
+    token = learner.raw_student.mask_token.detach().clone()
+    losses = [learner.step(images, i, torch.Generator().manual_seed(i)) for i in range(3)]
+    assert np.isfinite(losses).all()
+    assert not torch.equal(learner.raw_student.mask_token.detach(), token), "the token learns"
+    state = learner.state()
+    assert state["ibot_loss"]["center"].abs().sum() > 0
+    torch.manual_seed(1)
+    resumed = Learner(cfg, torch.device("cpu"))
+    resumed.load(state)
+    resumed.prepare()
+    assert resumed.ibot_loss is not None
+    torch.testing.assert_close(resumed.ibot_loss.center, learner.ibot_loss.center)
+    # the same next step from the same state: the resumed run continues the same run
+    a = learner.step(images, 3, torch.Generator().manual_seed(3))
+    b = resumed.step(images, 3, torch.Generator().manual_seed(3))
+    assert a == pytest.approx(b, rel=1e-5)
+    # the encoder artifact (the teacher's backbone) has the plain ViT's keys
+    plain = Learner(cfg.model_copy(update={"ibot": IbotConfig()}), torch.device("cpu"))
+    assert plain.ibot_loss is None and plain.raw_student.mask_token is None
+    assert (
+        learner.teacher.backbone.state_dict().keys() == plain.teacher.backbone.state_dict().keys()
+    )

@@ -142,15 +142,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
+    from smartccs.batches import resolve_batches
     from smartccs.raycluster import init_ray
-    from smartccs.screening.job import ScreenJobConfig, run_screen_job, summary_line
+    from smartccs.screening.job import ScreenJobConfig, resolve, run_screen_job, summary_line
 
-    raw = {"batches": args.batch or [], "model": args.model, "run_id": args.run_id}
+    raw = {
+        "batches": args.batch or [],
+        "model": args.model,
+        "run_id": args.run_id,
+        "adapt": args.adapt,
+    }
     if args.store:
         raw["store"] = {"uri": args.store}
     if args.min_squamous is not None:
         raw["screening"] = {"adequacy": {"min_squamous": args.min_squamous}}
     cfg = ScreenJobConfig.model_validate(raw)
+    store, ids, _ = resolve(cfg)
+    resolve_batches(store, ids)  # a wrong batch fails here, before a Ray starts
     init_ray(args.address)
     print(summary_line(run_screen_job(cfg)))
     return 0
@@ -245,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="store URI (default: the URIs' root, $CCS_STORE)")
     p.add_argument("--run-id", default=None, help="name the run (default: a new id)")
     p.add_argument("--min-squamous", type=int, default=None, help="adequacy minimum (Bethesda)")
+    p.add_argument(
+        "--adapt",
+        choices=("none", "smartccs", "tent"),
+        default=None,
+        help="test-time adaptation per center (docs/adaptation.md); default: none",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     p.set_defaults(func=cmd_screen)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,7 +29,8 @@ WEIGHTS_NAME = "weights.safetensors"
 CARD_NAME = "card.json"
 LATEST_NAME = "LATEST"
 
-Task = Literal["encoder", "detector", "classifier"]
+Task = Literal["encoder", "detector", "classifier", "adapted"]
+"""``adapted``: a center's test-time-adapted state (smartccs.adaptation.state)."""
 
 
 class Architecture(BaseModel):
@@ -89,10 +90,21 @@ def config_sha256(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_last: datetime | None = None
+
+
 def new_version(now: datetime | None = None) -> str:
-    """A version id that sorts by creation time, with a random tail so two saves never clash."""
+    """A version id that sorts by creation time (to the millisecond, and strictly increasing
+    within a process, so LATEST follows a quick succession of saves such as a center's adapted
+    states), with a random tail so two processes never clash."""
+    global _last
     now = now or datetime.now(UTC)
-    return validate_id(f"v{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", "model version")
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    if _last is not None and now <= _last:
+        now = _last + timedelta(milliseconds=1)
+    _last = now
+    stamp = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}"
+    return validate_id(f"v{stamp}-{secrets.token_hex(3)}", "model version")
 
 
 def is_committed(store: Store, name: str, version: str) -> bool:

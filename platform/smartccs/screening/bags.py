@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from smartccs.data.tiles import NO_TILE, STATUS_OK
-from smartccs.screening.cells import SECONDS, TILE_ROW
+from smartccs.screening.cells import AUG_EMBEDDING, SECONDS, TILE_ROW
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 N_CLASSES = len(ABNORMAL_CLASSES)
@@ -47,6 +47,7 @@ class SlideBag:
     background_fraction: float = float("nan")
     blur: float = float("nan")
     seconds: float = float("nan")  # worker compute spent on the slide (read, detect, embed)
+    aug_embeddings: np.ndarray | None = None  # (6, K, D): the same cells' augmented view (TTA)
 
     @property
     def key(self) -> SlideKey:
@@ -62,9 +63,9 @@ class SlideBag:
 
 
 class _Acc:
-    def __init__(self, k: int, dim: int):
+    def __init__(self, k: int, dim: int, views: int = 1):
         self.k, self.dim = k, dim
-        self.emb = [np.zeros((0, dim), np.float32) for _ in range(N_CLASSES)]
+        self.emb = [np.zeros((0, views * dim), np.float32) for _ in range(N_CLASSES)]
         self.score = [np.zeros(0, np.float32) for _ in range(N_CLASSES)]
         self.box = [np.zeros((0, 4), np.float64) for _ in range(N_CLASSES)]
         self.n_tiles = self.read = self.failed = self.squamous = 0
@@ -122,7 +123,7 @@ class _Acc:
 
     def bag(self, key: SlideKey) -> SlideBag:
         k = self.k
-        emb = np.zeros((N_CLASSES, k, self.dim), np.float32)
+        emb = np.zeros((N_CLASSES, k, self.emb[0].shape[1]), np.float32)
         score = np.zeros((N_CLASSES, k), np.float32)
         box = np.full((N_CLASSES, k, 4), np.nan)
         mask = np.zeros((N_CLASSES, k), bool)
@@ -141,7 +142,7 @@ class _Acc:
             errors.append("no tile of this slide could be read")
         return SlideBag(
             *key,
-            emb,
+            emb[..., : self.dim],
             score,
             box,
             mask,
@@ -154,21 +155,22 @@ class _Acc:
             background_fraction=self.bg_sum / self.qc_n if self.qc_n else float("nan"),
             blur=self.blur_sum / self.qc_n if self.qc_n else float("nan"),
             seconds=self.seconds,
+            aug_embeddings=emb[..., self.dim :] if emb.shape[-1] > self.dim else None,
         )
 
 
 class BagCollector:
     """Folds scorer output batches into bags, handing back each slide as soon as it completes."""
 
-    def __init__(self, top_k: int, dim: int):
-        self.top_k, self.dim = top_k, dim
+    def __init__(self, top_k: int, dim: int, views: int = 1):
+        self.top_k, self.dim, self.views = top_k, dim, views
         self._acc: dict[SlideKey, _Acc] = {}
         self._done: set[SlideKey] = set()
 
     def _get(self, key: SlideKey) -> _Acc:
         acc = self._acc.get(key)
         if acc is None:
-            acc = self._acc[key] = _Acc(self.top_k, self.dim)
+            acc = self._acc[key] = _Acc(self.top_k, self.dim, self.views)
         return acc
 
     def add(self, b: dict[str, np.ndarray]) -> tuple[list[SlideBag], int]:
@@ -188,8 +190,11 @@ class BagCollector:
                 new_tiles += acc.tile(b, i)
                 touched[key] = None
             elif int(b["tile_index"][i]) not in acc.seen:
+                emb = b["embedding"][i]
+                if self.views > 1:  # the augmented view rides along, cell by cell
+                    emb = np.concatenate([emb, b[AUG_EMBEDDING][i]])
                 acc.pending.setdefault(int(b["tile_index"][i]), []).append(
-                    (c, b["embedding"][i], float(b["score"][i]), b["box"][i])
+                    (c, emb, float(b["score"][i]), b["box"][i])
                 )
         done = [key for key in touched if self._acc[key].complete]
         return [self._pop(key) for key in done], new_tiles
@@ -213,9 +218,10 @@ def iter_bags(
     dim: int,
     expected: Iterable[SlideKey] = (),
     total_tiles: int | None = None,
+    views: int = 1,
 ) -> Iterator[SlideBag]:
     """Bags in the order slides complete, then the incomplete and missing ones."""
-    collector = BagCollector(top_k, dim)
+    collector = BagCollector(top_k, dim, views)
     with tqdm(desc="screening tiles", unit="tile", total=total_tiles, disable=None) as bar:
         for b in batches:
             done, tiles = collector.add(b)

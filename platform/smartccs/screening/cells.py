@@ -41,6 +41,9 @@ TILE_ROW = -1
 SLIDE_COLUMNS = ("center", "batch", "slide_id", "n_tiles")
 QC_COLUMNS = ("slide_mpp", "background_fraction", "blur")
 """Copied from the tile row onto its summary row only (NaN on cell rows)."""
+AUG_EMBEDDING = "embedding_aug"
+"""With ``views=2``: each cell's embedding under a random flip and 90° rotation of its crop,
+the augmented view test-time adaptation contrasts with (zeros on summary rows)."""
 SECONDS = "seconds"
 """On a summary row: the tile's share of the actor's time on its batch (read, detect, crop,
 embed). Summed per slide it is the compute the slide cost, which a streaming pipeline cannot
@@ -96,6 +99,17 @@ def crop_cells(
     return batch
 
 
+def dihedral(crops: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each crop flipped or not and turned by a multiple of 90°, reproducibly per ``seed``:
+    a cell has no up, so these views must embed alike."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c, t in zip(crops, torch.randint(1, 8, (len(crops),), generator=g).tolist(), strict=True):
+        c = torch.flip(c, dims=(-1,)) if t >= 4 else c  # never the identity: 7 of the 8
+        out.append(torch.rot90(c, t % 4, dims=(-2, -1)))
+    return torch.stack(out)
+
+
 class CellScorer:
     """Ray Data actor: tiles in, cell rows (detection + embedding) and tile rows out."""
 
@@ -107,6 +121,8 @@ class CellScorer:
         threads: int = 1,
         device: str | None = None,
         stream: StreamConfig | None = None,
+        views: int = 1,
+        norms: dict[str, np.ndarray] | None = None,
     ):
         torch.set_num_threads(max(1, threads))
         store = Store(store_config)
@@ -115,7 +131,12 @@ class CellScorer:
         self.card, state = load_model(store, detector.name, detector.version)
         self.detector = build_detector(self.card)
         self.detector.load_state_dict(state)
+        if norms:  # a center's adapted normalisation layers (tent)
+            from smartccs.adaptation.tent import apply_norms
+
+            apply_norms(self.detector, {k: torch.as_tensor(v) for k, v in norms.items()})
         self.detector.eval().to(self.device)
+        self.views = views
         enc = encoder_ref(self.card)
         self.encoder_card, enc_state = load_model(store, enc.name, enc.version)
         self.encoder = build_from(self.encoder_card.architecture)
@@ -166,6 +187,10 @@ class CellScorer:
                     crops = normalize(crops, self.encoder_card.normalization).to(self.device)
                     with self._autocast():
                         emb = self.encoder(crops).float().cpu().numpy()
+                        if self.views > 1:
+                            seed = int(batch["tile_index"][i])
+                            aug = self.encoder(dihedral(crops, seed)).float().cpu().numpy()
+                            emb = np.concatenate([emb, aug], axis=1)
                     level0 = self._level0(batch, i, boxes)
                     for j in range(len(keep)):
                         _append(
@@ -184,14 +209,17 @@ class CellScorer:
             _append(
                 rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error, squamous, qc
             )
-            emb_rows.append(np.zeros(self.dim, np.float32))
+            emb_rows.append(np.zeros(self.dim * self.views, np.float32))
         out = {k: np.asarray(v) for k, v in rows.items()}
         tile_rows = out["class_index"] == TILE_ROW
         out[SECONDS] = np.where(
             tile_rows, (time.perf_counter() - t0) / max(1, int(tile_rows.sum())), np.nan
         )
         out["box"] = np.stack(rows["box"]).astype(np.float64)
-        out["embedding"] = np.stack(emb_rows).astype(np.float32)
+        emb = np.stack(emb_rows).astype(np.float32)
+        out["embedding"] = emb[:, : self.dim]
+        if self.views > 1:
+            out[AUG_EMBEDDING] = emb[:, self.dim :]
         return out
 
     def _autocast(self):

@@ -20,10 +20,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from smartccs.adaptation.config import AdaptConfig
 from smartccs.batches import BatchRef
 from smartccs.data.tiles import StreamConfig, plan_stream, slide_rows, tile_stream
 from smartccs.ids import Id
@@ -72,6 +74,8 @@ def cell_stream(
     cells: CellConfig,
     stream: StreamConfig,
     pool: ScorerPool,
+    views: int = 1,
+    norms: dict[str, Any] | None = None,
 ):
     """A Ray Dataset of cell rows and tile summary rows (see ``screening.cells``) for ``rows``.
 
@@ -90,6 +94,8 @@ def cell_stream(
         "detector": detector,
         "cells": cells,
         "threads": max(1, int(pool.cpus)),
+        "views": views,
+        "norms": {k: np.asarray(v) for k, v in (norms or {}).items()} or None,
     }
     if pool.fused:
         source = plan_stream(rows, store.config, stream)
@@ -119,14 +125,17 @@ def screen_bags(
     stream: StreamConfig,
     pool: ScorerPool,
     top_k: int,
+    views: int = 1,
+    norms: dict[str, Any] | None = None,
 ) -> Iterator[SlideBag]:
     """Each slide's bag as soon as its last tile is scored, then any incomplete ones."""
-    ds = cell_stream(store, rows, detector, cells, stream, pool)
+    ds = cell_stream(store, rows, detector, cells, stream, pool, views=views, norms=norms)
     yield from iter_bags(
         ds.iter_batches(batch_size=256, batch_format="numpy"),
         top_k=top_k,
         dim=embedding_dim(store, detector),
         expected=_keys(rows),
+        views=views,
     )
 
 
@@ -140,6 +149,7 @@ class ScreeningConfig(BaseModel):
     stream: StreamConfig = StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25)
     scorers: ScorerPool = ScorerPool()
     adequacy: AdequacyConfig = AdequacyConfig()
+    adapt: AdaptConfig = AdaptConfig()
 
 
 class BatchOutcome(BaseModel):
@@ -157,24 +167,36 @@ class BatchOutcome(BaseModel):
     positive: int
     cells: int
     commit: ResultCommit
+    adaptation: str | None = None
 
 
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("screen-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
 
 
+def _manifest_order(ref: BatchRef, bags: Iterable[SlideBag]) -> list[SlideBag]:
+    order = {s.slide_id: i for i, s in enumerate(ref.manifest.slides)}
+    return sorted(bags, key=lambda b: order.get(b.slide_id, len(order)))
+
+
 def _publish(
     store: Store,
     ref: BatchRef,
     bags: list[SlideBag],
+    probs: np.ndarray,
+    adaptation: str | None,
     classifier: SlideClassifier,
     cfg: ScreeningConfig,
     run_id: str,
 ) -> BatchOutcome:
-    order = {s.slide_id: i for i, s in enumerate(ref.manifest.slides)}
-    bags = sorted(bags, key=lambda b: order.get(b.slide_id, len(order)))
-    probs = classifier.predict(bags)
-    slides = slides_table(bags, probs, run_id=run_id, classifier=classifier, adequacy=cfg.adequacy)
+    slides = slides_table(
+        bags,
+        probs,
+        run_id=run_id,
+        classifier=classifier,
+        adequacy=cfg.adequacy,
+        adaptation=adaptation,
+    )
     cells = cells_table(bags, run_id=run_id)
     commit = write_batch_results(store, ref.center, ref.batch, run_id, slides, cells)
     status = slides.column("status").to_pylist()
@@ -189,6 +211,7 @@ def _publish(
         positive=sum(bool(v) for v in slides.column("positive").to_pylist()),
         cells=cells.num_rows,
         commit=commit,
+        adaptation=adaptation,
     )
     log.info(
         "published %s/%s: %d slides (%d screened, %d inadequate, %d failed), %d positive, "
@@ -206,45 +229,95 @@ def _publish(
     return outcome
 
 
+class Adapters(Protocol):
+    """Where centers' adapted states live: in this process for the batch job
+    (``smartccs.adaptation.adapter.LocalAdapters``), a multiplexed deployment for the service."""
+
+    def norms(self, center: str) -> dict[str, Any]: ...
+
+    def adapt(
+        self, center: str, batch: str, bags: list[SlideBag], norms: dict[str, Any] | None
+    ) -> tuple[np.ndarray, str, dict[str, float]]: ...
+
+
 def screen_batches(
     store: Store,
     refs: Iterable[BatchRef],
     cfg: ScreeningConfig,
     run_id: str | None = None,
     on_batch: Callable[[BatchOutcome], None] | None = None,
+    on_slide: Callable[[SlideBag], None] | None = None,
+    adapters: Adapters | None = None,
 ) -> list[BatchOutcome]:
-    """Screen committed batches and publish each one's tables as soon as it is complete."""
+    """Screen committed batches and publish each one's tables as soon as it is complete.
+
+    With adaptation, batches run one after another in the order given, so each center's
+    batches adapt in order, each starting from the state the one before it left.
+    """
     refs = list(refs)
     run_id = run_id or new_run_id()
     # resolves 'latest' once; classifier.ref is the pinned version
     ref = ModelRef(name=cfg.classifier_model, version=cfg.classifier_version)
     classifier = SlideClassifier(store, ref)
-    rows = slide_rows(refs)
-    by_batch = {(r.center, r.batch): r for r in refs}
-    waiting: dict[tuple[str, str], set[str]] = {
-        (r.center, r.batch): {s.slide_id for s in r.manifest.slides} for r in refs
-    }
-    done: dict[tuple[str, str], list[SlideBag]] = {k: [] for k in waiting}
     log.info(
-        "run %s: screening %d slides in %d batches with %s/%s (detector %s/%s)",
+        "run %s: screening %d slides in %d batches with %s/%s (detector %s/%s), adaptation %s",
         run_id,
-        len(rows),
+        sum(len(r.manifest.slides) for r in refs),
         len(refs),
         classifier.ref.name,
         classifier.ref.version,
         classifier.detector.name,
         classifier.detector.version,
+        cfg.adapt.method,
     )
     t0 = time.perf_counter()
     outcomes: list[BatchOutcome] = []
+
+    def publish(ref: BatchRef, bags: list[SlideBag], probs: np.ndarray, label: str | None):
+        outcome = _publish(store, ref, bags, probs, label, classifier, cfg, run_id)
+        outcomes.append(outcome)
+        if on_batch:
+            on_batch(outcome)
+
+    if cfg.adapt.method == "none":
+        for ref, bags in _stream_batches(store, refs, classifier, cfg, on_slide):
+            publish(ref, bags, classifier.predict(bags), None)
+    else:
+        if adapters is None:
+            from smartccs.adaptation.adapter import LocalAdapters
+
+            adapters = LocalAdapters(store, classifier, cfg.adapt)
+        for ref in refs:
+            bags, norms = _adapted_stream(store, ref, classifier, cfg, adapters, on_slide)
+            probs, label, _ = adapters.adapt(ref.center, ref.batch, bags, norms)
+            publish(ref, bags, probs, label)
+    log.info("run %s: %d batches in %.1f s", run_id, len(outcomes), time.perf_counter() - t0)
+    return outcomes
+
+
+def _stream_batches(
+    store: Store,
+    refs: list[BatchRef],
+    classifier: SlideClassifier,
+    cfg: ScreeningConfig,
+    on_slide: Callable[[SlideBag], None] | None,
+    **stream_options: Any,
+) -> Iterator[tuple[BatchRef, list[SlideBag]]]:
+    """One stream over every batch; each batch's bags, in manifest order, once complete."""
+    by_batch = {(r.center, r.batch): r for r in refs}
+    waiting: dict[tuple[str, str], set[str]] = {
+        (r.center, r.batch): {s.slide_id for s in r.manifest.slides} for r in refs
+    }
+    done: dict[tuple[str, str], list[SlideBag]] = {k: [] for k in waiting}
     bags = screen_bags(
         store,
-        rows,
+        slide_rows(refs),
         classifier.detector,
         classifier.cells,
         cfg.stream,
         cfg.scorers,
         classifier.top_k,
+        **stream_options,
     )
     for bag in bags:
         key = (bag.center, bag.batch)
@@ -252,10 +325,40 @@ def screen_batches(
             continue
         waiting[key].discard(bag.slide_id)
         done[key].append(bag)
+        if on_slide:
+            on_slide(bag)
         if not waiting[key]:
-            outcome = _publish(store, by_batch[key], done.pop(key), classifier, cfg, run_id)
-            outcomes.append(outcome)
-            if on_batch:
-                on_batch(outcome)
-    log.info("run %s: %d batches in %.1f s", run_id, len(outcomes), time.perf_counter() - t0)
-    return outcomes
+            yield by_batch[key], _manifest_order(by_batch[key], done.pop(key))
+
+
+def _adapted_stream(
+    store: Store,
+    ref: BatchRef,
+    classifier: SlideClassifier,
+    cfg: ScreeningConfig,
+    adapters: Adapters,
+    on_slide: Callable[[SlideBag], None] | None,
+) -> tuple[list[SlideBag], dict[str, Any] | None]:
+    """One batch's bags under its center's adaptation; tent first adapts the detector's norms
+    on a sample of the batch's tiles, in a task with a scorer's resources."""
+    import ray
+
+    norms = adapters.norms(ref.center) or None
+    if cfg.adapt.method == "tent":
+        from smartccs.adaptation.tent import tent_batch
+
+        task = ray.remote(tent_batch).options(
+            num_cpus=cfg.scorers.cpus, num_gpus=cfg.scorers.gpus or None
+        )
+        norms, stats = ray.get(
+            task.remote(
+                store.config, classifier.detector, slide_rows([ref]), cfg.stream, norms, cfg.adapt
+            )
+        )
+        log.info(
+            "tent %s/%s: %s", ref.center, ref.batch, {k: round(v, 4) for k, v in stats.items()}
+        )
+    views = 2 if cfg.adapt.method == "smartccs" else 1
+    streamed = _stream_batches(store, [ref], classifier, cfg, on_slide, views=views, norms=norms)
+    bags = next((bags for _, bags in streamed), [])
+    return bags, norms if cfg.adapt.method == "tent" else None

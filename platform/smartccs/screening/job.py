@@ -12,6 +12,7 @@ import logging
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs import layout
+from smartccs.adaptation.config import Method
 from smartccs.batches import resolve_batches
 from smartccs.errors import CCSError
 from smartccs.screening.engine import BatchOutcome, ScreeningConfig, screen_batches
@@ -38,6 +39,9 @@ class ScreenJobConfig(BaseModel):
         "null: screening.classifier_model at its latest version",
     )
     run_id: str | None = Field(default=None, description="null: a new id per run")
+    adapt: Method | None = Field(
+        default=None, description="test-time adaptation; null: screening.adapt.method"
+    )
     screening: ScreeningConfig = ScreeningConfig()
 
 
@@ -67,6 +71,9 @@ def resolve(cfg: ScreenJobConfig) -> tuple[Store, list[str], ScreeningConfig]:
             roots.add(root)
         ids.append("/".join(parts))
     screening = cfg.screening
+    if cfg.adapt is not None:
+        adapt = screening.adapt.model_copy(update={"method": cfg.adapt})
+        screening = screening.model_copy(update={"adapt": adapt})
     if cfg.model:
         root, parts = layout.locate(cfg.model, "models")
         if len(parts) not in (1, 2) or not all(parts):
@@ -100,8 +107,10 @@ def summary_line(result: ScreenJobResult) -> str:
     pos = sum(b.positive for b in result.batches)
     failed = sum(b.failed for b in result.batches)
     inadequate = sum(b.inadequate for b in result.batches)
+    adapted = sorted({b.adaptation for b in result.batches if b.adaptation})
+    how = f", adapted ({', '.join(adapted)})" if adapted else ""
     return (
-        f"run {result.run_id}: {n} slides in {len(result.batches)} batches screened "
+        f"run {result.run_id}{how}: {n} slides in {len(result.batches)} batches screened "
         f"({pos} positive, {inadequate} inadequate, {failed} failed); tables under "
         f"{result.store.rstrip('/')}/results/"
     )

@@ -22,7 +22,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from tqdm.auto import tqdm
 
 from smartccs import layout
-from smartccs.batches import manifests_sha256, resolve_batches
+from smartccs.batches import BatchRef, manifests_sha256, resolve_batches
 from smartccs.data.tiles import STATUS_OK, StreamConfig, tile_stream
 from smartccs.errors import CCSError
 from smartccs.ids import Id
@@ -98,6 +98,13 @@ class DetectorConfig(RunFields):
     augment: AugmentConfig = AugmentConfig()
     loss: LossConfig = LossConfig()
     split: SplitConfig = SplitConfig()
+    train_slides: int | None = Field(
+        default=None,
+        ge=1,
+        description="label budget: train on only this many of the split's training slides "
+        "(None: all). Taken in the split's seeded order, round-robin over center x "
+        "normal/abnormal, so a small budget still spans centers and grades; test unchanged",
+    )
     backbone_lr_scale: float = Field(default=1.0, ge=0, description="backbone lr / head lr")
     other_tiles: float = Field(
         default=0.1,
@@ -451,6 +458,38 @@ def evaluate_detector(
     )
 
 
+def _budget_rank(row: dict[str, Any], seed: int) -> bytes:
+    key = f"budget:{seed}:{row['center']}:{row['batch']}:{row['slide_id']}"
+    return hashlib.sha256(key.encode()).digest()
+
+
+def label_budget(
+    rows: list[dict[str, Any]], refs: list[BatchRef], n: int, seed: int
+) -> list[dict[str, Any]]:
+    """The first ``n`` of these training slides, for a label-budget ablation.
+
+    Slides are ordered within each stratum (center x normal/abnormal) by a hash of their
+    identity and the split seed, and the strata are taken in turn, so the budget spans centers
+    and both classes; a larger budget always contains a smaller one.
+    """
+    grades = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
+    strata: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        key = (row["center"], row["batch"], row["slide_id"])
+        strata[(row["center"], (grades.get(key) or "NILM") != "NILM")].append(row)
+    queues = []
+    for stratum in sorted(strata):
+        members = strata[stratum]
+        members.sort(key=lambda r: _budget_rank(r, seed))
+        queues.append(members)
+    out: list[dict[str, Any]] = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
 def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     """Train (or resume) the run, score the held-out slides, save the detector artifact."""
     store = Store(cfg.store)
@@ -465,6 +504,8 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
         }
     )
     splits = split_rows(refs, cfg.split)
+    if cfg.train_slides is not None:
+        splits["train"] = label_budget(splits["train"], refs, cfg.train_slides, cfg.split.seed)
     if not splits["train"] or not splits["test"]:
         raise CCSError(
             f"need slides in both train and test splits, got {len(splits['train'])} and "

@@ -6,6 +6,12 @@ exponential moving average of the student (momentum rising to 1 over training), 
 it a slowly improving ensemble. Collapse is avoided by centering the teacher's outputs (an EMA
 of their batch mean is subtracted) and sharpening them (a low temperature, warmed up from a
 softer one). Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", 2021.
+
+DINO's loss reads only the class token, while the detector reads the patch tokens. The optional
+iBOT term (Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", 2022) trains
+those too: some of the student's global views have patches replaced by a learned mask token,
+and at the masked positions the student predicts the teacher's (unmasked) patch distribution
+through the same head, centered and sharpened like the class-token targets.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -53,6 +59,31 @@ class DinoConfig(BaseModel):
     )
 
 
+class IbotConfig(BaseModel):
+    """iBOT's masked patch prediction on the global views (weight 0: plain DINO)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float = Field(default=0.0, ge=0, description="weight of the patch term; 0 = off")
+    mask_ratio: tuple[float, float] = Field(
+        default=(0.1, 0.5), description="share of a masked view's patches masked, drawn per view"
+    )
+    mask_p: float = Field(default=0.5, ge=0, le=1, description="chance a global view is masked")
+    teacher_temp: float = Field(default=0.04, gt=0, description="patch targets' temperature")
+    center_momentum: float = Field(default=0.9, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ratio(self) -> IbotConfig:
+        lo, hi = self.mask_ratio
+        if not 0 <= lo <= hi < 1:
+            raise ValueError(f"mask_ratio must satisfy 0 <= low <= high < 1, got {self.mask_ratio}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+
 class DINOHead(nn.Module):
     """MLP, L2-normalized bottleneck, then a weight-normalized linear layer onto prototypes.
 
@@ -83,29 +114,102 @@ class DINOHead(nn.Module):
 
 
 class MultiCropNet(nn.Module):
-    """Backbone + head over a list of views; views of one size go through the backbone at once."""
+    """Backbone + head over a list of views; views of one size go through the backbone at once.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    With ``mask_token`` (iBOT), the net owns a learned token that replaces masked patch
+    embeddings; it is not part of the backbone, so the saved encoder is the plain ViT.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, mask_token: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.mask_token: nn.Parameter | None = None
+        if mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, int(backbone.num_features)))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     global_features: torch.Tensor | None = None
     """Backbone embeddings of the first group of views (the global crops) of the last call."""
+    patch_outputs: list[torch.Tensor] | None = None
+    """Head outputs (B, N, out_dim) on the patch tokens of each global view, when asked for."""
 
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    def tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The ViT's output tokens (B, prefix + N, C); ``mask`` (B, N) patches get the mask token.
+
+        The same steps as timm's ``VisionTransformer.forward_features``, with the mask applied
+        to the patch embeddings before the position embedding is added.
+        """
+        bb = self.backbone
+        x = bb.patch_embed(x)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("masked views need a net built with mask_token=True")
+            m = mask.reshape(*x.shape[:-1], 1)
+            x = torch.where(m, self.mask_token.to(x.dtype), x)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        x = bb.norm_pre(x)
+        x = bb.blocks(x)
+        return bb.norm(x)
+
+    def forward(
+        self,
+        views: list[torch.Tensor],
+        masks: list[torch.Tensor | None] | None = None,
+        patches: bool = False,
+    ) -> list[torch.Tensor]:
+        """Head outputs per view. ``masks`` (one per global view) and ``patches`` make the
+        global views also yield their patch tokens' head outputs, in ``patch_outputs``."""
         outputs: list[torch.Tensor] = []
+        self.patch_outputs = None
         start = 0
         while start < len(views):
             end = start
             while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
                 end += 1
-            feats = self.backbone(torch.cat(views[start:end]))
+            x = torch.cat(views[start:end])
+            if start == 0 and (patches or masks is not None):
+                n = end - start
+                mask = None
+                if masks is not None and any(m is not None for m in masks):
+                    grid = [v.shape[-2] // self.patch_size * (v.shape[-1] // self.patch_size)
+                            for v in views[start:end]]  # fmt: skip
+                    mask = torch.cat(
+                        [
+                            m if m is not None else torch.zeros(len(v), g, dtype=torch.bool)
+                            for m, v, g in zip(masks, views[start:end], grid, strict=True)
+                        ]
+                    ).to(x.device)
+                tokens = self.tokens(x, mask)
+                feats = self.backbone.forward_head(tokens)
+                prefix = self.backbone.num_prefix_tokens
+                self.patch_outputs = list(self.head(tokens[:, prefix:]).chunk(n))
+            else:
+                feats = self.backbone(x)
             if start == 0:
                 self.global_features = feats
             outputs += list(self.head(feats).chunk(end - start))
             start = end
         return outputs
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.backbone.patch_embed.patch_size[0])
+
+
+def patch_masks(n: int, grid: int, cfg: IbotConfig, g: torch.Generator) -> torch.Tensor | None:
+    """(n, grid) boolean masks for one global view's batch: each image is masked with chance
+    ``mask_p``, then a share drawn from ``mask_ratio`` of its patches, chosen at random."""
+    masks = torch.zeros(n, grid, dtype=torch.bool)
+    lo, hi = cfg.mask_ratio
+    for i in range(n):
+        if not bool(torch.rand(1, generator=g) < cfg.mask_p):
+            continue
+        ratio = lo + (hi - lo) * float(torch.rand(1, generator=g))
+        k = max(1, round(ratio * grid))
+        masks[i, torch.randperm(grid, generator=g)[:k]] = True
+    return masks if masks.any() else None
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -172,6 +276,51 @@ class DINOLoss(nn.Module):
         """EMA of the teacher's mean output, averaged over all workers."""
         total = teacher_out.sum(dim=0, keepdim=True)
         count = torch.tensor([teacher_out.shape[0]], dtype=total.dtype, device=total.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        m = self.cfg.center_momentum
+        self.center.mul_(m).add_(total / count, alpha=1 - m)
+
+
+class IBOTPatchLoss(nn.Module):
+    """Cross-entropy between teacher and student patch distributions at masked positions.
+
+    Per view, the teacher's patch outputs (unmasked view) are centered with their own EMA
+    center and sharpened; the student's are read at the positions its view had masked. The
+    loss of an image is the mean over its masked patches; images without a mask count 0, and
+    the result is the mean over the images of the global views (as in iBOT).
+    """
+
+    def __init__(self, cfg: IbotConfig, out_dim: int, student_temp: float):
+        super().__init__()
+        self.cfg, self.student_temp = cfg, student_temp
+        self.register_buffer("center", torch.zeros(1, 1, out_dim))
+
+    def forward(
+        self,
+        student_patches: list[torch.Tensor],
+        teacher_patches: list[torch.Tensor],
+        masks: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        total, images = student_patches[0].new_zeros(()), 0
+        for s, t, m in zip(student_patches, teacher_patches, masks, strict=True):
+            images += len(s)
+            if m is None:
+                continue
+            m = m.to(s.device, torch.float32)
+            target = F.softmax((t.float() - self.center) / self.cfg.teacher_temp, dim=-1).detach()
+            ce = torch.sum(-target * F.log_softmax(s.float() / self.student_temp, dim=-1), dim=-1)
+            total = total + (torch.sum(ce * m, dim=-1) / m.sum(dim=-1).clamp(min=1.0)).sum()
+        self.update_center(torch.cat(teacher_patches))
+        return total / max(1, images)
+
+    @torch.no_grad()
+    def update_center(self, teacher_patches: torch.Tensor) -> None:
+        """EMA of the teacher's mean patch output, averaged over all workers."""
+        flat = teacher_patches.float().reshape(-1, teacher_patches.shape[-1])
+        total = flat.sum(dim=0).view(1, 1, -1)
+        count = torch.tensor([flat.shape[0]], dtype=total.dtype, device=total.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
             dist.all_reduce(count)

@@ -33,10 +33,13 @@ from smartccs.train.dino import (
     DinoConfig,
     DINOHead,
     DINOLoss,
+    IbotConfig,
+    IBOTPatchLoss,
     MultiCropNet,
     ema_update,
     koleo_loss,
     make_teacher,
+    patch_masks,
     teacher_momentum,
 )
 from smartccs.train.loop import (
@@ -62,6 +65,11 @@ class PretrainConfig(RunFields):
     encoder: Architecture = DEMO_ENCODER
     crops: MultiCropConfig = MultiCropConfig()
     dino: DinoConfig = DinoConfig()
+    ibot: IbotConfig = Field(
+        default=IbotConfig(),
+        description="iBOT masked patch prediction beside DINO (trains the patch tokens the "
+        "detector reads); weight 0 = off",
+    )
     stream: StreamConfig = StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25)
     normalization_tiles: int = Field(
         default=256, ge=1, description="tiles to estimate crops.normalization from when 'auto'"
@@ -90,7 +98,8 @@ class PretrainResult(BaseModel):
 
 def _build(cfg: PretrainConfig) -> tuple[MultiCropNet, MultiCropNet]:
     backbone = build_from(cfg.encoder)
-    student = MultiCropNet(backbone, DINOHead(embed_dim(backbone), cfg.dino))
+    head = DINOHead(embed_dim(backbone), cfg.dino)
+    student = MultiCropNet(backbone, head, mask_token=cfg.ibot.enabled)
     return student, make_teacher(student)
 
 
@@ -108,6 +117,11 @@ class Learner:
         self.device = device
         student, self.teacher = _build(cfg)
         self.loss_fn = DINOLoss(cfg.dino)
+        self.ibot_loss = (
+            IBOTPatchLoss(cfg.ibot, cfg.dino.out_dim, cfg.dino.student_temp)
+            if cfg.ibot.enabled
+            else None
+        )
         self.params = [p for p in student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
@@ -124,29 +138,50 @@ class Learner:
         self.raw_student = getattr(self.student, "module", self.student)
         self.teacher.to(self.device)
         self.loss_fn.to(self.device)
+        if self.ibot_loss is not None:
+            self.ibot_loss.to(self.device)
 
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "student": self.raw_student.state_dict(),
             "teacher": self.teacher.state_dict(),
             "optimizer": self.opt.state_dict(),
             "loss": self.loss_fn.state_dict(),
         }
+        if self.ibot_loss is not None:
+            state["ibot_loss"] = self.ibot_loss.state_dict()
+        return state
 
     def load(self, state: dict[str, Any]) -> None:
         self.raw_student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         self.opt.load_state_dict(state["optimizer"])
         self.loss_fn.load_state_dict(state["loss"])
+        if self.ibot_loss is not None:
+            self.ibot_loss.load_state_dict(state["ibot_loss"])
 
     def step(self, images: np.ndarray, step: int, gen: torch.Generator) -> float:
         """One DINO step on a batch of uint8 tiles; returns the loss."""
         cfg = self.cfg
         views = [v.to(self.device, non_blocking=True) for v in multi_crop(images, cfg.crops, gen)]
+        masks = None
+        if self.ibot_loss is not None:
+            patch = self.raw_student.patch_size
+            grid = (views[0].shape[-2] // patch) * (views[0].shape[-1] // patch)
+            masks = [patch_masks(len(v), grid, cfg.ibot, gen) for v in views[:2]]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             with torch.no_grad():
-                teacher_out = self.teacher(views[:2])
-            loss = self.loss_fn(self.student(views), teacher_out, step)
+                teacher_out = self.teacher(views[:2], patches=masks is not None)
+            loss = self.loss_fn(self.student(views, masks=masks), teacher_out, step)
+            if self.ibot_loss is not None and masks is not None:
+                s_patches, t_patches = self.raw_student.patch_outputs, self.teacher.patch_outputs
+                assert s_patches is not None and t_patches is not None
+                loss = loss + cfg.ibot.weight * self.ibot_loss(s_patches, t_patches, masks)
+                # the mask token takes part in every step, masked or not (DDP wants every
+                # parameter in the graph)
+                token = self.raw_student.mask_token
+                assert token is not None
+                loss = loss + 0.0 * token.sum()
             if cfg.dino.koleo_weight:
                 feats = self.raw_student.global_features
                 assert feats is not None

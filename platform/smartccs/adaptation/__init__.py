@@ -1,0 +1,1 @@
+"""Test-time adaptation: the model follows each center's staining and scanning at inference."""

@@ -1,0 +1,140 @@
+"""Tent on the detector: entropy minimisation of its normalisation layers on a batch's tiles.
+
+A new center's stain and scanner move the statistics every layer sees; the MIL head only sees
+the cells the detector already picked. Tent (Wang et al., ICLR 2021) adapts only the affine
+parameters of the normalisation layers, here of the ViT backbone and the detection neck, by
+making the detector's class decisions on the tile's most cell-like locations more certain.
+Glass locations are left out on purpose: their entropy is lowest for "no cell anywhere".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from smartccs.adaptation.config import AdaptConfig
+from smartccs.adaptation.contrastive import relative_drift
+from smartccs.data.tiles import STATUS_OK, StreamConfig, TileReader, plan_slide
+from smartccs.models.artifacts import load_model
+from smartccs.models.detector import CellDetector, build_detector, preprocess
+from smartccs.screening.cells import ModelRef
+from smartccs.store import Store, StoreConfig
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The affine weights and biases of every normalisation layer, by state-dict name."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _NORMS):
+            for pname, p in module.named_parameters(recurse=False):
+                found[f"{name}.{pname}" if name else pname] = p
+    return found
+
+
+def apply_norms(model: nn.Module, norms: dict[str, torch.Tensor]) -> None:
+    """Load adapted norm parameters over a model's own (strictly: every name must exist)."""
+    params = norm_parameters(model)
+    unknown = set(norms) - set(params)
+    if unknown:
+        raise KeyError(f"not norm parameters of this model: {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        for k, v in norms.items():
+            params[k].copy_(v)
+
+
+def sample_tiles(
+    store_config: StoreConfig, rows: list[dict[str, Any]], stream: StreamConfig, n: int
+) -> np.ndarray:
+    """Up to ``n`` tiles spread evenly over a batch's slides, read at the stream's tiling."""
+    planned = [
+        t
+        for r in rows
+        for t in plan_slide(r, store_config=store_config, cfg=stream)
+        if t["status"] == STATUS_OK
+    ]
+    if not planned:
+        return np.zeros((0, stream.tiling.tile_px, stream.tiling.tile_px, 3), np.uint8)
+    pick = np.unique(np.linspace(0, len(planned) - 1, min(n, len(planned))).round().astype(int))
+    chosen = [planned[i] for i in pick]
+    batch = {k: np.asarray([t[k] for t in chosen]) for k in chosen[0]}
+    read = TileReader(store_config, stream)(batch)
+    return read["image"][read["status"] == STATUS_OK]
+
+
+def entropy_loss(detector: CellDetector, x: torch.Tensor, locations: int) -> torch.Tensor:
+    """Mean class entropy over each tile's ``locations`` most cell-like feature positions."""
+    logits, _ = detector(x)
+    b, c = logits.shape[:2]
+    flat = logits.float().permute(0, 2, 3, 1).reshape(b, -1, c)
+    k = min(locations, flat.shape[1])
+    top = flat.sigmoid().amax(-1).topk(k, dim=1).indices  # (B, k)
+    chosen = torch.gather(flat, 1, top.unsqueeze(-1).expand(-1, -1, c))
+    p = torch.softmax(chosen, dim=-1)
+    return -(p * torch.log(p.clamp_min(1e-8))).sum(-1).mean()
+
+
+def tent_adapt(
+    detector: CellDetector,
+    tiles: np.ndarray,
+    input_px: int,
+    normalization,
+    norms: dict[str, torch.Tensor],
+    cfg: AdaptConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Adapted norm parameters (starting from ``norms``, else the detector's own) and stats.
+
+    ``detector`` must hold the source weights: the drift bound is measured from them.
+
+    Past the drift bound the source parameters come back (a reset, reported in the stats).
+    """
+    t = cfg.tent
+    params = norm_parameters(detector)
+    source = {k: v.detach().clone() for k, v in params.items()}
+    if norms:
+        apply_norms(detector, norms)
+    for p in detector.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    detector.train()  # LayerNorm/GroupNorm behave alike in train and eval: no batch stats
+    opt = torch.optim.Adam(params.values(), lr=t.lr)
+    losses = []
+    for _ in range(t.steps):
+        for i in range(0, len(tiles), t.batch_size):
+            x = preprocess(tiles[i : i + t.batch_size], input_px, normalization)
+            loss = entropy_loss(detector, x, t.locations)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    detector.eval()
+    adapted = {k: v.detach().clone() for k, v in params.items()}
+    drift = relative_drift(adapted, source)
+    stats = {"tiles": float(len(tiles)), "entropy": float(np.mean(losses)) if losses else 0.0}
+    if drift > cfg.max_drift or not all(torch.isfinite(v).all() for v in adapted.values()):
+        apply_norms(detector, source)
+        return source, stats | {"drift": drift, "reset": 1.0}
+    return adapted, stats | {"drift": drift, "reset": 0.0}
+
+
+def tent_batch(
+    store_config: StoreConfig,
+    detector_ref: ModelRef,
+    rows: list[dict[str, Any]],
+    stream: StreamConfig,
+    norms: dict[str, torch.Tensor],
+    cfg: AdaptConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Tent for one batch of slides: sample its tiles, adapt from ``norms``; runs anywhere
+    (a Ray task on a scorer's resources in the engine)."""
+    card, weights = load_model(Store(store_config), detector_ref.name, detector_ref.version)
+    detector = build_detector(card)
+    detector.load_state_dict(weights)
+    stream = stream.model_copy(update={"tiling": card.tiling})
+    tiles = sample_tiles(store_config, rows, stream, cfg.tent.tiles)
+    return tent_adapt(detector, tiles, int(card.head["input_px"]), card.normalization, norms, cfg)
