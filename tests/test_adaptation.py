@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from smartccs.adaptation.adapter import CenterAdapter, LocalAdapters
-from smartccs.adaptation.config import AdaptConfig, SmartCCSAdaptConfig
+from smartccs.adaptation.config import AdaptConfig, SmartCCSAdaptConfig, TentAdaptConfig
 from smartccs.adaptation.contrastive import adapt_step, relative_drift
 from smartccs.adaptation.state import history, load_state, rollback, state_name
 from smartccs.adaptation.tent import apply_norms, entropy_loss, norm_parameters, tent_adapt
@@ -42,9 +42,17 @@ def _bags(n: int, dim: int, k: int, seed: int, shift: float = 0.0) -> list[Slide
         scores = (rng.random((6, k)) * mask).astype(np.float32)
         bags.append(
             SlideBag(
-                "c1", "b", f"s{i}", emb * mask[..., None], scores, np.zeros((6, k, 4)), mask,
-                n_tiles=4, tiles_read=4, aug_embeddings=aug * mask[..., None],
-            )  # fmt: skip
+                "c1",
+                "b",
+                f"s{i}",
+                emb * mask[..., None],
+                scores,
+                np.zeros((6, k, 4)),
+                mask,
+                n_tiles=4,
+                tiles_read=4,
+                aug_embeddings=aug * mask[..., None],
+            )
         )
     return bags
 
@@ -200,3 +208,49 @@ def test_tent_sharpens_the_detector_and_touches_only_norm_layers(local_store):
     source.load_state_dict(weights)
     reset, stats = tent_adapt(source, tiles, 64, card.normalization, norms, tight)
     assert stats["reset"] == 1 and all(torch.equal(reset[k], weights[k]) for k in reset)
+
+
+@pytest.fixture(scope="module")
+def two_batch_store(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """Each tiny-cohort center uploaded as two batches, and toy models."""
+    from smartccs.upload import upload_batch
+
+    store = Store(str(tmp_path_factory.mktemp("adapt") / "store"))
+    for d in sorted(p.parent for p in tiny_cohort.glob("*/manifest.json")):
+        for batch in ("b1", "b2"):
+            upload_batch(d, center=d.name, batch=batch, store=store, progress=False)
+    save_toy_models(store)
+    return store
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("method", ["smartccs", "tent"])
+def test_the_batch_job_adapts_each_center_batch_by_batch(
+    two_batch_store: Store, method: str, tmp_path: Path
+):
+    from smartccs.results.tables import read_table
+    from smartccs.screening.job import ScreenJobConfig, run_screen_job
+    from toy_models import toy_screening
+
+    cfg = toy_screening(tmp_path)
+    cfg = cfg.model_copy(update={"adapt": AdaptConfig(tent=TentAdaptConfig(tiles=8))})
+    result = run_screen_job(
+        ScreenJobConfig(store=two_batch_store.config, adapt=method, run_id=method, screening=cfg)
+    )
+    assert [(b.center, b.batch) for b in result.batches] == sorted(
+        (c, b) for c in {b.center for b in result.batches} for b in ("b1", "b2")
+    ), "a center's batches adapt in order"
+    rows = read_table(two_batch_store, "slides").to_pylist()
+    for center in {b.center for b in result.batches}:
+        cards = history(two_batch_store, center)[-2:]
+        assert [c.head["batches"][-1] for c in cards] == [f"{center}/b1", f"{center}/b2"]
+        assert all(c.head["method"] == method for c in cards)
+        for batch, card in zip(("b1", "b2"), cards, strict=True):
+            labels = {r["adaptation"] for r in rows if (r["center"], r["batch"]) == (center, batch)}
+            assert labels == {f"{method}:adapt-{center}/{card.version}"}
+        _, weights = load_model(two_batch_store, state_name(center), cards[-1].version)
+        has_norms = any(k.startswith("norm.") for k in weights)
+        assert has_norms == (method == "tent"), "tent keeps the detector norms in the state"
+    assert all(r["score"] is not None for r in rows if r["status"] != "failed")

@@ -18,13 +18,13 @@ import pytest
 from smartccs import layout
 from smartccs.batches import commit_batch, load_batch, resolve_batches
 from smartccs.checksums import sha256_file
-from smartccs.data.tiles import StreamConfig, slide_rows
+from smartccs.data.tiles import slide_rows
 from smartccs.errors import CCSError
 from smartccs.manifest import Manifest, SlideEntry
 from smartccs.results.tables import read_commit, read_table
 from smartccs.screening.bags import BagCollector
 from smartccs.screening.cells import ModelRef
-from smartccs.screening.engine import ScorerPool, ScreeningConfig, cell_stream, embedding_dim
+from smartccs.screening.engine import cell_stream, embedding_dim
 from smartccs.screening.job import ScreenJobConfig, resolve, run_screen_job
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier
 from smartccs.store import Store, StoreConfig
@@ -32,20 +32,9 @@ from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cli import run_ccs
-from toy_models import save_toy_models
+from toy_models import save_toy_models, toy_screening
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
-
-
-def _screening(tmp: Path, tiles_per_call: int = 8, min_squamous: int = 1) -> ScreeningConfig:
-    stream = StreamConfig(
-        readers=1, reader_cpus=0.5, planner_cpus=0.25, batch_size=8, cache_dir=str(tmp / "cache")
-    )
-    return ScreeningConfig(
-        stream=stream,
-        scorers=ScorerPool(batch_size=tiles_per_call),
-        adequacy=AdequacyConfig(min_squamous=min_squamous),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +63,7 @@ def cohort_store(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def first_run(cohort_store: Store, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("run1")
     return run_screen_job(
-        ScreenJobConfig(store=cohort_store.config, run_id="first", screening=_screening(tmp))
+        ScreenJobConfig(store=cohort_store.config, run_id="first", screening=toy_screening(tmp))
     )
 
 
@@ -145,7 +134,7 @@ def test_screening_a_batch_again_replaces_its_rows(cohort_store: Store, first_ru
             store=cohort_store.config,
             batches=[f"{center}/b1"],
             run_id="second",
-            screening=_screening(tmp_path),
+            screening=toy_screening(tmp_path),
         )
     )
     assert [(b.center, b.run_id) for b in again.batches] == [(center, "second")]
@@ -163,7 +152,7 @@ def test_too_few_squamous_cells_is_inadequate_not_negative(cohort_store: Store, 
     ref = load_batch(cohort_store, "c9", "b1")
     for key in cohort_store.list(ref.prefix) + cohort_store.list("models"):
         store.write_bytes(key, cohort_store.read_bytes(key))
-    strict = _screening(tmp_path).model_copy(
+    strict = toy_screening(tmp_path).model_copy(
         update={"adequacy": AdequacyConfig(min_squamous=10**9)}
     )
     run_screen_job(ScreenJobConfig(store=store.config, screening=strict))
@@ -189,7 +178,7 @@ def test_killed_scorer_actor_still_gives_every_tile_exactly_once(cohort_store: S
     work; every slide still ends complete, with each tile counted once."""
     rows = slide_rows([r for r in resolve_batches(cohort_store, []) if r.center != "c9"])
     classifier = SlideClassifier(cohort_store, ModelRef(name="classifier", version="latest"))
-    cfg = _screening(tmp_path, tiles_per_call=2)
+    cfg = toy_screening(tmp_path, tiles_per_call=2)
 
     def run(kill: bool) -> dict:
         ds = cell_stream(cohort_store, rows, classifier.detector, classifier.cells, cfg.stream,

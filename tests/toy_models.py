@@ -5,13 +5,18 @@ tables) is the production code. Training itself is covered by test_finetune_jobs
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from smartccs.data.tiles import StreamConfig
 from smartccs.models.artifacts import Architecture, ModelCard, save_model
 from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
 from smartccs.models.encoder import build_from
 from smartccs.models.mil import MILConfig, MILHead
 from smartccs.screening.cells import CellConfig, ModelRef
+from smartccs.screening.engine import ScorerPool, ScreeningConfig
+from smartccs.screening.slides import AdequacyConfig
 from smartccs.slide.tiling import TilingConfig
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
@@ -69,3 +74,15 @@ def save_toy_models(store: Store, *, seed: int = 0, threshold: float = 0.5) -> M
     )
     version = save_model(store, cls_card, MILHead(dim, mil).state_dict())
     return ModelRef(name="classifier", version=version)
+
+
+def toy_screening(tmp: Path, tiles_per_call: int = 8, min_squamous: int = 1) -> ScreeningConfig:
+    """A screening config sized for the tiny cohort on the shared 4-CPU test Ray."""
+    stream = StreamConfig(
+        readers=1, reader_cpus=0.5, planner_cpus=0.25, batch_size=8, cache_dir=str(tmp / "cache")
+    )
+    return ScreeningConfig(
+        stream=stream,
+        scorers=ScorerPool(batch_size=tiles_per_call),
+        adequacy=AdequacyConfig(min_squamous=min_squamous),
+    )
