@@ -230,9 +230,10 @@ def two_batch_store(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory)
 def test_the_batch_job_adapts_each_center_batch_by_batch(
     two_batch_store: Store, method: str, tmp_path: Path
 ):
+    from toy_models import toy_screening
+
     from smartccs.results.tables import read_table
     from smartccs.screening.job import ScreenJobConfig, run_screen_job
-    from toy_models import toy_screening
 
     cfg = toy_screening(tmp_path)
     cfg = cfg.model_copy(update={"adapt": AdaptConfig(tent=TentAdaptConfig(tiles=8))})
