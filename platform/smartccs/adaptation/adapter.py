@@ -77,16 +77,19 @@ class CenterAdapter:
         batch: str,
         bags: Sequence[SlideBag],
         norms: dict[str, torch.Tensor] | None = None,
+        method: str | None = None,
     ) -> tuple[np.ndarray, str, dict[str, float]]:
         """Adapt on one batch and predict it: (N, 7) probabilities, the adaptation label for
         the slides table, and the step's statistics. ``norms``: the detector norms the batch
-        was screened with (tent), kept in the new state."""
+        was screened with (tent), kept in the new state; ``method`` overrides the config's
+        for this batch (a service request may choose)."""
         key = f"{self.center}/{batch}"
         state = self.state
+        state.method = method = method or self.cfg.method
         student, teacher = self._heads()
         stats: dict[str, float] = {}
         repeat = key in state.batches  # a re-run: predict, but never adapt twice on it
-        if self.cfg.method == "smartccs" and not repeat:
+        if method == "smartccs" and not repeat:
             stats = adapt_step(student, teacher, bags, self.cfg)
             drift = relative_drift(dict(student.named_parameters()), self._source)
             stats["drift"] = drift
@@ -115,7 +118,7 @@ class CenterAdapter:
         log.info(
             "center %s: %s on %s -> %s %s",
             self.center,
-            self.cfg.method,
+            method,
             key,
             state.label,
             {k: round(v, 4) for k, v in stats.items()},

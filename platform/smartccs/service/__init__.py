@@ -1,0 +1,1 @@
+"""The adaptive screening service's logic; serve/app.py only wires it into Ray Serve."""

@@ -1,0 +1,95 @@
+"""The adaptive screening service's Ray Serve deployments (serve/app.py is the door).
+
+    serve run serve/config.yaml            # here, on a local Ray
+    serve deploy serve/config.yaml         # onto a running cluster (or infra/rayservice.yaml)
+
+They live in the installed library so that every replica, on any node, can import them.
+
+Three deployments: ``Ingress`` (the FastAPI API: auth, submit, status, results), ``Screener``
+(workers that take submitted batches from the store's queue and run the screening engine on
+them, Ray Data fanning tiles out over the cluster) and ``Adapters`` (centers' adapted
+classifiers, multiplexed: a center's batches go to the replica that holds its state).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from smartccs.logs import configure_logging
+from smartccs.screening.cells import ModelRef
+from smartccs.service.adapters import AdapterHost
+from smartccs.service.api import Service, bind_service, create_app
+from smartccs.service.config import ServiceConfig
+from smartccs.service.worker import RemoteAdapters, Worker
+
+api = create_app()
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, screener: DeploymentHandle, config: dict[str, Any]):
+        configure_logging(1)
+        self.screener = screener
+        bind_service(Service(ServiceConfig.model_validate(config), wake=self._wake))
+
+    def _wake(self) -> None:
+        self.screener.wake.remote()  # a nudge; idle workers also poll the queue
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, max_ongoing_requests=64)
+class Screener:
+    """Each replica is one worker loop in a thread; the screening itself runs on Ray Data."""
+
+    def __init__(self, adapters: DeploymentHandle, config: dict[str, Any]):
+        configure_logging(1)
+        cfg = ServiceConfig.model_validate(config)
+
+        def adapters_for(classifier: ModelRef, method: str) -> RemoteAdapters:
+            return RemoteAdapters(adapters, classifier, method)
+
+        self.worker = Worker(cfg, adapters_for=adapters_for)
+        threading.Thread(target=self.worker.run_forever, daemon=True, name="worker").start()
+
+    def wake(self) -> None:
+        self.worker.wakeup.set()
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2},
+)
+class Adapters:
+    def __init__(self, config: dict[str, Any]):
+        configure_logging(1)
+        self.host = AdapterHost(ServiceConfig.model_validate(config))
+
+        async def load(key: str):  # a plain function: the LRU size comes from the config
+            return self.host.load(key)
+
+        lru = self.host.cfg.centers_per_replica
+        self.get = serve.multiplexed(max_num_models_per_replica=lru)(load)
+
+    async def norms(self) -> dict[str, Any]:
+        key = serve.get_multiplexed_model_id()
+        return await self.host.norms(key, await self.get(key))
+
+    async def adapt(self, batch: str, bags: list, norms: dict | None, method: str):
+        key = serve.get_multiplexed_model_id()
+        return await self.host.adapt(key, await self.get(key), batch, bags, norms, method)
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """The application from serve/config.yaml's ``args`` (a ServiceConfig).
+
+    The args are checked here, so a bad config fails ``serve run`` at once, and handed on as
+    given: a dump of the model would mask any secret in it."""
+    ServiceConfig.model_validate(args)
+    return Ingress.bind(Screener.bind(Adapters.bind(args), args), args)

@@ -1,0 +1,161 @@
+"""The service's worker: takes submitted batches from the store's queue and screens them.
+
+A worker runs the same ``screen_batches`` as the batch job, one batch at a time, with the
+center's adaptation done by whatever ``Adapters`` it is given (the multiplexed deployment in
+the service). Progress is written to the batch's record as each slide is scored; a heartbeat
+thread keeps the record fresh during long slides so no other worker takes the batch over.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from smartccs.batches import load_batch
+from smartccs.models.artifacts import latest_version
+from smartccs.screening.bags import SlideBag
+from smartccs.screening.cells import ModelRef
+from smartccs.screening.engine import ScreeningConfig, screen_batches
+from smartccs.service.config import ServiceConfig
+from smartccs.service.records import BatchQueue, BatchRecord, SlideProgress
+from smartccs.store import Store, StoreConfig
+
+log = logging.getLogger(__name__)
+
+
+def service_store(cfg: ServiceConfig) -> Store:
+    return Store(cfg.store or StoreConfig.from_env())
+
+
+def adapter_key(center: str, classifier: ModelRef) -> str:
+    """The multiplexed model id of a center's adapted classifier."""
+    return f"{center}|{classifier.name}/{classifier.version}"
+
+
+def parse_adapter_key(key: str) -> tuple[str, ModelRef]:
+    center, _, model = key.partition("|")
+    name, _, version = model.partition("/")
+    return center, ModelRef(name=name, version=version)
+
+
+class RemoteAdapters:
+    """``Adapters`` served by a multiplexed deployment: one call per batch, routed to the
+    replica that already holds the center's state."""
+
+    def __init__(self, handle: Any, classifier: ModelRef, method: str):
+        self.handle, self.classifier, self.method = handle, classifier, method
+
+    def _center(self, center: str):
+        return self.handle.options(multiplexed_model_id=adapter_key(center, self.classifier))
+
+    def norms(self, center: str) -> dict[str, Any]:
+        return self._center(center).norms.remote().result()
+
+    def adapt(
+        self, center: str, batch: str, bags: list[SlideBag], norms: dict[str, Any] | None
+    ) -> tuple[np.ndarray, str, dict[str, float]]:
+        return self._center(center).adapt.remote(batch, bags, norms, self.method).result()
+
+
+class Worker:
+    """Claims queued batches and screens them; ``run_forever`` is a replica's loop."""
+
+    def __init__(self, cfg: ServiceConfig, adapters_for: Any = None, name: str | None = None):
+        self.cfg = cfg
+        self.store = service_store(cfg)
+        self.queue = BatchQueue(self.store, cfg.lease_s)
+        self.adapters_for = adapters_for  # (ModelRef, method) -> Adapters; None: in-process
+        self.name = name or f"worker-{uuid.uuid4().hex[:8]}"
+        self.wakeup = threading.Event()
+        self._lock = threading.Lock()
+
+    def run_forever(self) -> None:
+        while True:
+            try:
+                if not self.step():
+                    self.wakeup.wait(self.cfg.poll_s)
+                    self.wakeup.clear()
+            except Exception:  # the loop must outlive any one batch or store hiccup
+                log.exception("%s: worker step failed", self.name)
+                time.sleep(self.cfg.poll_s)
+
+    def step(self) -> bool:
+        """Take and screen one batch; False when there was none to take."""
+        for record in self.queue.claimable():
+            claimed = self.queue.claim(record, self.name)
+            if claimed is not None:
+                self.run(claimed)
+                return True
+        return False
+
+    def _save(self, record: BatchRecord) -> None:
+        with self._lock:
+            record.heartbeat = time.time()
+            self.queue.save(record)
+
+    def run(self, record: BatchRecord) -> BatchRecord:
+        """Screen one claimed batch to done or failed; never raises for the batch's own errors."""
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(record, stop), daemon=True)
+        beat.start()
+        try:
+            ref = load_batch(self.store, record.center, record.batch)
+            record.slides = [SlideProgress(slide_id=s.slide_id) for s in ref.manifest.slides]
+            self._save(record)
+            screening = self._pinned(record)
+            classifier = ModelRef(
+                name=screening.classifier_model, version=screening.classifier_version
+            )
+            adapters = None
+            if self.adapters_for and record.adapt != "none":
+                adapters = self.adapters_for(classifier, record.adapt)
+            by_id = {s.slide_id: s for s in record.slides}
+
+            def on_slide(bag: SlideBag) -> None:
+                entry = by_id[bag.slide_id]
+                entry.status = "scored" if bag.ok else "failed"
+                entry.error = bag.error or None
+                self._save(record)
+
+            [outcome] = screen_batches(
+                self.store,
+                [ref],
+                screening,
+                run_id=f"svc-{record.batch_id}-a{record.attempts}",
+                on_slide=on_slide,
+                adapters=adapters,
+            )
+            record.state, record.run_id = "done", outcome.run_id
+            record.adaptation = outcome.adaptation
+            record.summary = {
+                k: getattr(outcome, k)
+                for k in ("slides", "screened", "inadequate", "failed", "positive", "cells")
+            }
+        except Exception as exc:
+            log.exception("%s: batch %s/%s failed", self.name, record.center, record.batch)
+            record.state, record.error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+        finally:
+            stop.set()
+            record.finished_at = time.time()
+            self._save(record)
+        log.info("%s: %s/%s %s", self.name, record.center, record.batch, record.state)
+        return record
+
+    def _pinned(self, record: BatchRecord) -> ScreeningConfig:
+        """The screening config with the record's adaptation and the classifier pinned, so the
+        bags and the adapter agree on one classifier version even if LATEST moves meanwhile."""
+        s = self.cfg.screening
+        version = s.classifier_version
+        if version == "latest":
+            version = latest_version(self.store, s.classifier_model)
+        adapt = s.adapt.model_copy(update={"method": record.adapt})
+        return s.model_copy(update={"classifier_version": version, "adapt": adapt})
+
+    def _beat(self, record: BatchRecord, stop: threading.Event) -> None:
+        while not stop.wait(self.cfg.lease_s / 4):
+            self._save(record)
