@@ -67,7 +67,7 @@ def service(tiny_cohort: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPa
         "screening": screening,
         "tokens": {c: digest for c, (_, digest) in tokens.items()},
         "poll_s": 0.5,
-        "lease_s": 60,
+        "lease_s": 15,  # a killed worker's batch is taken over after 15 s of silence
     }
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -194,3 +194,33 @@ def test_an_uncommitted_batch_is_not_accepted(service):
         headers=_auth(tokens[center]),
     )
     assert r.status_code == 404 and "not committed" in r.json()["detail"]
+
+
+def test_a_batch_survives_the_service_restarting_under_it(service):
+    """The app is deleted while the batch runs (its worker dies mid-batch) and deployed again:
+    the status is still there, and the new worker takes the batch over and finishes it."""
+    from ray import serve
+
+    from smartccs.service.app import build
+
+    base, store, tokens, dirs, args = service
+    center = sorted(dirs)[1]
+    r = requests.post(
+        f"{base}/v1/batches", json={"center": center, "batch": "b1"}, headers=_auth(tokens[center])
+    )
+    assert r.status_code == 202
+    bid = r.json()["batch_id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = requests.get(f"{base}/v1/batches/{bid}", headers=_auth(tokens[center])).json()
+        if state["state"] == "running":
+            break
+        time.sleep(0.2)
+    assert state["state"] == "running", state
+    serve.delete("smartccs")
+    serve.run(build(args), name="smartccs", route_prefix="/")
+    status = _wait_done(base, tokens[center], bid)
+    assert status["state"] == "done" and status["attempts"] == 2, status
+    rows = read_table(store, "slides", centers=[center], batches=["b1"]).to_pylist()
+    assert {r["run_id"] for r in rows} == {status["run_id"]} and status["run_id"].endswith("-a2")
+    assert len(rows) == status["slides_total"]
