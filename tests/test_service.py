@@ -27,6 +27,7 @@ from smartccs.store import S3Options, Store, StoreConfig
 from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cli import run_ccs
 from toy_models import save_toy_models, toy_screening
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
@@ -194,6 +195,27 @@ def test_an_uncommitted_batch_is_not_accepted(service):
         headers=_auth(tokens[center]),
     )
     assert r.status_code == 404 and "not committed" in r.json()["detail"]
+
+
+def test_ccs_upload_submit_uploads_registers_and_follows_a_batch(service, monkeypatch):
+    base, store, tokens, dirs, args = service
+    center = sorted(dirs)[0]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", args["store"]["s3"]["endpoint_url"])
+    monkeypatch.setenv("CCS_TOKEN", tokens[center])
+    res = run_ccs(
+        "upload", str(dirs[center]), "--center", center, "--batch", "b2",
+        "--store", args["store"]["uri"], "--submit", base, "--wait",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "committed" in res.stdout and f"{batch_id(center, 'b2')}: done" in res.stdout
+    assert [c.head["batches"][-1] for c in history(store, center)][-1] == f"{center}/b2"
+    monkeypatch.setenv("CCS_TOKEN", tokens[sorted(dirs)[1]])
+    res = run_ccs(
+        "upload", str(dirs[center]), "--center", center, "--batch", "b3",
+        "--store", args["store"]["uri"], "--submit", base,
+    )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"ccs: error: POST {base}/v1/batches: 403 this token submits for" in res.stderr
 
 
 def test_a_batch_survives_the_service_restarting_under_it(service):

@@ -67,6 +67,52 @@ def cmd_upload(args: argparse.Namespace) -> int:
     store = Store(StoreConfig.from_env(args.store))
     ref = upload_batch(args.dir, center=args.center, batch=args.batch, store=store)
     print(f"committed {len(ref.manifest.slides)} slides to {store.uri(ref.prefix)}")
+    if not args.submit:
+        return 0
+    from smartccs.service import client
+
+    sub = client.submit(args.submit, args.center, args.batch, args.token, args.adapt)
+    print(f"submitted as {sub['batch_id']}: {sub['state']} ({sub['status_url']})")
+    if not args.wait:
+        return 0
+    status = client.wait(sub["status_url"], args.token)
+    print(
+        f"{sub['batch_id']}: {status['state']}, {status['slides_done']}/{status['slides_total']} "
+        f"slides, adaptation {status['adaptation']}; results: {sub['results_url']}"
+    )
+    return 0 if status["state"] == "done" else 1
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from smartccs.service.auth import new_token
+
+    token, digest = new_token()
+    print(f"token for {args.center} (give it to the center; it is not stored): {token}")
+    print(f"service config entry (tokens:):  {args.center}: {digest}")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from smartccs.adaptation.state import history, rollback
+
+    store = Store(StoreConfig.from_env(args.store))
+    if args.action == "rollback":
+        if not args.to:
+            return _fail("ccs adapt rollback: --to VERSION is required")
+        version = rollback(store, args.center, args.to)
+        print(f"{args.center}: now at {version} (a copy of {args.to})")
+        return 0
+    cards = history(store, args.center)
+    if not cards:
+        print(f"{args.center}: no adapted state in {store.uri()} (screens with the source model)")
+    for c in cards:
+        h = c.head
+        src = f"{h['source']['name']}/{h['source']['version']}"
+        extra = f" rolled back to {h['rolled_back_to']}" if h.get("rolled_back_to") else ""
+        print(
+            f"{c.version}  {h['method']:<8} from {src}  batches {len(h['batches'])}  "
+            f"drift {h['drift']:.4f}  resets {h['resets']}{extra}"
+        )
     return 0
 
 
@@ -196,7 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center", required=True)
     p.add_argument("--batch", required=True)
     _store_arg(p)
+    p.add_argument("--submit", metavar="URL", help="then register it with the service at URL")
+    p.add_argument("--token", help="the center's service token (default: $CCS_TOKEN)")
+    p.add_argument("--adapt", choices=("none", "smartccs", "tent"), help="with --submit")
+    p.add_argument("--wait", action="store_true", help="with --submit: follow it to the end")
     p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("token", help="a new service token for a center, and its config digest")
+    p.add_argument("center")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("adapt", help="a center's adapted states: history, or roll back")
+    p.add_argument("action", choices=("history", "rollback"))
+    p.add_argument("center")
+    p.add_argument("--to", metavar="VERSION", help="rollback: the version to restore")
+    _store_arg(p)
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser(
         "labels", help="publish cell annotations (Parquet) for a committed batch, for training"

@@ -1,0 +1,56 @@
+"""A center's side of the service: register an uploaded batch, follow it (``ccs upload
+--submit``). Plain HTTP and JSON: any client in any language can do the same."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import requests
+
+from smartccs.errors import CCSError
+
+TOKEN_ENV = "CCS_TOKEN"
+
+
+def _token(token: str | None) -> str:
+    token = token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise CCSError(f"no center token: pass --token or set ${TOKEN_ENV}")
+    return token
+
+
+def _call(method: str, url: str, token: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        r = requests.request(
+            method, url, headers={"Authorization": f"Bearer {token}"}, timeout=60, **kwargs
+        )
+    except requests.RequestException as exc:
+        raise CCSError(f"{method} {url}: {exc}") from None
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        raise CCSError(f"{method} {url}: {r.status_code} {detail}")
+    return r.json()
+
+
+def submit(url: str, center: str, batch: str, token: str | None = None, adapt: str | None = None):
+    """Register a committed batch with the service; the 202 (or 200, already known) body."""
+    body: dict[str, Any] = {"center": center, "batch": batch}
+    if adapt:
+        body["adapt"] = adapt
+    return _call("POST", f"{url.rstrip('/')}/v1/batches", _token(token), json=body)
+
+
+def wait(status_url: str, token: str | None = None, timeout_s: float = 3600, poll_s: float = 2):
+    """Poll a batch's status until it is done or failed; the last status."""
+    token = _token(token)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = _call("GET", status_url, token)
+        if status["state"] in ("done", "failed") or time.monotonic() > deadline:
+            return status
+        time.sleep(poll_s)
