@@ -201,7 +201,9 @@ class Store:
 
     # --- reads ------------------------------------------------------------------------------
     def exists(self, *key: str) -> bool:
-        return self.fs.exists(self.path(*key))
+        path = self.path(*key)
+        self._fresh(path.rsplit("/", 1)[0])  # s3fs answers from a cached parent listing
+        return self.fs.exists(path)
 
     def read_bytes(self, *key: str) -> bytes:
         try:
@@ -211,16 +213,23 @@ class Store:
 
     def list(self, *prefix: str) -> list[str]:
         """Keys of every object under ``prefix`` (recursive), relative to the store root."""
-        base = self.path(*prefix)
+        base = self._fresh(self.path(*prefix))
         try:
             found = self.fs.find(base)
         except FileNotFoundError:
             return []
         return sorted(self.key_of(self._as_uri(p)) for p in found)
 
+    def _fresh(self, path: str) -> str:
+        """Drop s3fs's cached listing of ``path``: other processes write to the store (a
+        service, a job), and a long-lived process must not list what it saw an hour ago."""
+        if self.protocol == "s3":
+            self.fs.invalidate_cache(path)
+        return path
+
     def list_dirs(self, *prefix: str) -> list[str]:
         """Names of the immediate sub-folders of ``prefix``."""
-        base = self.path(*prefix)
+        base = self._fresh(self.path(*prefix))
         try:
             entries = self.fs.ls(base, detail=True)
         except FileNotFoundError:

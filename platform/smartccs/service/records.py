@@ -84,8 +84,6 @@ class BatchQueue:
         self.store.write_bytes(self._key(record.batch_id), record.model_dump_json().encode())
 
     def all(self) -> list[BatchRecord]:
-        if self.store.protocol == "s3":  # another process wrote since: no cached listing
-            self.store.fs.invalidate_cache(self.store.path(PREFIX))
         try:
             names = self.store.list(PREFIX)
         except (StoreError, FileNotFoundError):
