@@ -1,0 +1,167 @@
+"""Does test-time adaptation help? Slide AUC with and without it, per center kind.
+
+1. Generates (once) a graded SYNTHETIC cohort of tiny slides for internal centers (the
+   profiles the models were trained on, new slides) and external ones (profiles that shift
+   pixel size, format, compression, hue, stain strength and focus), and splits each center's
+   slides into ``--batches`` batches, so adaptation is carried from batch to batch.
+2. For each method (none, smartccs, tent) copies the trained models into a fresh store,
+   uploads the batches and runs the batch screening job with ``--adapt <method>``.
+3. AUC of the slide score (1 - P(NILM)) against the manifests' grades, per center and pooled
+   over internal and over external centers; the differences to ``none``.
+
+    python bench/adaptation_study.py --models bench/out/training-study/store-cohort-small-6-seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from screening import OUT, copy_models
+
+from smartccs.data.tiles import StreamConfig
+from smartccs.demo import generated_centers
+from smartccs.evaluation.truth import slide_truth
+from smartccs.logs import configure_logging
+from smartccs.manifest import Manifest
+from smartccs.metrics.classification import roc_auc
+from smartccs.raycluster import init_ray
+from smartccs.results.tables import read_table
+from smartccs.screening.engine import ScorerPool, ScreeningConfig
+from smartccs.screening.job import ScreenJobConfig, run_screen_job
+from smartccs.screening.slides import AdequacyConfig
+from smartccs.store import Store
+from smartccs.synth.cohort import generate_cohort
+from smartccs.synth.profiles import load_profiles
+from smartccs.upload import upload_batch
+
+METHODS = ("none", "smartccs", "tent")
+
+
+def split_batches(center_dir: Path, n: int, out: Path) -> list[Path]:
+    """The center's slides as ``n`` batch folders (symlinks and a manifest each)."""
+    manifest = Manifest.loads((center_dir / "manifest.json").read_bytes())
+    folders = []
+    for i in range(n):
+        part = manifest.slides[i::n]
+        folder = out / center_dir.name / f"b{i + 1}"
+        if not (folder / "manifest.json").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            for s in part:
+                link = folder / s.path
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to((center_dir / s.path).resolve())
+            sub = manifest.model_copy(update={"batch": f"b{i + 1}", "slides": part})
+            (folder / "manifest.json").write_text(sub.model_dump_json(indent=2))
+        folders.append(folder)
+    return folders
+
+
+def auc_of(rows: list[dict], truth: dict[tuple[str, str, str], str]) -> float | None:
+    pairs = [
+        (truth[(r["center"], r["batch"], r["slide_id"])] != "NILM", r["score"])
+        for r in rows
+        if r["score"] is not None
+    ]
+    ys = [y for y, _ in pairs]
+    if not any(ys) or all(ys):
+        return None
+    return roc_auc(ys, [s for _, s in pairs])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", required=True, help="store URI with the trained classifier")
+    ap.add_argument("--internal", default="int-a,int-b")
+    ap.add_argument("--external", default="ext-a,ext-b,ext-c")
+    ap.add_argument("--slides-per-center", type=int, default=24)
+    ap.add_argument("--batches", type=int, default=3, help="batches per center")
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tag", default=None)
+    args = ap.parse_args(argv)
+    command = "python bench/adaptation_study.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    configure_logging(1)
+    internal, external = args.internal.split(","), args.external.split(",")
+    kinds = {p.name: p.kind for p in load_profiles(None)}
+    assert all(kinds[c] == "internal" for c in internal), "internal centers only"
+    assert all(kinds[c] == "external" for c in external), "external centers only"
+    cohort = OUT / f"adapt-cohort-{args.slides_per_center}-seed{args.seed}"
+    if not (cohort / "cohort.json").is_file():
+        generate_cohort(
+            cohort,
+            center_names=internal + external,
+            slides_per_center=args.slides_per_center,
+            size="tiny",
+            seed=args.seed,
+        )
+    batch_dirs = {
+        d.name: split_batches(d, args.batches, cohort / "batches")
+        for d in generated_centers(cohort)
+    }
+    init_ray()
+    work = Path(tempfile.mkdtemp(prefix="adapt-study-", dir=OUT))
+    screening = ScreeningConfig(
+        stream=StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25),
+        scorers=ScorerPool(actors=1, cpus=1.0),
+        adequacy=AdequacyConfig(min_squamous=0),  # tiny slides: score every one
+    )
+    results: dict[str, dict] = {}
+    for method in args.methods.split(","):
+        store = Store(str(work / method))
+        ref = copy_models(store, args.models)
+        batches = []
+        for center, folders in batch_dirs.items():
+            for folder in folders:
+                upload_batch(folder, center=center, batch=folder.name, store=store, progress=False)
+                batches.append(f"{center}/{folder.name}")
+        t0 = time.perf_counter()
+        run_screen_job(
+            ScreenJobConfig(
+                store=store.config, batches=batches, model=f"{ref.name}/{ref.version}",
+                adapt=method, run_id=method, screening=screening,
+            )
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        rows = read_table(store, "slides").to_pylist()
+        truth = {
+            (t["center"], t["batch"], t["slide_id"]): t["grade"]
+            for t in slide_truth(store, [tuple(b.split("/")) for b in batches]).to_pylist()
+        }
+        per_center = {c: auc_of([r for r in rows if r["center"] == c], truth) for c in batch_dirs}
+        results[method] = {
+            "internal": auc_of([r for r in rows if r["center"] in internal], truth),
+            "external": auc_of([r for r in rows if r["center"] in external], truth),
+            "per_center": per_center,
+            "seconds": round(seconds, 1),
+        }
+        print(method, json.dumps(results[method]), flush=True)
+    base = results.get("none")
+    summary = {"command": command, "models": args.models, "cohort": str(cohort), "results": results}
+    if base:
+        summary["vs_none"] = {
+            m: {
+                k: round(r[k] - base[k], 4)
+                for k in ("internal", "external")
+                if r[k] is not None and base[k] is not None
+            }
+            for m, r in results.items()
+            if m != "none"
+        }
+    out = OUT / f"adaptation-study-{args.tag or 'latest'}.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary.get("vs_none", {}), indent=2))
+    print(f"SYNTHETIC cohort; {command}\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
