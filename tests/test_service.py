@@ -68,6 +68,7 @@ def service(tiny_cohort: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPa
         "screening": screening,
         "tokens": {c: digest for c, (_, digest) in tokens.items()},
         "poll_s": 0.5,
+        "workers_per_replica": 2,  # two worker loops race for each batch: one claim wins
         "lease_s": 15,  # a killed worker's batch is taken over after 15 s of silence
     }
     port = _free_port()

@@ -46,7 +46,8 @@ class Ingress:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, max_ongoing_requests=64)
 class Screener:
-    """Each replica is one worker loop in a thread; the screening itself runs on Ray Data."""
+    """Each replica runs ``workers_per_replica`` worker loops in threads; the screening itself
+    runs on Ray Data over the cluster."""
 
     def __init__(self, adapters: DeploymentHandle, config: dict[str, Any]):
         configure_logging(1)
@@ -55,11 +56,15 @@ class Screener:
         def adapters_for(classifier: ModelRef, method: str) -> RemoteAdapters:
             return RemoteAdapters(adapters, classifier, method)
 
-        self.worker = Worker(cfg, adapters_for=adapters_for)
-        threading.Thread(target=self.worker.run_forever, daemon=True, name="worker").start()
+        self.workers = [
+            Worker(cfg, adapters_for=adapters_for) for _ in range(cfg.workers_per_replica)
+        ]
+        for i, w in enumerate(self.workers):
+            threading.Thread(target=w.run_forever, daemon=True, name=f"worker-{i}").start()
 
     def wake(self) -> None:
-        self.worker.wakeup.set()
+        for w in self.workers:
+            w.wakeup.set()
 
 
 @serve.deployment(

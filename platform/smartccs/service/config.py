@@ -26,6 +26,12 @@ class ServiceConfig(BaseModel):
         default=300.0, gt=0, description="a running batch silent this long is taken over"
     )
     poll_s: float = Field(default=2.0, gt=0, description="how often an idle worker looks")
+    workers_per_replica: int = Field(
+        default=1,
+        ge=1,
+        description="batches a Screener replica screens side by side (each its own Ray Data "
+        "stream over the cluster's scorers); more replicas or more workers: more centers at once",
+    )
     centers_per_replica: int = Field(
         default=8, ge=1, description="adapted centers an adapter replica holds (LRU)"
     )
