@@ -210,12 +210,13 @@ def test_tent_sharpens_the_detector_and_touches_only_norm_layers(local_store):
     assert stats["reset"] == 1 and all(torch.equal(reset[k], weights[k]) for k in reset)
 
 
-@pytest.fixture(scope="module")
-def two_batch_store(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """Each tiny-cohort center uploaded as two batches, and toy models."""
+@pytest.fixture
+def two_batch_store(tiny_cohort: Path, tmp_path: Path) -> Store:
+    """Each tiny-cohort center uploaded as two batches, and toy models (a fresh store per test:
+    a center's state chain records every batch it has seen, whatever the method)."""
     from smartccs.upload import upload_batch
 
-    store = Store(str(tmp_path_factory.mktemp("adapt") / "store"))
+    store = Store(str(tmp_path / "store"))
     for d in sorted(p.parent for p in tiny_cohort.glob("*/manifest.json")):
         for batch in ("b1", "b2"):
             upload_batch(d, center=d.name, batch=batch, store=store, progress=False)
