@@ -163,17 +163,17 @@ def test_too_few_squamous_cells_is_inadequate_not_negative(cohort_store: Store, 
     assert rows["broken"]["status"] == "failed"
 
 
-def _scorer_actors() -> dict[str, int]:
+def _scorer_actors(dashboard: str) -> dict[str, int]:
     from ray.util.state import list_actors
 
-    return {
-        a.actor_id: a.pid
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if "CellScorer" in a.class_name
-    }
+    # the shared Ray's dashboard by address: other Rays may run on this machine
+    alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.actor_id: a.pid for a in alive if "CellScorer" in a.class_name}
 
 
-def test_killed_scorer_actor_still_gives_every_tile_exactly_once(cohort_store: Store, tmp_path):
+def test_killed_scorer_actor_still_gives_every_tile_exactly_once(
+    cohort_store: Store, tmp_path, ray_session: str
+):
     """SIGKILL the detector actor after its first output: Ray Data restarts it and retries its
     work; every slide still ends complete, with each tile counted once."""
     rows = slide_rows([r for r in resolve_batches(cohort_store, []) if r.center != "c9"])
@@ -187,13 +187,13 @@ def test_killed_scorer_actor_still_gives_every_tile_exactly_once(cohort_store: S
         bags, killed = [], None
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if kill and killed is None:
-                [(actor_id, pid)] = _scorer_actors().items()
+                [(actor_id, pid)] = _scorer_actors(ray_session).items()
                 os.kill(pid, signal.SIGKILL)
                 killed = actor_id
             bags += collector.add(batch)[0]
         bags += collector.finish([(r["center"], r["batch"], r["slide_id"]) for r in rows])
         if kill:
-            assert killed is not None and killed not in _scorer_actors()
+            assert killed is not None and killed not in _scorer_actors(ray_session)
         return {b.key: b for b in bags}
 
     clean, survived = run(kill=False), run(kill=True)

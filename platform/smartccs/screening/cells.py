@@ -157,8 +157,6 @@ class CellScorer:
         if self.reader is not None:  # planned rows in: the pixels never leave this process
             batch = self.reader(batch)
         ok = np.flatnonzero(batch["status"] == STATUS_OK)
-        rows: dict[str, list[Any]] = {k: [] for k in _ROW_KEYS}
-        emb_rows: list[np.ndarray] = []
         detections = []
         if len(ok):
             x = preprocess(batch["image"][ok], self.input_px, self.card.normalization)
@@ -166,49 +164,54 @@ class CellScorer:
                 detections = self.detector.detect(x.to(self.device))
         by_tile = dict(zip(ok.tolist(), detections, strict=True))
         scale = self.tile_px / self.input_px
-        for i in range(len(batch["slide_id"])):
-            det = by_tile.get(i)
-            base = {k: batch[k][i] for k in (*SLIDE_COLUMNS, "tile_index")}
-            status, error = str(batch["status"][i]), str(batch["error"][i])
-            squamous = 0
-            if det is not None:
-                labels, scores = det.labels.cpu(), det.scores.cpu()
-                squamous = int(
-                    ((labels == self.squamous) & (scores >= self.cells.squamous_score)).sum()
-                )
-                abnormal = torch.nonzero(labels < self.n_abnormal).squeeze(1)
-                keep = abnormal[scores[abnormal].argsort(descending=True)]
-                keep = keep[: self.cells.cells_per_tile]
-                if len(keep):
-                    boxes = det.boxes.cpu()[keep] * scale  # tile pixels at target mpp
-                    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-                    tile = torch.from_numpy(batch["image"][i]).permute(2, 0, 1).float() / 255
-                    crops = crop_cells(tile, centers, self.crop_px, self.embed_px)
-                    crops = normalize(crops, self.encoder_card.normalization).to(self.device)
-                    with self._autocast():
-                        emb = self.encoder(crops).float().cpu().numpy()
-                        if self.views > 1:
-                            seed = int(batch["tile_index"][i])
-                            aug = self.encoder(dihedral(crops, seed)).float().cpu().numpy()
-                            emb = np.concatenate([emb, aug], axis=1)
-                    level0 = self._level0(batch, i, boxes)
-                    for j in range(len(keep)):
-                        _append(
-                            rows,
-                            base,
-                            int(labels[keep[j]]),
-                            float(scores[keep[j]]),
-                            level0[j],
-                            STATUS_OK,
-                            "",
-                            0,
-                            _NO_QC,
-                        )
-                        emb_rows.append(emb[j])
-            qc = tuple(float(batch[k][i]) for k in QC_COLUMNS)
-            _append(
-                rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error, squamous, qc
+        # pass 1: each tile's best abnormal cells and their crops
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
+        squamous: dict[int, int] = {}
+        crops: list[torch.Tensor] = []
+        for i, det in by_tile.items():
+            labels, scores = det.labels.cpu(), det.scores.cpu()
+            squamous[i] = int(
+                ((labels == self.squamous) & (scores >= self.cells.squamous_score)).sum()
             )
+            abnormal = torch.nonzero(labels < self.n_abnormal).squeeze(1)
+            keep = abnormal[scores[abnormal].argsort(descending=True)]
+            keep = keep[: self.cells.cells_per_tile]
+            if not len(keep):
+                continue
+            boxes = det.boxes.cpu()[keep] * scale  # tile pixels at target mpp
+            tile = torch.from_numpy(batch["image"][i]).permute(2, 0, 1).float() / 255
+            crop = crop_cells(tile, (boxes[:, :2] + boxes[:, 2:]) / 2, self.crop_px, self.embed_px)
+            if self.views > 1:  # the augmented view, seeded by the tile: a re-run sees the same
+                crop = torch.cat([crop, dihedral(crop, int(batch["tile_index"][i]))])
+            crops.append(crop)
+            kept[i] = (labels[keep], scores[keep], self._level0(batch, i, boxes))
+        # every crop of the call through the encoder at once, not tile by tile
+        emb = self._embed(torch.cat(crops)) if crops else np.zeros((0, self.dim), np.float32)
+        # pass 2: one row per kept cell, then the tile's summary row
+        rows: dict[str, list[Any]] = {k: [] for k in _ROW_KEYS}
+        emb_rows: list[np.ndarray] = []
+        at = 0
+        for i in range(len(batch["slide_id"])):
+            base = {k: batch[k][i] for k in (*SLIDE_COLUMNS, "tile_index")}
+            if i in kept:
+                labels, scores, level0 = kept[i]
+                n = len(labels)
+                tile_emb = emb[at : at + n]
+                if self.views > 1:
+                    tile_emb = np.concatenate([tile_emb, emb[at + n : at + 2 * n]], axis=1)
+                at += n * self.views
+                for j in range(n):
+                    _append(
+                        rows, base, int(labels[j]), float(scores[j]), level0[j], STATUS_OK, "",
+                        0, _NO_QC,
+                    )  # fmt: skip
+                    emb_rows.append(tile_emb[j])
+            qc = tuple(float(batch[k][i]) for k in QC_COLUMNS)
+            status, error = str(batch["status"][i]), str(batch["error"][i])
+            _append(
+                rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error,
+                squamous.get(i, 0), qc,
+            )  # fmt: skip
             emb_rows.append(np.zeros(self.dim * self.views, np.float32))
         out = {k: np.asarray(v) for k, v in rows.items()}
         tile_rows = out["class_index"] == TILE_ROW
@@ -221,6 +224,15 @@ class CellScorer:
         if self.views > 1:
             out[AUG_EMBEDDING] = emb[:, self.dim :]
         return out
+
+    def _embed(self, crops: torch.Tensor, chunk: int = 256) -> np.ndarray:
+        """(N, D) embeddings of [0, 1] crops, in chunks that bound the activations' memory."""
+        out = []
+        for k in range(0, len(crops), chunk):
+            x = normalize(crops[k : k + chunk], self.encoder_card.normalization).to(self.device)
+            with self._autocast():
+                out.append(self.encoder(x).float().cpu().numpy())
+        return np.concatenate(out)
 
     def _autocast(self):
         """bfloat16 on a GPU (as in training); full precision on CPU, where it is not faster."""
