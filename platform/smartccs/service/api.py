@@ -135,6 +135,10 @@ def create_app() -> FastAPI:
         record, new = service.queue.register(
             BatchRecord(batch_id=bid, center=body.center, batch=body.batch, adapt=adapt)
         )
+        if not new and record.state == "failed":  # a failed batch is retried when resubmitted
+            record = record.model_copy(update={"state": "queued", "error": None})
+            service.queue.save(record)
+            new = True
         if new:
             service.wake()
         base = str(request.url_for("batch_status", bid=bid))
@@ -166,12 +170,14 @@ def create_app() -> FastAPI:
             )
         t0 = time.perf_counter()
         table = read_table(service.store, "slides", centers=[record.center], batches=[record.batch])
-        rows = [r for r in table.to_pylist() if r["run_id"] == record.run_id]
+        rows = table.to_pylist()  # the partition's committed rows: one run, never a mix
+        run_id = rows[0]["run_id"] if rows else record.run_id
         return {
             "batch_id": bid,
             "center": record.center,
             "batch": record.batch,
-            "run_id": record.run_id,
+            "run_id": run_id,
+            "superseded": run_id != record.run_id,  # a later run (the batch job) replaced it
             "adaptation": record.adaptation,
             "slides": rows,
             "read_seconds": round(time.perf_counter() - t0, 4),
