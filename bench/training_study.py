@@ -5,10 +5,14 @@
    jobs/configs/pretrain-demo.yaml for ``--pretrain-steps``.
 2. Finetunes jobs/configs/detector-demo.yaml twice, ``init: pretrained`` and ``init: random``,
    with identical data, split, steps and seed: held-out AP@0.5 per class for both.
+   ``--label-slides N`` gives both arms the same label budget (``train_slides: N``, the first N
+   training slides of each seed's split; test slides unchanged), while pretraining still
+   sees every slide: the method's setting, many unlabelled slides and few labelled ones.
 3. Trains jobs/configs/classifier-demo.yaml (on the pretrained detector) on a second, graded
    cohort of many tiny slides from the same centers: held-out AUC, sensitivity, specificity.
 
-    python bench/training_study.py                     # about 25 minutes on 2 CPU cores
+    python bench/training_study.py                     # about 70 minutes on 2 busy CPU cores
+    python bench/training_study.py --label-slides 4 --detector-seeds 0 --no-classifier
 """
 
 from __future__ import annotations

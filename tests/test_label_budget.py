@@ -38,6 +38,9 @@ def test_budget_spans_centers_and_grades_and_is_seeded():
     assert {r["center"] for r in four} == {"c1", "c2"}
     abnormal = [int(r["slide_id"].split("-")[1]) >= 3 for r in four]
     assert sum(abnormal) == 2, "one NILM and one abnormal slide per center"
+    two = label_budget(rows, refs, 2, seed=0)
+    assert {r["center"] for r in two} == {"c1", "c2"}, "one slide per center first"
+    assert all(int(r["slide_id"].split("-")[1]) >= 3 for r in two), "abnormal slides first"
     assert _ids(label_budget(list(reversed(rows)), refs, 4, seed=0)) == _ids(four)
     assert set(_ids(four)) <= set(_ids(label_budget(rows, refs, 7, seed=0))), "nested budgets"
     assert len(label_budget(rows, refs, 99, seed=0)) == len(rows)

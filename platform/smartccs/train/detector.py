@@ -469,8 +469,9 @@ def label_budget(
     """The first ``n`` of these training slides, for a label-budget ablation.
 
     Slides are ordered within each stratum (center x normal/abnormal) by a hash of their
-    identity and the split seed, and the strata are taken in turn, so the budget spans centers
-    and both classes; a larger budget always contains a smaller one.
+    identity and the split seed, and the strata are taken in turn, abnormal ones first (they
+    hold the cells the detector is for), so a budget of one slide per center gives each
+    center an abnormal slide; a larger budget always contains a smaller one.
     """
     grades = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
     strata: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
@@ -478,7 +479,7 @@ def label_budget(
         key = (row["center"], row["batch"], row["slide_id"])
         strata[(row["center"], (grades.get(key) or "NILM") != "NILM")].append(row)
     queues = []
-    for stratum in sorted(strata):
+    for stratum in sorted(strata, key=lambda k: (not k[1], k[0])):  # abnormal first, by center
         members = strata[stratum]
         members.sort(key=lambda r: _budget_rank(r, seed))
         queues.append(members)

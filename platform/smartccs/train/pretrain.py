@@ -10,6 +10,7 @@ The teacher's backbone, the better encoder in DINO, is saved as ``models/encoder
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -131,6 +132,8 @@ class Learner:
         self.wrap = wrap
         self.amp = autocast_enabled(cfg, device)
         self.last_loss = float("nan")
+        self.last_terms: dict[str, float] = {}
+        """The last step's loss terms before weighting ('dino', and 'ibot' when on)."""
 
     def prepare(self) -> None:
         """Move to the device (and wrap for data parallelism) after any checkpoint is loaded."""
@@ -173,10 +176,12 @@ class Learner:
             with torch.no_grad():
                 teacher_out = self.teacher(views[:2], patches=masks is not None)
             loss = self.loss_fn(self.student(views, masks=masks), teacher_out, step)
+            terms = {"dino": loss}
             if self.ibot_loss is not None and masks is not None:
                 s_patches, t_patches = self.raw_student.patch_outputs, self.teacher.patch_outputs
                 assert s_patches is not None and t_patches is not None
-                loss = loss + cfg.ibot.weight * self.ibot_loss(s_patches, t_patches, masks)
+                terms["ibot"] = self.ibot_loss(s_patches, t_patches, masks)
+                loss = loss + cfg.ibot.weight * terms["ibot"]
                 # the mask token takes part in every step, masked or not (DDP wants every
                 # parameter in the graph)
                 token = self.raw_student.mask_token
@@ -187,6 +192,7 @@ class Learner:
                 assert feats is not None
                 loss = loss + cfg.dino.koleo_weight * sum(koleo_loss(f) for f in feats.chunk(2)) / 2
         self.last_loss = optimizer_step(self.opt, self.params, loss, step, cfg)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
         ema_update(self.raw_student, self.teacher, teacher_momentum(step, cfg.max_steps, cfg.dino))
         return self.last_loss
 
@@ -223,6 +229,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         cfg = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"normalization": norm})})
     fitted = fit(cfg, train_loop, {"train": ds})
     state, metrics = fitted.state, fitted.metrics
+    loss = float(metrics.get("loss", float("nan")))
     _, teacher = _build(cfg)
     teacher.load_state_dict(state["teacher"])
     config = cfg.model_dump(mode="json", exclude={"store"})
@@ -235,7 +242,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         training_config=config,
         training_config_sha256=config_sha256(config),
         data_manifest_sha256=manifests_sha256(store, refs),
-        metrics={"dino_loss": float(metrics.get("loss", float("nan"))), "steps": state["step"]},
+        # a run resumed at its last step takes no step and has no loss to report
+        metrics={"steps": state["step"]} | ({"dino_loss": loss} if math.isfinite(loss) else {}),
         synthetic=True,
     )
     version = save_model(store, card, teacher.backbone.state_dict())
