@@ -117,4 +117,6 @@ def test_hashes_and_versions():
     assert config_sha256({"a": 1}) != config_sha256({"a": 2})
     assert data_sha256(["x", "y"]) == data_sha256(["y", "x"])
     v = new_version()
-    assert v.startswith("v") and len(v) == len("v20261121T214500-abcdef")
+    assert v.startswith("v") and len(v) == len("v20261121T214500123-abcdef")
+    quick = [new_version() for _ in range(50)]  # many saves within one millisecond
+    assert quick == sorted(quick) and len(set(quick)) == 50, "strictly increasing: LATEST follows"
