@@ -111,7 +111,7 @@ def tent_adapt(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     detector.eval()
     adapted = {k: v.detach().clone() for k, v in params.items()}
     drift = relative_drift(adapted, source)
