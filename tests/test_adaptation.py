@@ -117,8 +117,11 @@ def test_a_rerun_batch_is_predicted_but_not_adapted_twice(local_store, classifie
     bags = _bags(5, classifier.dim, 5, seed=5)
     first, _, _ = adapter.adapt("b1", bags)
     version = adapter.state.version
-    second, label, stats = adapter.adapt("b1", bags)
+    assert adapter.prepare("b1")[1] and not adapter.prepare("b2")[1], "tent skips a seen batch"
+    norms = adapter.state.norms
+    second, label, stats = adapter.adapt("b1", bags, {"x": torch.ones(1)})
     assert adapter.state.version == version and stats == {}
+    assert adapter.state.norms is norms, "a re-run keeps the state's norms"
     assert label.endswith(version)
     assert np.allclose(first, second, atol=1e-6)
     assert len(history(local_store, "c1")) == 1

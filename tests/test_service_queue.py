@@ -23,7 +23,7 @@ def test_submitting_twice_finds_the_first_record(any_store):
     assert created
     again, created = q.register(_record("c1", "b1", 2.0))
     assert not created and again.submitted_at == 1.0 and again.batch_id == first.batch_id
-    assert [r.batch_id for r in q.all()] == [first.batch_id]
+    assert [r.batch_id for r in q.unfinished()] == [first.batch_id]
 
 
 def test_a_claim_is_won_once(any_store):

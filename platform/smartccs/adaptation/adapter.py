@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from smartccs.adaptation.config import AdaptConfig
-from smartccs.adaptation.contrastive import adapt_step, predict_mean, relative_drift
+from smartccs.adaptation.contrastive import adapt_step, relative_drift
 from smartccs.adaptation.state import (
     CenterState,
     load_state,
@@ -27,7 +27,7 @@ from smartccs.adaptation.state import (
 from smartccs.errors import StoreError
 from smartccs.models.artifacts import latest_version
 from smartccs.screening.bags import SlideBag
-from smartccs.screening.slides import SlideClassifier
+from smartccs.screening.slides import SlideClassifier, predict
 from smartccs.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,10 @@ class CenterAdapter:
         if latest != self.state.version:
             self.state = self._load()
 
-    @property
-    def norms(self) -> dict[str, torch.Tensor]:
-        """The detector's adapted normalisation parameters (tent); empty: the detector's own."""
-        return self.state.norms
+    def prepare(self, batch: str) -> tuple[dict[str, torch.Tensor], bool]:
+        """The detector's adapted normalisation parameters (tent; empty: the detector's own),
+        and whether ``batch`` is already folded into the state (a re-run adapts nothing)."""
+        return self.state.norms, f"{self.center}/{batch}" in self.state.batches
 
     def _heads(self):
         student = copy.deepcopy(self.classifier.head)
@@ -91,26 +91,26 @@ class CenterAdapter:
         repeat = key in state.batches  # a re-run: predict, but never adapt twice on it
         if method == "smartccs" and not repeat:
             stats = adapt_step(student, teacher, bags, self.cfg)
-            drift = relative_drift(dict(student.named_parameters()), self._source)
-            stats["drift"] = drift
-            if drift > self.cfg.max_drift:
+            state.drift = stats["drift"] = relative_drift(
+                dict(student.named_parameters()), self._source
+            )
+            if state.drift > self.cfg.max_drift:
                 log.warning(
                     "center %s: MIL head drifted %.3f (> %.3f) on %s: reset to the source",
                     self.center,
-                    drift,
+                    state.drift,
                     self.cfg.max_drift,
                     key,
                 )
                 student.load_state_dict(self._source)
                 teacher.load_state_dict(self._source)
                 state.resets += 1
-                stats["reset"] = 1.0
+                state.drift, stats["reset"] = 0.0, 1.0
             state.student = {k: v.detach().clone() for k, v in student.state_dict().items()}
             state.teacher = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
-            state.drift = relative_drift(dict(student.named_parameters()), self._source)
-        if norms is not None:
+        if norms is not None and not repeat:
             state.norms = {k: v.detach().clone() for k, v in norms.items()}
-        probs = predict_mean(student, teacher, bags)
+        probs = (predict(student, bags) + predict(teacher, bags)) / 2  # the reference's mean
         if not repeat:
             state.batches = [*state.batches, key]
             if self.cfg.persist:
@@ -138,8 +138,8 @@ class LocalAdapters:
             self._centers[center] = CenterAdapter(self.store, self.classifier, center, self.cfg)
         return self._centers[center]
 
-    def norms(self, center: str) -> dict[str, torch.Tensor]:
-        return self._get(center).norms
+    def prepare(self, center: str, batch: str) -> tuple[dict[str, torch.Tensor], bool]:
+        return self._get(center).prepare(batch)
 
     def adapt(
         self,

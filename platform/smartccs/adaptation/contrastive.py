@@ -13,28 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from smartccs.adaptation.config import AdaptConfig
-from smartccs.errors import CCSError
 from smartccs.models.mil import MILHead
 from smartccs.screening.bags import SlideBag
-
-
-def bag_tensors(
-    bags: Sequence[SlideBag], augmented: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embeddings (or their augmented view), scores and mask of ``bags``, stacked."""
-    if augmented and any(b.aug_embeddings is None for b in bags):
-        raise CCSError("smartccs adaptation needs augmented cell views: screen with views=2")
-    emb = np.stack([b.aug_embeddings if augmented else b.embeddings for b in bags])
-    return (
-        torch.from_numpy(emb),
-        torch.from_numpy(np.stack([b.scores for b in bags])),
-        torch.from_numpy(np.stack([b.mask for b in bags])),
-    )
+from smartccs.screening.slides import bag_tensors
 
 
 def _represent(head: MILHead, emb: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor):
@@ -112,16 +97,3 @@ def adapt_step(
         for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
             pt.mul_(c.momentum).add_(ps.detach(), alpha=1 - c.momentum)
     return stats | {"loss": loss.item(), "nce": nce.item(), "kl": kl.item()}
-
-
-@torch.no_grad()
-def predict_mean(
-    student: MILHead, teacher: MILHead, bags: Sequence[SlideBag], chunk: int = 64
-) -> np.ndarray:
-    """(N, 7): the mean of student and teacher grade probabilities."""
-    student.eval(), teacher.eval()
-    out = []
-    for i in range(0, len(bags), chunk):
-        view = bag_tensors(bags[i : i + chunk])
-        out.append(((_probs(student, *view) + _probs(teacher, *view)) / 2).numpy())
-    return np.concatenate(out) if out else np.zeros((0, student.classify[-1].out_features))

@@ -233,7 +233,9 @@ class Adapters(Protocol):
     """Where centers' adapted states live: in this process for the batch job
     (``smartccs.adaptation.adapter.LocalAdapters``), a multiplexed deployment for the service."""
 
-    def norms(self, center: str) -> dict[str, Any]: ...
+    def prepare(self, center: str, batch: str) -> tuple[dict[str, Any], bool]:
+        """The center's detector norms, and whether ``batch`` was adapted on already."""
+        ...
 
     def adapt(
         self, center: str, batch: str, bags: list[SlideBag], norms: dict[str, Any] | None
@@ -343,8 +345,9 @@ def _adapted_stream(
     on a sample of the batch's tiles, in a task with a scorer's resources."""
     import ray
 
-    norms = adapters.norms(ref.center) or None
-    if cfg.adapt.method == "tent":
+    norms, seen = adapters.prepare(ref.center, ref.batch)
+    norms = norms or None
+    if cfg.adapt.method == "tent" and not seen:  # a batch is adapted on once
         from smartccs.adaptation.tent import tent_batch
 
         task = ray.remote(tent_batch).options(

@@ -13,6 +13,7 @@ its score is never mistaken for a negative result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import numpy as np
@@ -48,18 +49,27 @@ class AdequacyConfig(BaseModel):
     )
 
 
+def bag_tensors(
+    bags: Sequence[SlideBag], augmented: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MIL head's inputs for ``bags``: embeddings (or their augmented view), scores, mask."""
+    if augmented and any(b.aug_embeddings is None for b in bags):
+        raise CCSError("smartccs adaptation needs augmented cell views: screen with views=2")
+    emb = np.stack([b.aug_embeddings if augmented else b.embeddings for b in bags])
+    return (
+        torch.from_numpy(emb),
+        torch.from_numpy(np.stack([b.scores for b in bags])),
+        torch.from_numpy(np.stack([b.mask for b in bags])),
+    )
+
+
 @torch.no_grad()
-def predict(head: MILHead, bags: list[SlideBag], batch: int = 64) -> np.ndarray:
+def predict(head: MILHead, bags: Sequence[SlideBag], batch: int = 64) -> np.ndarray:
     """(N, 7) grade probabilities."""
     head.eval()
     out = []
     for i in range(0, len(bags), batch):
-        chunk = bags[i : i + batch]
-        logits = head(
-            torch.from_numpy(np.stack([b.embeddings for b in chunk])),
-            torch.from_numpy(np.stack([b.scores for b in chunk])),
-            torch.from_numpy(np.stack([b.mask for b in chunk])),
-        )
+        logits = head(*bag_tensors(bags[i : i + batch]))
         out.append(torch.softmax(logits.float(), -1).numpy())
     return np.concatenate(out) if out else np.zeros((0, len(GRADES)), np.float32)
 

@@ -39,10 +39,12 @@ class AdapterHost:
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
-    async def norms(self, key: str, adapter: CenterAdapter) -> dict[str, Any]:
+    async def prepare(
+        self, key: str, adapter: CenterAdapter, batch: str
+    ) -> tuple[dict[str, Any], bool]:
         async with self._lock(key):
             await asyncio.to_thread(adapter.refresh)
-            return adapter.norms
+            return adapter.prepare(batch)
 
     async def adapt(
         self,

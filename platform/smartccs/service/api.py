@@ -72,17 +72,15 @@ def bind_service(service: Service) -> None:
     _current = service
 
 
-def _service(request: Request | None = None) -> Service:
+def _service() -> Service:
     if _current is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "service not started")
     return _current
 
 
-def _center(
-    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> str:
+def _center(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The center the bearer token belongs to; 401 without a valid one."""
-    center = _service(request).tokens.center_of(creds.credentials) if creds else None
+    center = _service().tokens.center_of(creds.credentials) if creds else None
     if center is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -113,13 +111,13 @@ def create_app() -> FastAPI:
     )
 
     @app.get("/healthz")
-    def healthz(request: Request) -> dict[str, Any]:
-        service = _service(request)
+    def healthz() -> dict[str, Any]:
+        service = _service()
         return {"status": "ok", "store": service.store.uri(), "centers": len(service.tokens)}
 
     @app.post(f"/{API_VERSION}/batches", status_code=202, response_model=Submitted)
     def submit(body: SubmitBatch, request: Request, center: CenterOf):
-        service = _service(request)
+        service = _service()
         if body.center != center:
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN, f"this token submits for {center}, not {body.center}"
@@ -152,8 +150,8 @@ def create_app() -> FastAPI:
         return JSONResponse(out.model_dump(), status_code=202 if new else 200)
 
     @app.get(f"/{API_VERSION}/batches/{{bid}}", response_model=BatchStatus)
-    def batch_status(bid: str, request: Request, center: CenterOf):
-        record = _own(_service(request), bid, center)
+    def batch_status(bid: str, center: CenterOf):
+        record = _own(_service(), bid, center)
         return BatchStatus(
             **record.model_dump(),
             slides_total=len(record.slides),
@@ -161,8 +159,8 @@ def create_app() -> FastAPI:
         )
 
     @app.get(f"/{API_VERSION}/batches/{{bid}}/results")
-    def batch_results(bid: str, request: Request, center: CenterOf):
-        service = _service(request)
+    def batch_results(bid: str, center: CenterOf):
+        service = _service()
         record = _own(service, bid, center)
         if record.state != "done":
             raise HTTPException(

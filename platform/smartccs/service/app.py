@@ -82,9 +82,9 @@ class Adapters:
         lru = self.host.cfg.centers_per_replica
         self.get = serve.multiplexed(max_num_models_per_replica=lru)(load)
 
-    async def norms(self) -> dict[str, Any]:
+    async def prepare(self, batch: str) -> tuple[dict[str, Any], bool]:
         key = serve.get_multiplexed_model_id()
-        return await self.host.norms(key, await self.get(key))
+        return await self.host.prepare(key, await self.get(key), batch)
 
     async def adapt(self, batch: str, bags: list, norms: dict | None, method: str):
         key = serve.get_multiplexed_model_id()

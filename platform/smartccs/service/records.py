@@ -61,6 +61,7 @@ class BatchQueue:
 
     def __init__(self, store: Store, lease_s: float = 300.0):
         self.store, self.lease_s = store, lease_s
+        self._done: set[str] = set()  # done is final: not re-read on every poll
 
     def _key(self, bid: str) -> str:
         return f"{PREFIX}/{bid}.json"
@@ -83,7 +84,9 @@ class BatchQueue:
     def save(self, record: BatchRecord) -> None:
         self.store.write_bytes(self._key(record.batch_id), record.model_dump_json().encode())
 
-    def all(self) -> list[BatchRecord]:
+    def unfinished(self) -> list[BatchRecord]:
+        """Every record not known to be done (done is final, so a worker's polls stop
+        re-reading a batch once they have seen it done)."""
         try:
             names = self.store.list(PREFIX)
         except (StoreError, FileNotFoundError):
@@ -91,10 +94,13 @@ class BatchQueue:
         out = []
         for name in names:
             base = name.rsplit("/", 1)[-1]
-            if base.endswith(".json") and not base.startswith("."):
-                found = self.find(base[: -len(".json")])
+            bid = base[: -len(".json")]
+            if base.endswith(".json") and not base.startswith(".") and bid not in self._done:
+                found = self.find(bid)
                 if found:
                     out.append(found)
+                    if found.state == "done":
+                        self._done.add(bid)
         return out
 
     def stale(self, record: BatchRecord, now: float | None = None) -> bool:
@@ -104,7 +110,7 @@ class BatchQueue:
     def claimable(self) -> list[BatchRecord]:
         """Queued batches and running ones whose worker went silent, oldest first; at most one
         per center and none of a center with a live batch, so a center adapts in order."""
-        records = sorted(self.all(), key=lambda r: r.submitted_at)
+        records = sorted(self.unfinished(), key=lambda r: r.submitted_at)
         busy = {r.center for r in records if r.state == "running" and not self.stale(r)}
         out, seen = [], set()
         for r in records:

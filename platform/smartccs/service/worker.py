@@ -53,8 +53,8 @@ class RemoteAdapters:
     def _center(self, center: str):
         return self.handle.options(multiplexed_model_id=adapter_key(center, self.classifier))
 
-    def norms(self, center: str) -> dict[str, Any]:
-        return self._center(center).norms.remote().result()
+    def prepare(self, center: str, batch: str) -> tuple[dict[str, Any], bool]:
+        return self._center(center).prepare.remote(batch).result()
 
     def adapt(
         self, center: str, batch: str, bags: list[SlideBag], norms: dict[str, Any] | None
