@@ -65,17 +65,19 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from smartccs.upload import upload_batch
 
     store = Store(StoreConfig.from_env(args.store))
+    if args.submit:  # a missing token fails before anything is uploaded
+        from smartccs.service import client
+
+        token = client.resolve_token(args.token)
     ref = upload_batch(args.dir, center=args.center, batch=args.batch, store=store)
     print(f"committed {len(ref.manifest.slides)} slides to {store.uri(ref.prefix)}")
     if not args.submit:
         return 0
-    from smartccs.service import client
-
-    sub = client.submit(args.submit, args.center, args.batch, args.token, args.adapt)
+    sub = client.submit(args.submit, args.center, args.batch, token, args.adapt)
     print(f"submitted as {sub['batch_id']}: {sub['state']} ({sub['status_url']})")
     if not args.wait:
         return 0
-    status = client.wait(sub["status_url"], args.token)
+    status = client.wait(sub["status_url"], token)
     print(
         f"{sub['batch_id']}: {status['state']}, {status['slides_done']}/{status['slides_total']} "
         f"slides, adaptation {status['adaptation']}; results: {sub['results_url']}"

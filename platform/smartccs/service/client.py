@@ -14,7 +14,8 @@ from smartccs.errors import CCSError
 TOKEN_ENV = "CCS_TOKEN"
 
 
-def _token(token: str | None) -> str:
+def resolve_token(token: str | None) -> str:
+    """The center token given, else $CCS_TOKEN; a clear error without one."""
     token = token or os.environ.get(TOKEN_ENV)
     if not token:
         raise CCSError(f"no center token: pass --token or set ${TOKEN_ENV}")
@@ -42,12 +43,12 @@ def submit(url: str, center: str, batch: str, token: str | None = None, adapt: s
     body: dict[str, Any] = {"center": center, "batch": batch}
     if adapt:
         body["adapt"] = adapt
-    return _call("POST", f"{url.rstrip('/')}/v1/batches", _token(token), json=body)
+    return _call("POST", f"{url.rstrip('/')}/v1/batches", resolve_token(token), json=body)
 
 
 def wait(status_url: str, token: str | None = None, timeout_s: float = 3600, poll_s: float = 2):
     """Poll a batch's status until it is done or failed; the last status."""
-    token = _token(token)
+    token = resolve_token(token)
     deadline = time.monotonic() + timeout_s
     while True:
         status = _call("GET", status_url, token)
