@@ -25,7 +25,6 @@ from pathlib import Path
 from screening import OUT, copy_models
 
 from smartccs.data.tiles import StreamConfig
-from smartccs.demo import generated_centers
 from smartccs.evaluation.truth import slide_truth
 from smartccs.logs import configure_logging
 from smartccs.manifest import Manifest
@@ -36,6 +35,7 @@ from smartccs.screening.engine import ScorerPool, ScreeningConfig
 from smartccs.screening.job import ScreenJobConfig, run_screen_job
 from smartccs.screening.slides import AdequacyConfig
 from smartccs.store import Store
+from smartccs.study.cohort import generated_centers
 from smartccs.synth.cohort import generate_cohort
 from smartccs.synth.profiles import load_profiles
 from smartccs.upload import upload_batch

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from smartccs.demo import ensure_uploaded, generated_centers
 from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
+from smartccs.study.cohort import ensure_uploaded, generated_centers
 from smartccs.synth.cohort import generate_cohort
 from smartccs.train.classifier import ClassifierConfig, train_classifier
 from smartccs.train.detector import DetectorConfig, abnormal_map, finetune_detector

@@ -158,18 +158,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from smartccs.demo import DemoConfig, run_demo
+    import yaml
 
-    cfg = DemoConfig(
-        store=args.store,
-        cohort_dir=args.cohort_dir,
-        centers=args.centers,
-        slides_per_center=args.slides_per_center,
-        size=args.size,
-        seed=args.seed,
-        address=args.address,
-    )
-    run_demo(cfg)
+    from smartccs.study.ablation import SYNTHETIC_NOTE
+    from smartccs.study.config import StudyConfig
+    from smartccs.study.run import run_study
+
+    raw = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    flags = {
+        "cohort_dir": args.cohort_dir,
+        "centers": args.centers,
+        "slides_per_center": args.slides_per_center,
+        "size": args.size,
+        "seed": args.seed,
+        "address": args.address,
+        "adapt": args.adapt,
+    }
+    raw |= {k: v for k, v in flags.items() if v is not None}
+    if args.store or "store" not in raw:
+        raw["store"] = StoreConfig.from_env(args.store).model_dump(mode="json")
+    result = run_study(StudyConfig.model_validate(raw))
+    print(f"\n{SYNTHETIC_NOTE}\n\n{result.table}\n\nreport: {result.report}")
     return 0
 
 
@@ -296,13 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="return once submitted; no logs")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("demo", help="the main job on embedded defaults (local Ray, local store)")
+    p = sub.add_parser(
+        "demo",
+        help="the main job: the Smart-CCS study (pretraining, finetuning, screening with and "
+        "without adaptation, ablation report) on a synthetic cohort, local Ray and store",
+    )
     _store_arg(p)
-    p.add_argument("--cohort-dir", default="./ccs-cohort")
-    p.add_argument("--centers", type=int, default=3)
-    p.add_argument("--slides-per-center", type=int, default=4)
-    p.add_argument("--size", choices=SIZES, default="tiny")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="a StudyConfig YAML (overrides the defaults)")
+    p.add_argument("--cohort-dir", default=None, help="where slides are generated (./ccs-cohort)")
+    p.add_argument("--centers", type=int, default=None, help="first N built-in centers (5)")
+    p.add_argument("--slides-per-center", type=int, default=None, help="(12)")
+    p.add_argument("--size", choices=SIZES, default=None, help="slide size (tiny)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--adapt", choices=("smartccs", "tent"), default=None, help="w/ P&A's method")
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     p.set_defaults(func=cmd_demo)
 

@@ -43,3 +43,17 @@ def read_pinned(
     if hashlib.sha256(data).hexdigest() != sha256:
         raise error(f"{store.uri(prefix, name)} changed after the {what} was committed")
     return data
+
+
+def copy_committed(src: Store, dst: Store, prefix: str) -> bool:
+    """Copy a committed prefix (a batch, a model version) byte for byte into another store,
+    its marker last, so ``dst`` never shows it half-copied; False if ``dst`` already has it."""
+    if dst.exists(prefix, layout.COMMIT_MARKER):
+        return False
+    keys = src.list(prefix)
+    if f"{prefix.rstrip('/')}/{layout.COMMIT_MARKER}" not in keys:
+        raise StoreError(f"{src.uri(prefix)} is not committed: nothing to copy")
+    keys.sort(key=lambda k: k.endswith(layout.COMMIT_MARKER))
+    for key in keys:
+        dst.write_bytes(key, src.read_bytes(key))
+    return True

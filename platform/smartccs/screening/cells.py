@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.data.tiles import STATUS_OK, StreamConfig, TileReader
+from smartccs.faults import fault_point
 from smartccs.models.artifacts import ModelCard, load_model
 from smartccs.models.detector import (
     DETECTION_CLASSES,
@@ -72,7 +73,11 @@ class ModelRef(BaseModel):
 
 
 def encoder_ref(detector: ModelCard) -> ModelRef:
-    """The pretrained encoder a detector was finetuned from: it embeds the cells, frozen."""
+    """The frozen encoder that embeds a detector's cells: the pretrained encoder it was
+    finetuned from, or the card's own ``embedder`` (a detector trained from random weights)."""
+    own = detector.head.get("embedder")
+    if own:
+        return ModelRef(name=own["name"], version=own["version"])
     cfg = detector.training_config
     return ModelRef(name=cfg["encoder_model"], version=cfg["encoder_version"])
 
@@ -162,6 +167,7 @@ class CellScorer:
             x = preprocess(batch["image"][ok], self.input_px, self.card.normalization)
             with self._autocast():
                 detections = self.detector.detect(x.to(self.device))
+            fault_point("cells.detect")
         by_tile = dict(zip(ok.tolist(), detections, strict=True))
         scale = self.tile_px / self.input_px
         # pass 1: each tile's best abnormal cells and their crops

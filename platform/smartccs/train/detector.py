@@ -491,6 +491,34 @@ def label_budget(
     return out
 
 
+def _with_own_embedder(
+    store: Store, cfg: DetectorConfig, card: ModelCard, encoder: ModelCard, model: CellDetector
+) -> ModelCard:
+    """A detector trained without pretraining embeds its cells with its own backbone.
+
+    Screening embeds the top cells with a frozen encoder. Were that the pretrained encoder the
+    architecture came from, a "no pretraining" arm would still classify slides on pretrained
+    features. So the finetuned backbone is saved as an encoder of its own and the card names
+    it as the embedder (``head.embedder``).
+    """
+    config = {"backbone_of": cfg.model_name, "init": "random", "run_name": cfg.run_name}
+    backbone = encoder.model_copy(
+        update={
+            "name": f"{cfg.model_name}-backbone",
+            "version": None,
+            "training_config": config,
+            "training_config_sha256": config_sha256(config),
+            "metrics": {},
+        }
+    )
+    version = save_model(store, backbone, model.backbone.state_dict())
+    embedder = {"name": backbone.name, "version": version}
+    log.info(
+        "cells of %s will be embedded by its own backbone %s/%s", cfg.model_name, *embedder.values()
+    )
+    return card.model_copy(update={"head": card.head | {"embedder": embedder}})
+
+
 def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     """Train (or resume) the run, score the held-out slides, save the detector artifact."""
     store = Store(cfg.store)
@@ -531,6 +559,8 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
         model, card, tiles_dataset(splits["test"], store, cfg.stream), labels, cfg.eval_batch_size
     )
     log.info("held-out mAP@0.5 (abnormal) %.3f: %s", abnormal_map(report), report.ap)
+    if cfg.init == "random":
+        card = _with_own_embedder(store, cfg, card, encoder, model)
     card = card.model_copy(
         update={
             "data_manifest_sha256": manifests_sha256(store, refs),
