@@ -127,3 +127,44 @@ def test_prototypes_average_the_most_confident_slides_of_each_grade():
     assert bank[4].tolist() == [10.0] * 3 and bank[1].abs().sum() == 0
     e = torch.from_numpy(bags[0].embeddings)
     assert pooled_embedding(e, torch.from_numpy(bags[0].mask)).tolist() == [1.0] * 3
+
+
+def test_score_pooling_lets_a_few_confident_cells_outweigh_many_doubtful_ones():
+    """One confident abnormal cell among 99 doubtful detections: the plain mean is ~the doubtful
+    token, the score-weighted mean moves most of the way to the confident one."""
+    torch.manual_seed(0)
+    emb = torch.zeros(1, 6, 100, 8)
+    emb[0, 0, 0] = 5.0  # the one real cell of class 0
+    scores = torch.full((1, 6, 100), 0.01)
+    scores[0, 0, 0] = 0.99
+    mask = torch.ones(1, 6, 100, dtype=torch.bool)
+    pooled = {}
+    for how in ("mean", "score"):
+        head = MILHead(8, MILConfig(pooling=how, hidden=16, dropout=0.0)).eval()
+        torch.manual_seed(1)
+        head.load_state_dict(MILHead(8, MILConfig(pooling="mean", hidden=16)).state_dict())
+        real = head.pool(emb[:, :, :1], scores[:, :, :1], mask[:, :, :1])[0, 0]
+        doubtful = head.pool(emb[:, :, 1:], scores[:, :, 1:], mask[:, :, 1:])[0, 0]
+        both = head.pool(emb, scores, mask)[0, 0]
+        pooled[how] = float((both - doubtful).norm() / (real - doubtful).norm())
+    assert pooled["mean"] == pytest.approx(0.01, abs=1e-3)  # 1 of 100
+    assert pooled["score"] > 0.45  # 0.99 against 99 x 0.01
+
+
+def test_screening_weights_give_nilm_and_abnormal_slides_half_each():
+    from smartccs.train.classifier import grade_weights
+
+    grades = [0] * 6 + [1, 1, 4]  # 6 NILM, 2 ASC-US, 1 HSIL
+    w = grade_weights(grades, "screening")
+    counts = np.bincount(grades, minlength=len(GRADES))
+    assert w[0] * counts[0] == pytest.approx((w[1:] * counts[1:]).sum())
+    assert w[1] == w[4] and w[2] == 0  # equal within the abnormal half; absent grades 0
+    balanced = grade_weights(grades, "balanced")
+    assert balanced[1] * 2 == pytest.approx(balanced[4])  # rarer grade counts more
+
+
+def test_abnormal_logit_is_the_log_odds_of_the_slide_score():
+    from smartccs.models.mil import abnormal_logit
+
+    logits = torch.randn(5, len(GRADES))
+    assert torch.allclose(torch.sigmoid(abnormal_logit(logits)), slide_score(logits), atol=1e-6)

@@ -3,9 +3,15 @@
 Input per slide: for each of the 6 abnormal classes the embeddings of its top-K detected cells
 (frozen encoder), their detection scores and a mask for classes with fewer than K cells. Each
 cell becomes a token (its embedding, projected, plus its class and score); tokens are pooled per
-class, by a masked mean (mean-MIL, the reference's default) or by gated attention
-(attention-MIL, Ilse et al. 2018), and the six pooled vectors with each class's score summary
-give the 7 grade logits. Slide score = 1 - P(NILM).
+class, by a masked mean (mean-MIL, the reference's default), a mean weighted by each cell's
+detection score (``score``) or gated attention (attention-MIL, Ilse et al. 2018), and the six
+pooled vectors with each class's score summary give the 7 grade logits. Slide score =
+1 - P(NILM).
+
+Why ``score``: the top K of a class are the K highest-scoring detections whether or not a slide
+has that many abnormal cells. On a slide with a handful of them (a small or sparse specimen)
+most of the K are confident-looking normal cells, and a plain mean lets them outvote the few
+real ones; weighting by the detector's confidence keeps the real ones in front.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ N_CLASSES = len(ABNORMAL_CLASSES)
 class MILConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pooling: Literal["mean", "attention"] = "mean"
+    pooling: Literal["mean", "score", "attention"] = "mean"
     hidden: int = Field(default=128, ge=8)
     dropout: float = Field(default=0.1, ge=0, lt=1)
     top_k: int = Field(default=100, ge=1, description="cells per abnormal class per slide")
@@ -61,6 +67,9 @@ class MILHead(nn.Module):
         m = mask.unsqueeze(-1).to(tokens.dtype)
         if self.cfg.pooling == "mean":
             return (tokens * m).sum(2) / m.sum(2).clamp_min(1)
+        if self.cfg.pooling == "score":
+            w = scores.unsqueeze(-1).to(tokens.dtype) * m
+            return (tokens * w).sum(2) / w.sum(2).clamp_min(1e-6)
         logits = self.att_w(torch.tanh(self.att_v(tokens)) * torch.sigmoid(self.att_u(tokens)))
         logits = logits.masked_fill(m == 0, -1e4)
         weights = torch.softmax(logits, dim=2) * m
@@ -81,6 +90,13 @@ class MILHead(nn.Module):
             dim=-1,
         )
         return self.classify(torch.cat([pooled, stats], dim=-1).flatten(1))
+
+
+def abnormal_logit(logits: torch.Tensor) -> torch.Tensor:
+    """log P(abnormal) - log P(NILM): the screening decision as one logit."""
+    nilm = GRADES.index("NILM")
+    others = [i for i in range(logits.shape[-1]) if i != nilm]
+    return torch.logsumexp(logits[..., others], dim=-1) - logits[..., nilm]
 
 
 def slide_score(logits: torch.Tensor) -> torch.Tensor:

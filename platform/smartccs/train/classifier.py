@@ -32,7 +32,7 @@ from smartccs.metrics.classification import (
     confusion_matrix,
 )
 from smartccs.models.artifacts import ModelCard, config_sha256, load_card, save_model
-from smartccs.models.mil import MILConfig, MILHead, pooled_embedding
+from smartccs.models.mil import MILConfig, MILHead, abnormal_logit, pooled_embedding
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import CellConfig, ModelRef, encoder_ref
 from smartccs.screening.engine import ScorerPool, screen_bags
@@ -61,8 +61,17 @@ class ClassifierConfig(RunFields):
     split: SplitConfig = SplitConfig()
     stream: StreamConfig = StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25)
     scorers: ScorerPool = ScorerPool()
-    class_weights: Literal["balanced", "none"] = Field(
-        default="balanced", description="weight grades by inverse frequency (rare grades count)"
+    class_weights: Literal["balanced", "screening", "none"] = Field(
+        default="balanced",
+        description="balanced: grades by inverse frequency (rare grades count); screening: "
+        "NILM and abnormal slides weigh half each, grades equal within the abnormal half",
+    )
+    screening_loss: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight of a NILM-vs-abnormal term (BCE on log P(abnormal)/P(NILM)) beside "
+        "the 7-grade cross-entropy: the slide score is 1 - P(NILM), and with few slides per "
+        "grade the grade loss alone barely shapes that one decision",
     )
     prototype_slides: int = Field(default=100, ge=1, description="per grade, most confident")
     min_sensitivity: float | None = Field(
@@ -157,6 +166,12 @@ class MILLearner:
         t = {k: torch.from_numpy(batch[k]).to(self.device) for k in _BAG_FIELDS}
         logits = self.model(t["embeddings"], t["scores"], t["mask"])
         loss = torch.nn.functional.cross_entropy(logits, t["grade"], weight=self.weights)
+        if self.cfg.screening_loss:
+            abnormal = (t["grade"] != GRADES.index("NILM")).to(logits.dtype)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(
+                abnormal_logit(logits), abnormal
+            )
+            loss = loss + self.cfg.screening_loss * bce
         self.last_loss = optimizer_step(self.opt, self.params, loss, step, self.cfg)
         return len(batch["grade"])
 
@@ -178,15 +193,25 @@ def _bag_rows(bags: list[SlideBag], grades: list[int]) -> list[dict[str, Any]]:
     ]
 
 
+def grade_weights(grades: list[int], how: str) -> np.ndarray:
+    """Cross-entropy weight per grade (0 for a grade no training slide has)."""
+    counts = np.bincount(grades, minlength=len(GRADES)).astype(float)
+    present = counts > 0
+    if how == "balanced":
+        return np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+    if how == "screening":
+        nilm = GRADES.index("NILM")
+        abnormal = counts.sum() - counts[nilm]
+        w = np.where(present, counts.sum() / (2 * max(abnormal, 1)), 0.0)
+        w[nilm] = counts.sum() / (2 * max(counts[nilm], 1))
+        return w
+    return np.ones(len(GRADES))
+
+
 def _fit_head(cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], dim: int):
     import ray
 
-    counts = np.bincount(grades, minlength=len(GRADES)).astype(float)
-    if cfg.class_weights == "balanced":
-        present = counts > 0
-        w = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
-    else:
-        w = np.ones(len(GRADES))
+    w = grade_weights(grades, cfg.class_weights)
     ds = ray.data.from_items(_bag_rows(bags, grades))
 
     def loop(config: dict[str, Any]) -> None:
