@@ -29,19 +29,27 @@ TOY_ENCODER = Architecture(
 )  # fmt: skip
 
 
-def save_toy_models(store: Store, *, seed: int = 0, threshold: float = 0.5) -> ModelRef:
-    """Encoder, detector and classifier versions in ``store``; returns the classifier's ref.
+def save_toy_models(
+    store: Store,
+    *,
+    seed: int = 0,
+    threshold: float = 0.5,
+    names: tuple[str, str, str] = ("encoder", "detector", "classifier"),
+) -> ModelRef:
+    """Encoder, detector and classifier versions in ``store`` (under ``names``); returns the
+    classifier's ref.
 
     The detector's score floor is tiny so that its untrained head still reports cells.
     """
+    enc_name, det_name, cls_name = names
     torch.manual_seed(seed)
     enc_card = ModelCard(
-        name="encoder", architecture=TOY_ENCODER, task="encoder", tiling=TOY_TILING,
+        name=enc_name, architecture=TOY_ENCODER, task="encoder", tiling=TOY_TILING,
         synthetic=True,
     )  # fmt: skip
     enc_version = save_model(store, enc_card, build_from(TOY_ENCODER).state_dict())
     det_card = ModelCard(
-        name="detector",
+        name=det_name,
         architecture=TOY_ENCODER,
         task="detector",
         classes=list(DETECTION_CLASSES),
@@ -50,22 +58,22 @@ def save_toy_models(store: Store, *, seed: int = 0, threshold: float = 0.5) -> M
             "input_px": 64,
         },
         tiling=TOY_TILING,
-        training_config={"encoder_model": "encoder", "encoder_version": enc_version},
+        training_config={"encoder_model": enc_name, "encoder_version": enc_version},
         synthetic=True,
     )
     det_version = save_model(store, det_card, build_detector(det_card).state_dict())
     mil = MILConfig(hidden=16, top_k=5, dropout=0.0)
     dim = 32
     cls_card = ModelCard(
-        name="classifier",
+        name=cls_name,
         architecture=TOY_ENCODER,
         task="classifier",
         classes=list(GRADES),
         head={
             "mil": mil.model_dump(mode="json"),
             "cells": CellConfig(cells_per_tile=4, squamous_score=0.001).model_dump(mode="json"),
-            "detector": {"name": "detector", "version": det_version},
-            "encoder": {"name": "encoder", "version": enc_version},
+            "detector": {"name": det_name, "version": det_version},
+            "encoder": {"name": enc_name, "version": enc_version},
             "dim": dim,
             "threshold": threshold,
         },
@@ -73,7 +81,7 @@ def save_toy_models(store: Store, *, seed: int = 0, threshold: float = 0.5) -> M
         synthetic=True,
     )
     version = save_model(store, cls_card, MILHead(dim, mil).state_dict())
-    return ModelRef(name="classifier", version=version)
+    return ModelRef(name=cls_name, version=version)
 
 
 def toy_screening(tmp: Path, tiles_per_call: int = 8, min_squamous: int = 1) -> ScreeningConfig:

@@ -1,0 +1,138 @@
+"""The main job (``ccs demo``): cohort cut into batches, arms screened in stores of their own,
+the ablation table and report, and a re-run resuming from the study's state.
+
+Training is covered by test_pretrain.py and test_finetune_jobs.py; a full study trains five
+models (minutes even at a few steps), so here the training stages find their models already
+in the study's state, as a resumed study does, and those models are the tiny random-weight
+ones of toy_models. Everything else is the production path on the shared Ray: real synthetic
+slides, uploads, the screening engine with and without adaptation, evaluation and figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from toy_models import save_toy_models, toy_screening
+
+from smartccs import layout
+from smartccs.manifest import Manifest
+from smartccs.models.artifacts import load_card
+from smartccs.results.tables import read_table
+from smartccs.store import Store, StoreConfig
+from smartccs.study.cohort import cut_batches
+from smartccs.study.config import StudyConfig
+from smartccs.study.run import StudyState, run_study
+from smartccs.synth.cohort import generate_cohort
+
+
+@pytest.fixture(scope="module")
+def study_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two internal centers and one external (the built-in order), 4 tiny slides each."""
+    root = tmp_path_factory.mktemp("study-cohort")
+    cfg = StudyConfig(cohort_dir=str(root), centers=3, slides_per_center=4)
+    generate_cohort(
+        cfg.cohort_path(), centers=3, slides_per_center=4, size="tiny", seed=0, workers=2,
+        progress=False,
+    )  # fmt: skip
+    return root
+
+
+def test_cut_batches_keeps_internal_test_slides_out_of_training(study_cohort: Path, tmp_path):
+    cohort = StudyConfig(cohort_dir=str(study_cohort), centers=3, slides_per_center=4)
+    cut = cut_batches(cohort.cohort_path(), tmp_path, "t", 0.34, 2, seed=0)
+    by_center: dict[str, dict[str, set[str]]] = {}
+    for folder, b in cut:
+        ids = {s.slide_id for s in Manifest.loads((folder / "manifest.json").read_bytes()).slides}
+        assert (len(ids) == b.slides and b.slides <= 2) or b.role == "train"
+        by_center.setdefault(b.center, {}).setdefault(b.role, set()).update(ids)
+        cells = pq.read_table(folder / "ground_truth" / "cells.parquet")
+        assert set(cells["slide_id"].to_pylist()) <= ids  # each batch carries only its labels
+    assert set(by_center) == {"int-a", "int-b", "ext-a"}
+    assert "train" not in by_center["ext-a"] and len(by_center["ext-a"]["test"]) == 4
+    for c in ("int-a", "int-b"):
+        assert by_center[c]["train"] and by_center[c]["test"]
+        assert not by_center[c]["train"] & by_center[c]["test"]
+        assert len(by_center[c]["train"] | by_center[c]["test"]) == 4
+
+
+def _trained_state(store: Store) -> StudyState:
+    """What a study whose training stages finished holds: models per init (toy weights)."""
+    state = StudyState()
+    for seed, init in enumerate(("random", "pretrained")):
+        names = (f"encoder-{init}", f"detector-{init}", f"classifier-{init}")
+        ref = save_toy_models(store, seed=seed, names=names)
+        det = load_card(store, ref.name, ref.version).head["detector"]
+        state.encoder = state.encoder or "unused-by-screening"
+        state.detectors[init] = det["version"]
+        state.classifiers[init] = ref.version
+    return state
+
+
+def test_study_screens_every_arm_in_its_own_store_and_reports_the_ablation(
+    study_cohort: Path, ray_session: str, tmp_path: Path, capsys
+):
+    screening = toy_screening(tmp_path).model_dump(mode="json", exclude={"adapt"})
+    cfg = StudyConfig(
+        store=StoreConfig(uri=str(tmp_path / "store")),
+        cohort_dir=str(study_cohort),
+        centers=3,
+        slides_per_center=4,
+        batch_slides=2,
+        report_slides=1,
+        jobs={"screening": screening},
+    )
+    store = Store(cfg.store)
+    state_key = f"{layout.run(cfg.study_id())}/state.json"
+    store.write_bytes(state_key, _trained_state(store).model_dump_json().encode())
+
+    result = run_study(cfg)
+
+    tests = [b for b in result.state.batches if b.role == "test"]
+    assert {b.kind for b in tests} == {"internal", "external"}
+    expected = {(b.center, b.batch) for b in tests}
+    n_test = sum(b.slides for b in tests)
+    for arm in cfg.arms:
+        arm_store = Store(
+            StoreConfig(uri=f"{cfg.store.uri}/{layout.run(result.study_id)}/arms/{arm.name}")
+        )
+        slides = read_table(arm_store, "slides")
+        assert slides.num_rows == n_test  # every test slide once, nothing else
+        assert (
+            set(zip(slides["center"].to_pylist(), slides["batch"].to_pylist(), strict=False))
+            == expected
+        )
+        adaptation = set(slides["adaptation"].to_pylist())
+        if arm.adapt == "none":
+            assert adaptation == {None}
+        else:  # every center's batches carried its adapted state forward
+            assert None not in adaptation and all(a.startswith("smartccs:") for a in adaptation)
+        assert set(slides["classifier"].to_pylist()) == {
+            f"classifier-{arm.init}/{result.state.classifiers[arm.init]}"
+        }
+    assert not read_table(store, "slides").num_rows  # arms never touch the main tables
+
+    arms = [a.label for a in cfg.arms]
+    groups = {(r.kind, r.group) for r in result.rows}
+    assert {("internal", "overall"), ("external", "overall"), ("external", "ext-a")} <= groups
+    for kind, group in groups:
+        assert [r.arm for r in result.rows if (r.kind, r.group) == (kind, group)] == arms
+    report = Path(result.report)
+    assert report.is_file() and report.parent == Path(
+        store.path(layout.run(result.study_id), "report")
+    )
+    page = report.read_text()
+    assert "SYNTHETIC" in page
+    for arm in cfg.arms:
+        for kind in ("internal", "external"):
+            assert f'href="{arm.name}/{kind}/report.html"' in page
+            assert (report.parent / arm.name / kind / "report.html").is_file()
+    saved = json.loads((report.parent / "ablation.json").read_text())
+    assert len(saved["rows"]) == len(result.rows)
+
+    # a re-run of the same study resumes: nothing is screened again, the table is the same
+    runs = {a.name: result.state.screened[a.name] for a in cfg.arms}
+    again = run_study(cfg)
+    assert again.state.screened == runs and again.table == result.table
