@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", action="append", help="only this batch id (repeatable)")
     p.add_argument("--max-slides", type=int, default=50, help="slides with per-slide figures")
     p.set_defaults(func=cmd_evaluate)
+
+    from smartccs.deploy.commands import add_parser as add_deploy_parser
+
+    add_deploy_parser(sub)  # ccs deploy policy|rayservice|sizing (docs/deploy.md)
     return parser
 
 
