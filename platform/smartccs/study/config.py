@@ -67,7 +67,7 @@ class StudyConfig(BaseModel):
         description="overrides of the embedded job settings: pretrain, detector, classifier, "
         "screening sections",
     )
-    report_slides: int = Field(default=12, ge=0, description="slides with figures per report")
+    report_slides: int = Field(default=6, ge=0, description="slides with figures per report")
 
     def settings(self) -> dict[str, Any]:
         """Embedded defaults with this config's overrides."""
