@@ -16,10 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
+from smartccs.faults import FAULTS_ENV
 from smartccs.store import S3Options, Store, StoreConfig
 
-pytest_plugins = ["vendor_fixtures"]
+pytest_plugins = ["vendor_fixtures", "service_fixtures"]
+
+# Property tests stay quick in the default run; HYPOTHESIS_PROFILE=thorough digs deeper.
+# No deadline: on a shared 2-core machine a slow example is not a failure.
+settings.register_profile("ccs", max_examples=50, deadline=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ccs"))
 
 AGENT_PORT = 52365
 """Ray's dashboard agent HTTP port (ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT)."""
@@ -43,7 +51,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[str]:
+def fault_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where tests arm fault points (``smartccs.faults``): every Ray worker of the session has
+    it as ``$CCS_FAULTS``; the test process itself does not, so an armed point never kills it."""
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="session")
+def ray_session(fault_root: Path) -> Iterator[str]:
     """One Ray instance for the whole session: starting several breaks parallel workers.
 
     Its dashboard runs too, for the job server (``ray_job_address``); yields that server's URL.
@@ -63,7 +78,7 @@ def ray_session() -> Iterator[str]:
         dashboard_port=port,
         ignore_reinit_error=True,
         configure_logging=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", FAULTS_ENV: str(fault_root)}},
         _temp_dir=temp_dir,
     )
     Path(temp_dir, "ray_current_cluster").write_text(ctx.address_info["gcs_address"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from smartccs.errors import StoreError
+from smartccs.faults import fault_point
 
 if TYPE_CHECKING:
     import fsspec
@@ -60,6 +62,22 @@ class S3Options(BaseModel):
         )
 
 
+S3_MAX_ATTEMPTS = 10
+"""Tries per S3 call (botocore's standard retry mode: jittered exponential backoff up to 20 s
+a wait), about a minute in all: an endpoint that restarts, throttles or flaps is waited out
+instead of failing an upload, a claim or a batch. ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE``
+override it, as they do for any AWS client (docs/reliability.md)."""
+
+
+def s3_retries() -> dict[str, str | int]:
+    """The retry settings every S3 client of a store gets (botocore's ``retries`` config)."""
+    env = os.environ
+    return {
+        "mode": env.get("AWS_RETRY_MODE") or "standard",
+        "max_attempts": int(env.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS),
+    }
+
+
 class StoreConfig(BaseModel):
     """Where the platform keeps everything; picklable, so it travels to Ray workers."""
 
@@ -72,6 +90,10 @@ class StoreConfig(BaseModel):
     def from_env(cls, uri: str | None = None) -> StoreConfig:
         """``uri`` if given, else ``CCS_STORE``, else the embedded default ``./ccs-data``."""
         return cls(uri=uri or os.environ.get("CCS_STORE") or DEFAULT_STORE_URI)
+
+
+_STAGING_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+"""Names :func:`_staging` gives."""
 
 
 def _staging(path: str) -> str:
@@ -157,6 +179,7 @@ class Store:
             token=o.session_token.get_secret_value() if o.session_token else None,
             endpoint_url=o.endpoint_url,
             client_kwargs=client_kwargs,
+            config_kwargs={"retries": s3_retries()},
             skip_instance_cache=True,
         )
 
@@ -167,7 +190,9 @@ class Store:
         if self.protocol == "file":
             return pafs.LocalFileSystem()
         o = self.config.s3.resolved()
-        kwargs: dict = {}
+        kwargs: dict = {
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(s3_retries()["max_attempts"])
+        }
         if o.endpoint_url:
             ep = urlparse(o.endpoint_url)
             kwargs["endpoint_override"] = ep.netloc or ep.path
@@ -186,10 +211,12 @@ class Store:
     @functools.cached_property
     def _s3_client(self):
         import boto3
+        from botocore.config import Config
 
         o = self.config.s3.resolved()
         return boto3.client(
             "s3",
+            config=Config(retries=s3_retries()),
             endpoint_url=o.endpoint_url,
             region_name=o.region,
             aws_access_key_id=o.access_key_id,
@@ -250,6 +277,7 @@ class Store:
         """Write a whole object so that readers see the old content or the new, never a part."""
         path = self.path(key)
         if self.protocol == "s3":
+            fault_point("store.write", key)
             self.fs.pipe_file(path, data)  # a single PUT is atomic on S3
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -259,6 +287,7 @@ class Store:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            fault_point("store.write", key)  # dies with the staging file written, not renamed
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -279,11 +308,29 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
+    def remove_staging(self, *prefix: str) -> list[str]:
+        """Delete the staging files that writers killed mid-write left under ``prefix``; the
+        keys removed.
+
+        Only for a prefix that one writer at a time writes (a batch's result partitions): a
+        live writer's staging file would go too. An S3 PUT stages nothing, so there it is a
+        no-op.
+        """
+        if self.protocol != "file":
+            return []
+        stale = [k for k in self.list(*prefix) if _STAGING_RE.match(k.rsplit("/", 1)[-1])]
+        for key in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(key))
+        return stale
+
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create ``key`` with ``data`` unless it exists; True if this call created it.
 
         The commit marker of a batch, table partition or model version is written this way, so
-        two writers racing for the same commit cannot both win.
+        two writers racing for the same commit cannot both win. Callers write bodies unique to
+        the writer (a token, a time, a worker name): on S3 a PUT whose answer was lost is
+        retried and meets its own object, and only its bytes tell it that it won.
         """
         path = self.path(key)
         if self.protocol == "s3":
@@ -293,7 +340,11 @@ class Store:
             except self._s3_client.exceptions.ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
-                    return False
+                    self.fs.invalidate_cache(path)
+                    try:  # our own retried PUT, or another writer's object?
+                        return self.read_bytes(key) == data
+                    except StoreError:  # created and removed since: not ours either way
+                        return False
                 raise
             self.fs.invalidate_cache(path)
             return True

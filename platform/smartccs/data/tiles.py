@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.batches import BatchRef
 from smartccs.errors import CCSError
+from smartccs.faults import fault_point
 from smartccs.slide.cache import SlideCache, default_max_bytes, default_root
 from smartccs.slide.qc import tile_qc
 from smartccs.slide.reader import Slide, copy_rgb, open_slide
@@ -134,6 +135,7 @@ def _describe(exc: BaseException) -> str:
 
 def plan_slide(row: dict[str, Any], *, store_config: StoreConfig, cfg: StreamConfig) -> list[dict]:
     """Tile rows of one slide, or one error row when the slide cannot be planned."""
+    fault_point("tiles.plan", row["key"])
     try:
         slide = _SlideHandles(store_config, cfg).get(row)
         try:
@@ -187,6 +189,7 @@ class TileReader:
                     fg_fraction=float(row["fg_fraction"]),
                 )
                 copy_rgb(images[i], read_tile(slide, spec, self.cfg.tiling))
+                fault_point("tiles.read", row["key"])
                 q = tile_qc(
                     images[i],
                     saturation_threshold=float(row["sat_threshold"]),

@@ -10,6 +10,8 @@ file. Names starting with ``_`` or ``.`` are skipped by pyarrow, pandas and Spar
 ``*/*/*.parquet`` glob matches neither the marker nor a temporary file.
 
 A write goes: cells file, slides file, cells marker, slides marker (the one readers list).
+On a local store it first removes the staging files a writer killed mid-write left in the two
+partitions (no reader reads them, but they would stay there for good).
 
 Honest limit: each table's partition file flips atomically, but the two tables flip one after
 the other, and the markers after both. A reader that globs the files (DuckDB, pandas, pyarrow)
@@ -24,6 +26,7 @@ are not supported (one screening job per batch); if it happens, the mix is detec
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -53,6 +56,8 @@ from smartccs.results.schema import (
     TABLES,
 )
 from smartccs.store import Store
+
+log = logging.getLogger(__name__)
 
 PART_NAME = "part-0.parquet"
 """The one data file of a partition; fixed, so a re-run overwrites instead of adding rows."""
@@ -309,6 +314,9 @@ def write_batch_results(
             for name in TABLES
         },
     )
+    for name in _WRITE_ORDER:  # one writer per batch: any staging file here is a dead one's
+        for key in store.remove_staging(layout.results(name, center, batch)):
+            log.warning("removed %s, left by a writer killed mid-write", store.uri(key))
     for name in _WRITE_ORDER:
         store.write_bytes(f"{layout.results(name, center, batch)}/{PART_NAME}", payloads[name])
     record = commit.model_dump_json(indent=2).encode()

@@ -98,6 +98,16 @@ class Worker:
             record.heartbeat = time.time()
             self.queue.save(record)
 
+    def _try_save(self, record: BatchRecord) -> None:
+        """A heartbeat or progress write: best effort. One that fails (the store out for longer
+        than its clients retry) is logged, and the next one carries the state; letting it raise
+        would stop the heartbeat for good, and another worker would take the batch over while
+        this one still screens it."""
+        try:
+            self._save(record)
+        except Exception as exc:
+            log.warning("%s: could not save %s: %s", self.name, record.batch_id, exc)
+
     def run(self, record: BatchRecord) -> BatchRecord:
         """Screen one claimed batch to done or failed; never raises for the batch's own errors."""
         stop = threading.Event()
@@ -120,7 +130,7 @@ class Worker:
                 entry = by_id[bag.slide_id]
                 entry.status = "scored" if bag.ok else "failed"
                 entry.error = bag.error or None
-                self._save(record)
+                self._try_save(record)
 
             [outcome] = screen_batches(
                 self.store,
@@ -158,4 +168,4 @@ class Worker:
 
     def _beat(self, record: BatchRecord, stop: threading.Event) -> None:
         while not stop.wait(self.cfg.lease_s / 4):
-            self._save(record)
+            self._try_save(record)
