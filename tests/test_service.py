@@ -9,10 +9,8 @@ means nothing; the service around them is what is pinned.
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,62 +19,13 @@ import requests
 from smartccs.adaptation.state import history
 from smartccs.manifest import Manifest
 from smartccs.results.tables import read_table
-from smartccs.service.auth import new_token
 from smartccs.service.records import batch_id
-from smartccs.store import S3Options, Store, StoreConfig
-from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cli import run_ccs
-from toy_models import save_toy_models, toy_screening
 
+# the `service` fixture (Serve over the moto S3 store) lives in tests/service_fixtures.py
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def service(tiny_cohort: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
-    """The app on Serve over an S3 store holding the tiny cohort's two centers and toy models;
-    yields (base URL, store, {center: token}, {center: batch dir})."""
-    import boto3
-    from ray import serve
-
-    from smartccs.service.app import build
-
-    bucket = f"svc-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    s3 = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
-    s3 |= {"access_key_id": "testing", "secret_access_key": "testing"}
-    store_cfg = {"uri": f"s3://{bucket}/store", "s3": s3}
-    store = Store(StoreConfig(uri=store_cfg["uri"], s3=S3Options(**s3)))
-    dirs = {d.name: d for d in sorted(p.parent for p in tiny_cohort.glob("*/manifest.json"))}
-    for center, d in dirs.items():
-        upload_batch(d, center=center, batch="b1", store=store, progress=False)
-    save_toy_models(store)
-    tokens = {c: new_token() for c in dirs}
-    screening = toy_screening(tmp_path_factory.mktemp("svc")).model_dump(mode="json")
-    screening["adapt"] = {"method": "smartccs"}
-    args = {
-        "store": store_cfg,
-        "screening": screening,
-        "tokens": {c: digest for c, (_, digest) in tokens.items()},
-        "poll_s": 0.5,
-        "workers_per_replica": 2,  # two worker loops race for each batch: one claim wins
-        "lease_s": 15,  # a killed worker's batch is taken over after 15 s of silence
-    }
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(args), name="smartccs", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    yield base, store, {c: t for c, (t, _) in tokens.items()}, dirs, args
-    serve.shutdown()
 
 
 def _auth(token: str) -> dict[str, str]:

@@ -7,7 +7,8 @@ from pydantic import AfterValidator
 
 from smartccs.errors import InvalidIdError
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Matched with ``fullmatch``: ``$`` would also accept a trailing newline."""
 
 
 def validate_id(value: str, field: str = "id") -> str:
@@ -16,7 +17,7 @@ def validate_id(value: str, field: str = "id") -> str:
     Ids end up in S3 keys and local paths, so anything that could climb (``..``), nest (``/``)
     or hide (leading ``.``/``_``, which Parquet readers skip) is refused.
     """
-    if not isinstance(value, str) or not _ID_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value) or ".." in value:
         raise InvalidIdError(
             f"invalid {field} {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, no '..'"

@@ -40,9 +40,11 @@ class SlideEntry(BaseModel):
             or p.is_absolute()
             or any(part in ("", ".", "..") for part in value.split("/"))
             or any(part.startswith((".", "_")) for part in p.parts)
+            or not value.isprintable()  # NUL, newlines, bidi overrides: not in a key or a log
         ):
             raise ValueError(
-                f"path {value!r} must be relative, use '/', and have no '.', '..' or hidden parts"
+                f"path {value!r} must be relative, use '/', and have no '.', '..', hidden "
+                "parts or unprintable characters"
             )
         return value
 

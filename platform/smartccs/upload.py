@@ -90,7 +90,15 @@ def prepare_batch(
             if given_entry.bytes != size:
                 problems.append(f"{rel}: {size} bytes, {MANIFEST_NAME} says {given_entry.bytes}")
                 continue
-        log.debug("%s: %s, %dx%d, %.4f mpp", rel, info.vendor, info.width, info.height, info.mpp)
+        # by slide id: a file name may carry what a center should not log (a patient's name)
+        log.debug(
+            "slide %s: %s, %dx%d, %.4f mpp",
+            slide_id,
+            info.vendor,
+            info.width,
+            info.height,
+            info.mpp,
+        )
         entries.append(
             SlideEntry(
                 slide_id=slide_id,

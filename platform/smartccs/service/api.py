@@ -26,6 +26,10 @@ from smartccs.service.worker import service_store
 
 API_VERSION = "v1"
 
+MAX_BODY_BYTES = 64 * 1024
+"""Request bodies above this are refused (413) before they are parsed: a submission is a few
+dozen bytes, and no unauthenticated caller should make a replica buffer megabytes."""
+
 
 class SubmitBatch(BaseModel):
     """POST /v1/batches: a batch the center has uploaded and committed."""
@@ -108,12 +112,13 @@ def create_app() -> FastAPI:
         version="1",
         description="Cervical cytology screening with per-center test-time adaptation. "
         "Results on synthetic data say nothing clinical.",
+        max_body_size=MAX_BODY_BYTES,
     )
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         service = _service()
-        return {"status": "ok", "store": service.store.uri(), "centers": len(service.tokens)}
+        return {"status": "ok", "centers": len(service.tokens)}  # no store URI: unauthenticated
 
     @app.post(f"/{API_VERSION}/batches", status_code=202, response_model=Submitted)
     def submit(body: SubmitBatch, request: Request, center: CenterOf):

@@ -11,6 +11,7 @@ batch whose heartbeat is older than the lease is taken over as the next attempt.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from typing import Literal
 
@@ -23,8 +24,16 @@ PREFIX = "runs/service/batches"
 State = Literal["queued", "running", "done", "failed"]
 
 
+_BATCH_ID = re.compile(r"b-[0-9a-f]{20}")
+
+
 def batch_id(center: str, batch: str) -> str:
     return "b-" + hashlib.sha256(f"{center}/{batch}".encode()).hexdigest()[:20]
+
+
+def is_batch_id(value: str) -> bool:
+    """Whether ``value`` could be a batch id: anything else never becomes a store key."""
+    return bool(_BATCH_ID.fullmatch(value))
 
 
 class SlideProgress(BaseModel):
@@ -76,6 +85,8 @@ class BatchQueue:
         return BatchRecord.model_validate_json(self.store.read_bytes(self._key(bid)))
 
     def find(self, bid: str) -> BatchRecord | None:
+        if not is_batch_id(bid):  # a URL's path segment: never let it near a store key
+            return None
         try:
             return self.get(bid)
         except (StoreError, FileNotFoundError):

@@ -33,7 +33,7 @@ from smartccs.store import Store
 CHUNK = 8 * 2**20
 DEFAULT_MAX_BYTES = 50 * 2**30
 
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")  # fullmatch: `$` also takes a trailing newline
 _EVICT_LOCK = ".evict.lock"
 
 
@@ -91,7 +91,7 @@ class SlideCache:
         uri = store.uri(key)
         if store.protocol == "file":
             return _local_file(Path(store.path(key)), uri, size)
-        if sha256 is not None and not _SHA_RE.match(sha256):
+        if sha256 is not None and not _SHA_RE.fullmatch(sha256):
             raise SlideError(f"{uri}: invalid sha256 {sha256!r} (64 lower-case hex digits)")
         if size is None:
             size = _remote_size(store, key, uri)
@@ -129,7 +129,7 @@ class SlideCache:
         """Complete entries, least recently used first."""
         found = []
         for path in self._files():
-            if _SHA_RE.match(path.name):
+            if _SHA_RE.fullmatch(path.name):
                 with contextlib.suppress(FileNotFoundError):
                     st = path.stat()
                     found.append(_Entry(path, st.st_size, st.st_mtime))
@@ -218,7 +218,7 @@ class SlideCache:
         died mid-download, and is removed.
         """
         for path in list(self._files()):
-            if _SHA_RE.match(path.name):
+            if _SHA_RE.fullmatch(path.name):
                 continue
             # a temp file or lock: its owner's lock is free only if the owner died
             owner = path.with_name(path.name.split(".part-")[0].removesuffix(".lock"))

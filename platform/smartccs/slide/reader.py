@@ -9,6 +9,7 @@ names the file and says why, so a batch can record it as an error row and move o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -28,6 +29,15 @@ MAX_SIDE_PX = 500_000
 
 MAX_PIXELS = 2**35
 """Refused above this many level-0 pixels (34 Gpx: a whole 75 x 25 mm slide at 0.25 µm/px)."""
+
+MAX_COARSEST_PIXELS = 2**28
+"""Refused when even the coarsest level has more pixels (268 Mpx, 16k x 16k): planning decodes
+a low-resolution level whole, so a slide without a pyramid (a TIFF bomb of 40k x 40k px in
+50 KB costs a minute) must not reach it. Scanners write levels down to a few thousand px."""
+
+MAX_TILE_PX = 8192
+"""Refused above this tile side: OpenSlide decodes a whole tile per read (256 MiB at 8k px);
+scanners write tiles of 240 to 1024 px."""
 
 PLAUSIBLE_MPP = (0.05, 20.0)
 """µm/px a microscope scan can have; outside it (e.g. 72 dpi = 352.8 µm/px, an image-editor
@@ -104,10 +114,18 @@ class Slide:
         try:
             return self._osr.read_region((x0, y0), level, (w, h))
         except openslide.OpenSlideError as exc:
+            self._reopen()
             raise SlideError(
                 f"{self.name}: cannot read level {level} region at ({x0}, {y0}) "
                 f"size {w}x{h}: {_one_line(exc)}"
             ) from None
+
+    def _reopen(self) -> None:
+        """A fresh handle after a failed read: OpenSlide's errors are sticky, so without this
+        one corrupt tile would fail every later read of the slide through this (cached) handle.
+        The old handle is closed when its last reader lets go of it."""
+        with contextlib.suppress(openslide.OpenSlideError, OSError):  # reads keep failing
+            self._osr = openslide.OpenSlide(self.path)
 
     def read_rgb(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """``(h, w, 3)`` uint8 pixels of ``level`` at level-0 position ``(x0, y0)``.
@@ -287,6 +305,20 @@ def _describe(
             f"{MAX_PIXELS / 1e9:.0f} Gpx limit: refusing a corrupt or malicious file"
         )
     props = osr.properties
+    cw, ch = osr.level_dimensions[-1]
+    if cw * ch > MAX_COARSEST_PIXELS:
+        raise SlideError(
+            f"{name}: declares {width}x{height} px with no level smaller than {cw}x{ch} px: "
+            "a slide needs a pyramid (levels down to a few thousand px); refusing to decode it"
+        )
+    for level in range(osr.level_count):
+        tw = _to_float(props.get(f"openslide.level[{level}].tile-width")) or 0
+        th = _to_float(props.get(f"openslide.level[{level}].tile-height")) or 0
+        if max(tw, th) > MAX_TILE_PX:
+            raise SlideError(
+                f"{name}: level {level} has tiles of {tw:.0f}x{th:.0f} px, beyond the "
+                f"{MAX_TILE_PX} px limit: refusing a corrupt or malicious file"
+            )
     mpp, source = _resolve_mpp(props, name, mpp_override)
     power = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
     return SlideInfo(
