@@ -269,8 +269,9 @@ def test_rayjob_manifest(manifest):
     (group,) = cluster["workerGroupSpecs"]
     worker = group["template"]["spec"]["containers"][0]
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
-    images = {c["image"] for c in (head, worker, submitter)}
-    assert images == {"ghcr.io/smartccs/smartccs:0.1.0"}
+    # CPU pods run the CPU image, GPU workers its CUDA build (infra/Dockerfile's two targets)
+    assert {head["image"], submitter["image"]} == {"ghcr.io/smartccs/smartccs:0.1.0"}
+    assert worker["image"] == "ghcr.io/smartccs/smartccs:0.1.0-cuda"
     assert "nvidia.com/gpu" not in str(head["resources"])
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group[

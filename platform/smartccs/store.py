@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from smartccs.errors import StoreError
 from smartccs.faults import fault_point
@@ -85,6 +85,15 @@ class StoreConfig(BaseModel):
 
     uri: str = DEFAULT_STORE_URI
     s3: S3Options = S3Options()
+
+    @field_validator("uri")
+    @classmethod
+    def _absolute_local_path(cls, uri: str) -> str:
+        """A relative local path becomes absolute where the config is made (the driver): Ray
+        workers run in directories of their own, where ``./ccs-data`` is somewhere else."""
+        if urlparse(uri).scheme == "" and uri:
+            return str(Path(uri).expanduser().resolve())
+        return uri
 
     @classmethod
     def from_env(cls, uri: str | None = None) -> StoreConfig:
