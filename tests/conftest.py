@@ -11,15 +11,15 @@ import os
 import shutil
 import socket
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from moto_buckets import new_s3_store
 
 from smartccs.faults import FAULTS_ENV
-from smartccs.store import S3Options, Store, StoreConfig
+from smartccs.store import Store, StoreConfig
 
 pytest_plugins = ["vendor_fixtures", "service_fixtures"]
 
@@ -136,24 +136,8 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture
 def s3_store(s3_endpoint: str) -> Store:
-    """A fresh bucket on the moto server, as a Store with the endpoint passed explicitly."""
-    import boto3
-
-    bucket = f"ccs-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    return Store(
-        StoreConfig(
-            uri=f"s3://{bucket}/store",
-            s3=S3Options(
-                endpoint_url=s3_endpoint,
-                region="us-east-1",
-                access_key_id="testing",
-                secret_access_key="testing",
-            ),
-        )
-    )
+    """A fresh bucket on the moto server."""
+    return new_s3_store(s3_endpoint)
 
 
 @pytest.fixture

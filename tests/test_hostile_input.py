@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import tifffile
+from moto_buckets import new_s3_store
 from PIL import Image
 from slide_factory import tiff_bomb, write_disc_slide
 
@@ -33,7 +33,7 @@ from smartccs.results.tables import read_table
 from smartccs.slide.inspect import inspect_slide
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import plan_tiles
-from smartccs.store import S3Options, Store, StoreConfig
+from smartccs.store import Store, StoreConfig
 from smartccs.upload import UploadError, upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -354,24 +354,8 @@ def screened(
     ImageDescription carry ``SENTINEL``. The test process's log records (DEBUG and up) are
     collected while it runs.
     """
-    import boto3
-
     tmp = tmp_path_factory.mktemp("hostile-screen")
-    bucket = f"hostile-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    store = Store(
-        StoreConfig(
-            uri=f"s3://{bucket}/store",
-            s3=S3Options(
-                endpoint_url=s3_endpoint,
-                region="us-east-1",
-                access_key_id="testing",
-                secret_access_key="testing",
-            ),
-        )
-    )
+    store = new_s3_store(s3_endpoint, "hostile")
     save_toy_models(store)
     src = tmp / "src"
     src.mkdir()

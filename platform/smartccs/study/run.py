@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,42 +160,54 @@ def _pretrain(s: _Study) -> None:
     s.done("pretrain", t0)
 
 
+def _per_init(
+    s: _Study, n: int, job: str, what: str, done: dict[str, str], train: Callable[[str], str]
+) -> None:
+    """Stage ``n`` once per detector start (random, pretrained), skipping finished ones."""
+    for init in ("random", "pretrained"):
+        if init in done:
+            continue
+        t0 = s.stage(n, what.format(init=init))
+        done[init] = train(init)
+        s.done(f"{job}-{init}", t0)
+
+
+def _split(raw: dict[str, Any], seed: int) -> dict[str, Any]:
+    return raw | {"split": raw.get("split", {}) | {"seed": seed}}
+
+
 def _detectors(s: _Study) -> None:
     from smartccs.train.detector import DetectorConfig, abnormal_map, finetune_detector
 
-    for init in ("random", "pretrained"):
-        if init in s.state.detectors:
-            continue
-        t0 = s.stage(3, f"abnormal-cell detector, backbone from {init} weights")
+    def train(init: str) -> str:
         raw = s.job(
             "detector", f"detector-{init}", batches=s.ids("train"), init=init,
             model_name=f"detector-{init}", encoder_model="encoder",
             encoder_version=s.state.encoder,
         )  # fmt: skip
-        raw["split"] = raw.get("split", {}) | {"seed": s.cfg.seed}
-        r = finetune_detector(DetectorConfig.model_validate(raw))
-        s.state.detectors[init] = r.version
+        r = finetune_detector(DetectorConfig.model_validate(_split(raw, s.cfg.seed)))
         s.state.detector_map[init] = round(abnormal_map(r.report), 4)
-        s.done(f"detector-{init}", t0)
+        return r.version
+
+    what = "abnormal-cell detector, backbone from {init} weights"
+    _per_init(s, 3, "detector", what, s.state.detectors, train)
 
 
 def _classifiers(s: _Study) -> None:
     from smartccs.train.classifier import ClassifierConfig, train_classifier
 
-    for init in ("random", "pretrained"):
-        if init in s.state.classifiers:
-            continue
-        t0 = s.stage(4, f"slide classifier on the {init}-init detector's cells")
+    def train(init: str) -> str:
         raw = s.job(
             "classifier", f"classifier-{init}", batches=s.ids("train"),
             model_name=f"classifier-{init}", detector_model=f"detector-{init}",
             detector_version=s.state.detectors[init],
         )  # fmt: skip
-        raw["split"] = raw.get("split", {}) | {"seed": s.cfg.seed}
-        r = train_classifier(ClassifierConfig.model_validate(raw))
-        s.state.classifiers[init] = r.version
+        r = train_classifier(ClassifierConfig.model_validate(_split(raw, s.cfg.seed)))
         s.state.classifier_auc[init] = r.test.auc
-        s.done(f"classifier-{init}", t0)
+        return r.version
+
+    what = "slide classifier on the {init}-init detector's cells"
+    _per_init(s, 4, "classifier", what, s.state.classifiers, train)
 
 
 def _models_of(store: Store, classifier: str, version: str) -> list[tuple[str, str]]:
