@@ -74,6 +74,12 @@ class RunFields(BaseModel):
         "the stream yields neighbouring tiles of one slide together, which SGD must not see "
         "as a batch",
     )
+    materialize: bool = Field(
+        default=False,
+        description="read the training data once and keep it in the object store: a small "
+        "cohort trained for many epochs then stops re-reading (and re-planning) every slide "
+        "each epoch; leave off for data larger than the object store",
+    )
     max_steps: int = Field(default=100, ge=1, description="optimizer steps; schedules span it")
     max_epochs: int = Field(default=100, ge=1, description="passes over the data, at most")
     checkpoint_every: int = Field(default=20, ge=1, description="steps between checkpoints")
@@ -247,6 +253,9 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     store = Store(cfg.store)
+    if cfg.materialize:
+        log.info("reading the training data once (materialize: true)")
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
