@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_SCREENING_BENCH = "bench/out/screening-cpu2-12k.json"
-DEFAULT_STREAM_BENCH = "bench/out/tile_stream-r1.json"
+DEFAULT_SCREENING_BENCH = "bench/figures/screening-cpu2-12k.json"
+DEFAULT_STREAM_BENCH = "bench/figures/tile_stream-r1.json"
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
