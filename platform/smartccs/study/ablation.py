@@ -83,10 +83,6 @@ def format_table(rows: list[AblationRow]) -> str:
     return "\n".join(lines)
 
 
-def overall(rows: list[AblationRow], kind: str, arm_label: str) -> AblationRow:
-    return next(r for r in rows if (r.kind, r.group, r.arm) == (kind, OVERALL, arm_label))
-
-
 def write_ablation(
     out: Path,
     arms: list[Arm],

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
@@ -77,18 +78,14 @@ def sub_batch(center_dir: Path, slide_ids: list[str], batch: str, out: Path) -> 
         truth = center_dir / GROUND_TRUTH
         if truth.is_file():
             cells = pq.read_table(truth)
-            cells = cells.filter(pc.is_in(cells["slide_id"], value_set=_array(sorted(keep))))
+            cells = cells.filter(
+                pc.is_in(cells["slide_id"], value_set=pa.array(sorted(keep), pa.string()))
+            )
             (folder / GROUND_TRUTH).parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(cells, folder / GROUND_TRUTH)
         part = manifest.model_copy(update={"batch": batch, "slides": slides})
         (folder / MANIFEST_NAME).write_text(part.model_dump_json(indent=2))
     return folder
-
-
-def _array(values: list[str]):
-    import pyarrow as pa
-
-    return pa.array(values, pa.string())
 
 
 def ensure_uploaded(store: Store, folder: Path, center: str, batch: str) -> BatchRef:
