@@ -22,13 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from screening import OUT, copy_models
 
+from smartccs.adaptation.config import AdaptConfig
 from smartccs.data.tiles import StreamConfig
 from smartccs.evaluation.truth import slide_truth
 from smartccs.logs import configure_logging
 from smartccs.manifest import Manifest
-from smartccs.metrics.classification import roc_auc
+from smartccs.metrics.classification import bootstrap_auc_diff_ci, roc_auc
 from smartccs.raycluster import init_ray
 from smartccs.results.tables import read_table
 from smartccs.screening.engine import ScorerPool, ScreeningConfig
@@ -75,6 +77,20 @@ def auc_of(rows: list[dict], truth: dict[tuple[str, str, str], str]) -> float | 
     return roc_auc(ys, [s for _, s in pairs])
 
 
+def paired_gain(
+    base: dict[tuple, float], other: dict[tuple, float], truth: dict[tuple, str], centers: set
+) -> dict[str, float] | None:
+    """AUC(other) - AUC(base) on the slides both scored, with its paired bootstrap 95% CI."""
+    keys = sorted(k for k in base.keys() & other.keys() if k[0] in centers)
+    y = [truth[k] != "NILM" for k in keys]
+    if not any(y) or all(y):
+        return None
+    a, b = [base[k] for k in keys], [other[k] for k in keys]
+    lo, hi = bootstrap_auc_diff_ci(y, a, b)
+    return {"gain": round(roc_auc(y, b) - roc_auc(y, a), 4), "ci95": [round(lo, 4), round(hi, 4)],
+            "slides": len(keys)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", required=True, help="store URI with the trained classifier")
@@ -84,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=3, help="batches per center")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--adapt-config",
+        type=Path,
+        default=None,
+        help="YAML of AdaptConfig settings (smartccs, tent, max_drift, ...); tune them on a "
+        "cohort seed other than the one reported",
+    )
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
     command = "python bench/adaptation_study.py " + shlex.join(
@@ -113,8 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         stream=StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25),
         scorers=ScorerPool(actors=1, cpus=1.0),
         adequacy=AdequacyConfig(min_squamous=0),  # tiny slides: score every one
+        adapt=AdaptConfig.model_validate(
+            yaml.safe_load(args.adapt_config.read_text()) if args.adapt_config else {}
+        ),
     )
     results: dict[str, dict] = {}
+    scores: dict[str, dict[tuple, float]] = {}
+    truth: dict[tuple, str] = {}
     for method in args.methods.split(","):
         store = Store(str(work / method))
         ref = copy_models(store, args.models)
@@ -136,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             (t["center"], t["batch"], t["slide_id"]): t["grade"]
             for t in slide_truth(store, [tuple(b.split("/")) for b in batches]).to_pylist()
         }
+        scores[method] = {
+            (r["center"], r["batch"], r["slide_id"]): r["score"]
+            for r in rows
+            if r["score"] is not None
+        }
         per_center = {c: auc_of([r for r in rows if r["center"] == c], truth) for c in batch_dirs}
         results[method] = {
             "internal": auc_of([r for r in rows if r["center"] in internal], truth),
@@ -145,15 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(method, json.dumps(results[method]), flush=True)
     base = results.get("none")
-    summary = {"command": command, "models": args.models, "cohort": str(cohort), "results": results}
+    summary = {
+        "command": command,
+        "models": args.models,
+        "cohort": str(cohort),
+        "adapt": screening.adapt.model_dump(),
+        "results": results,
+    }
     if base:
+        kinds = {"internal": set(internal), "external": set(external)}
         summary["vs_none"] = {
-            m: {
-                k: round(r[k] - base[k], 4)
-                for k in ("internal", "external")
-                if r[k] is not None and base[k] is not None
-            }
-            for m, r in results.items()
+            m: {k: paired_gain(scores["none"], scores[m], truth, c) for k, c in kinds.items()}
+            for m in results
             if m != "none"
         }
     out = OUT / f"adaptation-study-{args.tag or 'latest'}.json"

@@ -72,6 +72,27 @@ def main(argv: list[str] | None = None) -> int:
         default="pretrained,random",
         help="detector arms to run (screening: 'pretrained' alone when random is unchanged)",
     )
+    ap.add_argument(
+        "--external",
+        default="ext-a,ext-b,ext-c",
+        help="external centers (another stain, scanner, pixel size and focus): their annotated "
+        "tiny slides are never trained on and are scored as a second held-out set; '' for none",
+    )
+    ap.add_argument("--external-slides", type=int, default=12, help="annotated, per center")
+    ap.add_argument(
+        "--unlabelled-slides",
+        type=int,
+        default=0,
+        help="per center (internal and external), small slides that only pretraining reads: "
+        "the method's setting, many unlabelled slides from every center, few labelled ones",
+    )
+    ap.add_argument(
+        "--pretrain-tile-share",
+        type=float,
+        default=1.0,
+        help="pretraining's tile_share: about steps x 16 / all slides' 128 px tiles (a small "
+        "slide has about 2200), so the run reads every slide instead of the first ones",
+    )
     ap.add_argument("--no-classifier", action="store_true", help="stop after the detectors")
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
@@ -96,17 +117,32 @@ def main(argv: list[str] | None = None) -> int:
         f"p{args.pretrain_steps}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
         f"-{hashlib.sha256(configs).hexdigest()[:6]}"
     )
+    if args.unlabelled_slides:
+        tag += f"-u{args.unlabelled_slides}"
+    if args.pretrain_tile_share < 1:
+        tag += f"-t{args.pretrain_tile_share:g}"
     det_tag = tag if args.label_slides is None else f"{tag}-l{args.label_slides}"
     store = Store(str(args.out / f"store-{cohort.name}"))
     annotated = [f"{d.name}/{ensure_uploaded(store, d, d.name, 'bench').batch}" for d in
                  generated_centers(cohort)]  # fmt: skip
+    external = [c for c in args.external.split(",") if c]
+    holdout = _extra_batches(
+        store, args.out / f"external-tiny-{args.external_slides}-seed{args.seed + 5}",
+        external, args.external_slides, "tiny", args.seed + 5, "holdout",
+    )  # fmt: skip
+    unlabelled = _extra_batches(
+        store, args.out / f"unlabelled-small-{args.unlabelled_slides}-seed{args.seed + 7}",
+        args.centers.split(",") + external, args.unlabelled_slides, "small", args.seed + 7,
+        "unlabelled",
+    )  # fmt: skip
     init_ray()
     t0 = time.perf_counter()
     enc = pretrain(
         PretrainConfig.model_validate(
             _config(
                 "pretrain-demo.yaml", store, run_name=f"pretrain-{tag}",
-                max_steps=args.pretrain_steps, seed=args.seed, batches=annotated,
+                max_steps=args.pretrain_steps, seed=args.seed, batches=annotated + unlabelled,
+                tile_share=args.pretrain_tile_share,
             )
         )
     )  # fmt: skip
@@ -121,26 +157,26 @@ def main(argv: list[str] | None = None) -> int:
                 "detector-demo.yaml", store, run_name=f"detector-{init}-{det_tag}-s{seed}",
                 model_name=f"detector-{init}", init=init, encoder_version=enc.version,
                 max_steps=args.detector_steps, seed=seed, batches=annotated,
-                train_slides=args.label_slides,
+                train_slides=args.label_slides, holdout_batches=holdout,
             )  # fmt: skip
             raw["split"] = dict(raw.get("split", {}), seed=seed)
             r = finetune_detector(DetectorConfig.model_validate(raw))
             detector_versions.setdefault(init, r.version)
-            results[init].append(
-                {
-                    "seed": seed,
-                    "map50_abnormal": abnormal_map(r.report),
-                    "ap50": r.report.ap,
-                    "n_gt": r.report.n_gt,
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-            print(f"seed {seed} {init}: abnormal mAP@0.5 {results[init][-1]['map50_abnormal']:.3f}")
+            row = {"seed": seed, "map50_abnormal": abnormal_map(r.report), "ap50": r.report.ap,
+                   "n_gt": r.report.n_gt}  # fmt: skip
+            if r.holdout is not None:
+                row["external"] = {"map50_abnormal": abnormal_map(r.holdout),
+                                   "ap50": r.holdout.ap, "n_gt": r.holdout.n_gt}  # fmt: skip
+            results[init].append(row | {"seconds": time.perf_counter() - t0})
+            print(f"seed {seed} {init}: abnormal mAP@0.5 {row['map50_abnormal']:.3f}", end="")
+            print(f", external {row['external']['map50_abnormal']:.3f}" if holdout else "")
     summary = {
         "command": command,
         "cohort": str(cohort),
         "encoder": enc.version,
         "label_slides": args.label_slides,
+        "external": holdout,
+        "unlabelled": unlabelled,
         "pretrain_seconds": t_pretrain,
         "results": results,
     }
@@ -174,26 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = det_tag if inits == ["pretrained", "random"] else f"{det_tag}-{'-'.join(inits)}"
     (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"\nSYNTHETIC cohorts; {command}\nheld-out AP@0.5 on {cohort.name}")
-    for init in inits:
-        per_seed = " ".join(f"{x['map50_abnormal']:.3f}" for x in results[init])
-        print(f"{init:<10} per seed {per_seed}")
-    if {"pretrained", "random"} <= set(inits):
-        pairs = list(zip(results["pretrained"], results["random"], strict=True))
-        print(f"{'seed':<6} {'pretrained':>10} {'random':>10} {'difference':>10}")
-        for p, r in pairs:
-            pm, rm = p["map50_abnormal"], r["map50_abnormal"]
-            print(f"{p['seed']:<6} {pm:>10.3f} {rm:>10.3f} {pm - rm:>+10.3f}")
-        diffs = [p["map50_abnormal"] - r["map50_abnormal"] for p, r in pairs]
-        mean = {
-            k: statistics.mean(x["map50_abnormal"] for x in results[k])
-            for k in ("pretrained", "random")
-        }
-        print(
-            f"{'mean':<6} {mean['pretrained']:>10.3f} {mean['random']:>10.3f} "
-            f"{statistics.mean(diffs):>+10.3f}  (pretrained ahead in "
-            f"{sum(d > 0 for d in diffs)} of {len(diffs)} seeds)"
+    print(f"\nSYNTHETIC cohorts; {command}")
+    sets = [(f"held-out slides of {cohort.name}", lambda x: x["map50_abnormal"])]
+    if holdout:
+        sets.append(
+            (f"external centers {args.external}", lambda x: x["external"]["map50_abnormal"])
         )
+    for title, value in sets:
+        print(f"abnormal mAP@0.5, {title}")
+        _print_arms(results, inits, value)
     if cls is not None:
         t = cls.test
         print(
@@ -203,6 +228,36 @@ def main(argv: list[str] | None = None) -> int:
             f"{t.n_pos} abnormal and {t.n_neg} NILM test slides"
         )
     return 0
+
+
+def _extra_batches(
+    store: Store, out: Path, centers: list[str], n: int, size: str, seed: int, batch: str
+) -> list[str]:
+    """Generated (once) and uploaded slides of these centers: ``center/batch`` names."""
+    if not centers or n == 0:
+        return []
+    if not (out / "cohort.json").is_file():
+        generate_cohort(out, center_names=centers, slides_per_center=n, size=size, seed=seed)
+    return [f"{d.name}/{ensure_uploaded(store, d, d.name, batch).batch}"
+            for d in generated_centers(out)]  # fmt: skip
+
+
+def _print_arms(results: dict, inits: list[str], value) -> None:
+    for init in inits:
+        print(f"{init:<10} per seed " + " ".join(f"{value(x):.3f}" for x in results[init]))
+    if not {"pretrained", "random"} <= set(inits):
+        return
+    pairs = list(zip(results["pretrained"], results["random"], strict=True))
+    print(f"{'seed':<6} {'pretrained':>10} {'random':>10} {'difference':>10}")
+    for p, r in pairs:
+        print(f"{p['seed']:<6} {value(p):>10.3f} {value(r):>10.3f} {value(p) - value(r):>+10.3f}")
+    diffs = [value(p) - value(r) for p, r in pairs]
+    mean = {k: statistics.mean(value(x) for x in results[k]) for k in ("pretrained", "random")}
+    print(
+        f"{'mean':<6} {mean['pretrained']:>10.3f} {mean['random']:>10.3f} "
+        f"{statistics.mean(diffs):>+10.3f}  (pretrained ahead in "
+        f"{sum(d > 0 for d in diffs)} of {len(diffs)} seeds)"
+    )
 
 
 if __name__ == "__main__":

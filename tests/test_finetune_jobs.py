@@ -25,7 +25,7 @@ from smartccs.splits import SplitConfig
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import GRADES
 from smartccs.train.classifier import ClassifierConfig, train_classifier
-from smartccs.train.detector import DetectorConfig, finetune_detector
+from smartccs.train.detector import DetectorConfig, finetune_detector, score_detector
 from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,13 +100,20 @@ def test_labels_refuse_unknown_slides_and_empty_boxes(annotated_store: Store):
 
 
 def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Store, tmp_path: Path):
-    first = finetune_detector(detector_config(annotated_store, tmp_path, max_steps=3))
+    # int-b is a held-out center: never trained on although ``batches`` (empty) means "all"
+    cfg = detector_config(annotated_store, tmp_path, max_steps=3, holdout_batches=["int-b/b1"])
+    first = finetune_detector(cfg)
     assert (first.start_step, first.step) == (0, 3)
     card, state = load_model(annotated_store, "detector")
     assert card.version == first.version and card.task == "detector" and card.synthetic
     assert card.classes == list(DETECTION_CLASSES) and card.head["input_px"] == 64
     assert card.training_config["encoder_version"] != "latest", "the encoder version is pinned"
+    assert card.training_config["batches"] == ["int-a/b1"], "held-out batches are not trained on"
     assert "map50" in card.metrics and 0 <= card.metrics["map50"] <= 1
+    assert first.holdout is not None and first.holdout.n_gt["squamous"] > 0
+    assert card.metrics["holdout/map50"] == first.holdout.map
+    again = score_detector(annotated_store, "detector", first.version, ["int-b/b1"], cfg.stream)
+    assert again.to_metrics() == pytest.approx(first.holdout.to_metrics()), "re-scored alike"
     detector = build_detector(card)
     detector.load_state_dict(state)  # strict: the artifact rebuilds from its card alone
     dets = detector.eval().detect(torch.rand(2, 3, 64, 64))

@@ -16,6 +16,7 @@ from smartccs.metrics.classification import (
     _weighted_aucs,
     binary_report,
     bootstrap_auc_ci,
+    bootstrap_auc_diff_ci,
     choose_threshold,
     confusion_matrix,
     roc_auc,
@@ -218,6 +219,28 @@ def test_bootstrap_ci_narrows_as_alpha_grows():
     lo95, hi95 = bootstrap_auc_ci(y, s, alpha=0.05)
     lo50, hi50 = bootstrap_auc_ci(y, s, alpha=0.5)
     assert lo95 <= lo50 <= hi50 <= hi95
+
+
+def test_paired_diff_ci_of_one_scoring_against_itself_is_zero():
+    y, s = _separated(30, 50, shift=0.8, seed=6)
+    assert bootstrap_auc_diff_ci(y, s, s) == (0.0, 0.0)
+
+
+def test_paired_diff_ci_sees_a_small_consistent_gain_that_separate_cis_cannot():
+    y, a = _separated(40, 60, shift=0.8, seed=7)
+    b = a + 0.15 * y  # every abnormal slide a little higher: AUC up by a few hundredths
+    gain = roc_auc(y, b) - roc_auc(y, a)
+    lo, hi = bootstrap_auc_diff_ci(y, a, b)
+    assert 0 < lo <= gain <= hi
+    a_hi, b_lo = bootstrap_auc_ci(y, a)[1], bootstrap_auc_ci(y, b)[0]
+    assert b_lo < a_hi, "the two separate CIs overlap: pairing is what resolves the gain"
+
+
+def test_paired_diff_ci_is_antisymmetric_for_one_seed():
+    y, a = _separated(20, 30, shift=0.5, seed=8)
+    b = np.random.default_rng(9).normal(size=len(y)) + y
+    lo, hi = bootstrap_auc_diff_ci(y, a, b, seed=3)
+    assert bootstrap_auc_diff_ci(y, b, a, seed=3) == pytest.approx((-hi, -lo))
 
 
 @settings(max_examples=30)

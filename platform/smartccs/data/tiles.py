@@ -11,7 +11,9 @@ the results instead of failing the batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -207,6 +209,32 @@ class TileReader:
             "blur": blur,
             "mean_od": od,
         }
+
+
+def tile_draw(row: dict[str, Any], seed: int) -> float:
+    """A planned tile's fixed draw in [0, 1): the same tile, seed and value on every worker,
+    epoch and resume, so a sampled subset is decided on coordinates, before pixels are read."""
+    slide = f"{row['center']}/{row['batch']}/{row['slide_id']}"
+    key = f"{seed}:{slide}:{int(row['x0'])}:{int(row['y0'])}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+class TileShare:
+    """Keeps a fixed share of every slide's planned tiles (``tile_draw`` below ``share``)."""
+
+    def __init__(self, share: float, seed: int):
+        self.share, self.seed = share, seed
+
+    def __call__(self, row: dict[str, Any]) -> bool:
+        return tile_draw(row, self.seed) < self.share
+
+
+def shuffled_slides(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Slide rows in a seeded random order: the stream reads slides roughly in row order, and a
+    run shorter than an epoch would otherwise learn from the first center's slides only."""
+    out = sorted(rows, key=lambda r: (r["center"], r["batch"], r["slide_id"]))
+    random.Random(seed).shuffle(out)
+    return out
 
 
 class _KeepErrors:

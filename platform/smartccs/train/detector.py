@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from smartccs import layout
 from smartccs.batches import BatchRef, manifests_sha256, resolve_batches
-from smartccs.data.tiles import STATUS_OK, StreamConfig, tile_stream
+from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_draw, tile_stream
 from smartccs.errors import CCSError
 from smartccs.ids import Id
 from smartccs.labels import SlideBoxes, SlideKey, load_cell_labels
@@ -105,6 +105,11 @@ class DetectorConfig(RunFields):
         "(None: all). Taken in the split's seeded order, round-robin over center x "
         "normal/abnormal, so a small budget still spans centers and grades; test unchanged",
     )
+    holdout_batches: list[str] = Field(
+        default_factory=list,
+        description="annotated 'center/batch' pairs kept out of training entirely (other "
+        "centers: another stain, scanner and pixel size), scored as a second held-out report",
+    )
     backbone_lr_scale: float = Field(default=1.0, ge=0, description="backbone lr / head lr")
     other_tiles: float = Field(
         default=0.1,
@@ -120,6 +125,12 @@ class DetectorConfig(RunFields):
     def _known_version(self) -> DetectorConfig:
         if self.encoder_version != "latest":
             layout.model(self.encoder_model, self.encoder_version)  # validates the id
+        overlap = set(self.holdout_batches) & set(self.batches)
+        if overlap:
+            raise ValueError(
+                f"holdout_batches: {sorted(overlap)} also in batches; a held-out batch is never "
+                "trained on"
+            )
         return self
 
 
@@ -131,6 +142,7 @@ class DetectorResult(BaseModel):
     start_step: int
     loss: float
     report: DetectionReport
+    holdout: DetectionReport | None = None
 
     @property
     def map_abnormal(self) -> float:
@@ -404,8 +416,7 @@ class TileSampler:
         x0, y0, w0, h0 = (int(row[k]) for k in ("x0", "y0", "w0", "h0"))
         if c is not None and centred_on(c, x0, y0, w0, h0).any():
             return True
-        digest = hashlib.sha256(f"{self.seed}:{'/'.join(key)}:{x0}:{y0}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < self.other_share
+        return tile_draw(row, self.seed) < self.other_share
 
 
 def tiles_dataset(
@@ -522,8 +533,11 @@ def _with_own_embedder(
 def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     """Train (or resume) the run, score the held-out slides, save the detector artifact."""
     store = Store(cfg.store)
-    refs = resolve_batches(store, cfg.batches)
+    held = set(cfg.holdout_batches)  # never trained on, even when ``batches`` means "all"
+    refs = [r for r in resolve_batches(store, cfg.batches) if f"{r.center}/{r.batch}" not in held]
+    holdout_refs = resolve_batches(store, cfg.holdout_batches) if held else []
     labels = load_cell_labels(store, refs)  # fails early, naming a batch without annotations
+    holdout_labels = load_cell_labels(store, holdout_refs) if held else {}
     encoder = load_card(store, cfg.encoder_model, cfg.encoder_version)
     # pin what the driver resolved: workers must not see a batch committed after this point
     cfg = cfg.model_copy(
@@ -558,6 +572,13 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     report = evaluate_detector(
         model, card, tiles_dataset(splits["test"], store, cfg.stream), labels, cfg.eval_batch_size
     )
+    holdout = None
+    if held:
+        rows = slide_rows(holdout_refs)
+        holdout = evaluate_detector(
+            model, card, tiles_dataset(rows, store, cfg.stream), holdout_labels, cfg.eval_batch_size
+        )
+        log.info("held-out centers' mAP@0.5 (abnormal) %.3f: %s", abnormal_map(holdout), holdout.ap)
     log.info("held-out mAP@0.5 (abnormal) %.3f: %s", abnormal_map(report), report.ap)
     if cfg.init == "random":
         card = _with_own_embedder(store, cfg, card, encoder, model)
@@ -565,7 +586,8 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
         update={
             "data_manifest_sha256": manifests_sha256(store, refs),
             "metrics": report.to_metrics()
-            | {"map50_abnormal": abnormal_map(report), "steps": float(fitted.state["step"])},
+            | {"map50_abnormal": abnormal_map(report), "steps": float(fitted.state["step"])}
+            | holdout_metrics(holdout),
         }
     )
     version = save_model(store, card, model.state_dict())
@@ -576,4 +598,36 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
         start_step=int(fitted.metrics.get("start_step", 0)),
         loss=float(fitted.metrics.get("loss", float("nan"))),
         report=report,
+        holdout=holdout,
+    )
+
+
+def holdout_metrics(report: DetectionReport | None) -> dict[str, float]:
+    """A held-out centers' report as card metrics, ``holdout/``-prefixed."""
+    if report is None:
+        return {}
+    flat = report.to_metrics() | {"map50_abnormal": abnormal_map(report)}
+    return {f"holdout/{k}": v for k, v in flat.items() if not np.isnan(v)}
+
+
+def score_detector(
+    store: Store,
+    name: str,
+    version: str,
+    batches: list[str],
+    stream: StreamConfig,
+    batch_size: int = 32,
+) -> DetectionReport:
+    """AP at IoU 0.5 of a saved detector on annotated batches, every tile of every slide.
+
+    For detectors trained before a center's annotations existed, or to compare saved arms on
+    one more center without retraining them.
+    """
+    card, state = load_model(store, name, version)
+    model = build_detector(card)
+    model.load_state_dict(state)
+    refs = resolve_batches(store, batches)
+    rows = slide_rows(refs)
+    return evaluate_detector(
+        model, card, tiles_dataset(rows, store, stream), load_cell_labels(store, refs), batch_size
     )

@@ -20,7 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from smartccs import layout
 from smartccs.batches import manifests_sha256, resolve_batches
-from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_stream
+from smartccs.data.tiles import (
+    STATUS_OK,
+    StreamConfig,
+    TileShare,
+    shuffled_slides,
+    slide_rows,
+    tile_stream,
+)
 from smartccs.ids import Id
 from smartccs.models.artifacts import (
     Architecture,
@@ -74,6 +81,14 @@ class PretrainConfig(RunFields):
     stream: StreamConfig = StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25)
     normalization_tiles: int = Field(
         default=256, ge=1, description="tiles to estimate crops.normalization from when 'auto'"
+    )
+    tile_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="share of every slide's tiles read (a fixed, seeded subset): set it so "
+        "that an epoch is about max_steps x batch_size x workers tiles, and a short run "
+        "learns from every slide and center instead of the first ones it reads",
     )
 
     @model_validator(mode="after")
@@ -212,9 +227,11 @@ def _keep_ok_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def training_dataset(store: Store, cfg: PretrainConfig):
-    """The tile stream of the chosen batches: readable tiles only, pixels only."""
-    rows = slide_rows(resolve_batches(store, cfg.batches))
-    return tile_stream(rows, store.config, cfg.stream).map_batches(
+    """The tile stream of the chosen batches, slides in seeded random order (centers mixed):
+    readable tiles only, pixels only."""
+    rows = shuffled_slides(slide_rows(resolve_batches(store, cfg.batches)), cfg.seed)
+    select = TileShare(cfg.tile_share, cfg.seed) if cfg.tile_share < 1 else None
+    return tile_stream(rows, store.config, cfg.stream, select).map_batches(
         _keep_ok_images, batch_format="numpy", num_cpus=0.1
     )
 
