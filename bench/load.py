@@ -168,56 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     command = "python bench/load.py " + shlex.join(argv if argv is not None else sys.argv[1:])
 
-    from screening import OUT, bench_slides, demo_models, pin_cpus
+    from screening import OUT, demo_models
+    from service_setup import BATCH, bench_cohort, screening_config, serve_app, upload_cohort
 
-    from smartccs.data.tiles import StreamConfig
-    from smartccs.logs import configure_logging
     from smartccs.raycluster import init_ray
-    from smartccs.screening.engine import ScorerPool, ScreeningConfig
-    from smartccs.screening.slides import AdequacyConfig
     from smartccs.service.auth import new_token
     from smartccs.store import Store
-    from smartccs.upload import upload_batch
 
-    configure_logging(1)
-    pin_cpus(args.cpus, True)
-    folder = bench_slides(args.slides, args.side_px)
-    centers = [f"c{i:02d}" for i in range(args.centers)]
+    folder, centers = bench_cohort(args.cpus, args.slides, args.side_px, args.centers)
     store = Store(tempfile.mkdtemp(prefix="load-", dir=OUT))
-    batches = {}
     tokens = {c: new_token() for c in centers}
-    for c in centers:  # the same slides under every center
-        ref = upload_batch(folder, center=c, batch="b1", store=store, progress=False)
-        batches[c] = (tokens[c][0], "b1", [s.slide_id for s in ref.manifest.slides])
-    model = demo_models(store)
-    screening = ScreeningConfig(
-        classifier_model=model.name,
-        stream=StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25),
-        scorers=ScorerPool(actors=1, cpus=1.0),
-        adequacy=AdequacyConfig(min_squamous=50),
-    )
+    slide_ids = upload_cohort(store, folder, centers)  # the same slides under every center
+    batches = {c: (tokens[c][0], BATCH, slide_ids[c]) for c in centers}
+    screening = screening_config(demo_models(store))
     init_ray(num_cpus=2 * args.cpus)
 
-    import socket
-
-    from ray import serve
-
-    from smartccs.service.app import build
-
-    service_args = {
-        "store": {"uri": store.config.uri},
-        "screening": screening.model_dump(mode="json") | {"adapt": {"method": args.adapt}},
-        "tokens": {c: digest for c, (_, digest) in tokens.items()},
-        "poll_s": 0.5,
-        "workers_per_replica": args.workers,
-    }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(service_args), name="smartccs", route_prefix="/")
-    report = run_load(f"http://127.0.0.1:{port}", batches, resubmits=args.resubmits)
-    serve.shutdown()
+    with serve_app(store, screening, args.adapt, tokens, workers_per_replica=args.workers) as base:
+        report = run_load(base, batches, resubmits=args.resubmits)
     result = {
         "command": command,
         "cpus": args.cpus,

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -33,38 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from screening import OUT, bench_slides, copy_models, demo_models, pin_cpus
+from load import latency_ms
+from screening import OUT, copy_models, demo_models
+from service_setup import BATCH, bench_cohort, screening_config, serve_app, upload_cohort
 
-from smartccs.data.tiles import StreamConfig
-from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
-from smartccs.screening.engine import ScorerPool, ScreeningConfig
 from smartccs.screening.job import ScreenJobConfig, run_screen_job
-from smartccs.screening.slides import AdequacyConfig
 from smartccs.service.auth import new_token
 from smartccs.store import Store
-from smartccs.upload import upload_batch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _latency(values: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values]
-    return {
-        "n": len(ms),
-        "p50_ms": round(statistics.median(ms), 1),
-        "p99_ms": round(_pct(ms, 0.99), 1),
-        "max_ms": round(max(ms), 1),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,25 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
     command = "python bench/service.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    configure_logging(1)
-    pin_cpus(args.cpus, True)
-    folder = bench_slides(args.slides, args.side_px)
-    centers = [f"c{i:02d}" for i in range(args.centers)]
+    folder, centers = bench_cohort(args.cpus, args.slides, args.side_px, args.centers)
     work = Path(tempfile.mkdtemp(prefix="service-", dir=OUT))
     stores = {k: Store(str(work / k)) for k in ("job", "service")}
     for store in stores.values():
-        for c in centers:
-            upload_batch(folder, center=c, batch="b1", store=store, progress=False)
+        upload_cohort(store, folder, centers)
     refs = {
         k: (copy_models(s, args.models) if args.models else demo_models(s))
         for k, s in stores.items()
     }
-    screening = ScreeningConfig(
-        classifier_model=refs["job"].name,
-        stream=StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25),
-        scorers=ScorerPool(actors=1, cpus=1.0),
-        adequacy=AdequacyConfig(min_squamous=50),
-    )
+    screening = screening_config(refs["job"])
     init_ray(num_cpus=2 * args.cpus)  # logical: actors and tasks coexist, as in the tests
     n_slides = args.centers * args.slides
 
@@ -107,50 +72,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     job_wall = time.perf_counter() - t0
 
-    from ray import serve
-
-    from smartccs.service.app import build
-
     tokens = {c: new_token() for c in centers}
-    service_args = {
-        "store": {"uri": stores["service"].config.uri},
-        "screening": screening.model_dump(mode="json")
-        | {"adapt": {"method": args.adapt}, "classifier_model": refs["service"].name},
-        "tokens": {c: d for c, (_, d) in tokens.items()},
-        "poll_s": 0.5,
-    }
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(service_args), name="smartccs", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/batches"
+    service = screening_config(refs["service"])
+    with serve_app(stores["service"], service, args.adapt, tokens) as base:
+        url = f"{base}/v1/batches"
 
-    def post(center: str) -> tuple[float, dict]:
-        t = time.perf_counter()
-        r = requests.post(
-            url,
-            json={"center": center, "batch": "b1"},
-            headers={"Authorization": f"Bearer {tokens[center][0]}"},
-            timeout=120,
-        )
-        r.raise_for_status()
-        return time.perf_counter() - t, r.json()
+        def post(center: str) -> tuple[float, dict]:
+            t = time.perf_counter()
+            r = requests.post(
+                url,
+                json={"center": center, "batch": BATCH},
+                headers={"Authorization": f"Bearer {tokens[center][0]}"},
+                timeout=120,
+            )
+            r.raise_for_status()
+            return time.perf_counter() - t, r.json()
 
-    with ThreadPoolExecutor(max_workers=len(centers)) as pool:
-        t0 = time.perf_counter()
-        first = list(pool.map(post, centers))
-        pending = {c: body["status_url"] for c, (_, body) in zip(centers, first, strict=True)}
-        while pending:
-            for c, status_url in list(pending.items()):
-                auth = {"Authorization": f"Bearer {tokens[c][0]}"}
-                state = requests.get(status_url, headers=auth, timeout=60).json()["state"]
-                if state in ("done", "failed"):
-                    if state == "failed":
-                        raise SystemExit(f"service batch of {c} failed")
-                    pending.pop(c)
-            time.sleep(0.5)
-        service_wall = time.perf_counter() - t0
-        again = list(pool.map(post, centers * args.resubmits))
-    serve.shutdown()
+        with ThreadPoolExecutor(max_workers=len(centers)) as pool:
+            t0 = time.perf_counter()
+            first = list(pool.map(post, centers))
+            pending = {c: body["status_url"] for c, (_, body) in zip(centers, first, strict=True)}
+            while pending:
+                for c, status_url in list(pending.items()):
+                    auth = {"Authorization": f"Bearer {tokens[c][0]}"}
+                    state = requests.get(status_url, headers=auth, timeout=60).json()["state"]
+                    if state in ("done", "failed"):
+                        if state == "failed":
+                            raise SystemExit(f"service batch of {c} failed")
+                        pending.pop(c)
+                time.sleep(0.5)
+            service_wall = time.perf_counter() - t0
+            again = list(pool.map(post, centers * args.resubmits))
 
     result = {
         "command": command,
@@ -163,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "service": {
             "wall_s": round(service_wall, 2),
             "slides_per_s": round(n_slides / service_wall, 3),
-            "admission": _latency([t for t, _ in first]),
-            "readmission": _latency([t for t, _ in again]),
+            "admission": latency_ms([t for t, _ in first]),
+            "readmission": latency_ms([t for t, _ in again]),
         },
     }
     result["service_vs_job"] = round(result["service"]["slides_per_s"] / (n_slides / job_wall), 3)

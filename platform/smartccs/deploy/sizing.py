@@ -188,6 +188,16 @@ class Sizing:
     production: Tiling | None = None
 
 
+def _slides_per_day(tiles_per_s: float, workload: Workload, tiling: Tiling) -> float:
+    """Slides one unit screens a day at ``tiles_per_s`` end to end, tiles counted at ``tiling``.
+
+    The one formula behind both per-unit figures of a sizing: the sized unit's slides/day and,
+    without a GPU figure, the GPU factor (a GPU at 1 tile/s through the measured pipeline
+    ratio). Kept in one place so that the factor times a GPU's tiles/s stays exactly what
+    sizing with ``--gpu-tiles-per-s`` computes per GPU."""
+    return tiles_per_s * SECONDS_PER_DAY / workload.tiles_per_slide(tiling)
+
+
 def size_cluster(
     measured: Measured,
     workload: Workload,
@@ -228,7 +238,7 @@ def size_cluster(
             f"{measured.e2e_tiles_per_s:.1f} tiles/s ({measured.source})"
         )
     tiles = workload.tiles_per_slide(tiling)
-    per_unit = unit_tps * SECONDS_PER_DAY / tiles
+    per_unit = _slides_per_day(unit_tps, workload, tiling)
     units = math.ceil(workload.slides_per_day / (per_unit * busy))
     scale = (measured.tiling.tile_px / tiling.tile_px) ** 2
     read_tps = measured.read_tiles_per_cpu_s * scale
@@ -247,9 +257,7 @@ def size_cluster(
     store = workload.slides_per_day * workload.slide_gb * 1000 / SECONDS_PER_DAY
     gpu_factor = None
     if unit != "GPU" and production is not None:
-        gpu_factor = (
-            SECONDS_PER_DAY * measured.pipeline_ratio / workload.tiles_per_slide(production)
-        )
+        gpu_factor = _slides_per_day(measured.pipeline_ratio, workload, production)
     return Sizing(
         unit=unit,
         unit_source=source,
