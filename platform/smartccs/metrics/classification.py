@@ -188,6 +188,36 @@ def _weighted_aucs(
     return np.einsum("bp,bp->b", w_pos, wins) / (w_pos.sum(axis=1) * w_neg.sum(axis=1))
 
 
+def _resampled_aucs(
+    y: np.ndarray, scorings: Sequence[np.ndarray], n_boot: int, alpha: float, seed: int, name: str
+) -> np.ndarray:
+    """(len(scorings), n_boot) AUCs of every scoring on the same stratified resamples."""
+    n_pos, n_neg = _need_both_classes(y, name)
+    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
+    n_boot = int(n_boot)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    # each scoring sorts the negatives its own way; its multiplicities follow that order
+    orders = [np.argsort(s[~y], kind="stable") for s in scorings]
+    rng = np.random.default_rng(seed)
+    aucs = np.empty((len(scorings), n_boot))
+    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(n_pos, n_neg))  # bounds memory for big cohorts
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        w_neg = _multiplicities(rng, n_neg, b)
+        w_pos = _multiplicities(rng, n_pos, b)
+        for i, (s, order) in enumerate(zip(scorings, orders, strict=True)):
+            neg = s[~y][order]
+            aucs[i, start : start + b] = _weighted_aucs(s[y], neg, w_pos, w_neg[:, order])
+    return aucs
+
+
+def _percentiles(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    low, high = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(low), float(high)
+
+
 def bootstrap_auc_ci(
     y_true: ArrayLike,
     scores: ArrayLike,
@@ -204,24 +234,8 @@ def bootstrap_auc_ci(
     scored at once (1000 resamples of 1000 slides take a few tens of milliseconds).
     """
     y, s = _inputs(y_true, scores)
-    n_pos, n_neg = _need_both_classes(y, "bootstrap_auc_ci")
-    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
-    n_boot = int(n_boot)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    pos = s[y]
-    neg = np.sort(s[~y])
-    rng = np.random.default_rng(seed)
-    aucs = np.empty(n_boot)
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(n_pos, n_neg))  # bounds memory for big cohorts
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        w_neg = _multiplicities(rng, n_neg, b)
-        w_pos = _multiplicities(rng, n_pos, b)
-        aucs[start : start + b] = _weighted_aucs(pos, neg, w_pos, w_neg)
-    low, high = np.quantile(aucs, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(low), float(high)
+    aucs = _resampled_aucs(y, [s], n_boot, alpha, seed, "bootstrap_auc_ci")
+    return _percentiles(aucs[0], alpha)
 
 
 def bootstrap_auc_diff_ci(
@@ -241,24 +255,8 @@ def bootstrap_auc_diff_ci(
     """
     y, a = _inputs(y_true, scores_a)
     _, b = _inputs(y_true, scores_b)
-    n_pos, n_neg = _need_both_classes(y, "bootstrap_auc_diff_ci")
-    if isinstance(n_boot, bool) or int(n_boot) != n_boot or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    order = {k: np.argsort(v[~y], kind="stable") for k, v in (("a", a), ("b", b))}
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(int(n_boot))
-    chunk = max(1, _MAX_CHUNK_ELEMENTS // max(n_pos, n_neg))
-    for start in range(0, int(n_boot), chunk):
-        m = min(chunk, int(n_boot) - start)
-        w_neg = _multiplicities(rng, n_neg, m)
-        w_pos = _multiplicities(rng, n_pos, m)
-        auc_a = _weighted_aucs(a[y], a[~y][order["a"]], w_pos, w_neg[:, order["a"]])
-        auc_b = _weighted_aucs(b[y], b[~y][order["b"]], w_pos, w_neg[:, order["b"]])
-        diffs[start : start + m] = auc_b - auc_a
-    low, high = np.quantile(diffs, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(low), float(high)
+    aucs = _resampled_aucs(y, [a, b], n_boot, alpha, seed, "bootstrap_auc_diff_ci")
+    return _percentiles(aucs[1] - aucs[0], alpha)
 
 
 def confusion_matrix(
