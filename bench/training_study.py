@@ -34,7 +34,12 @@ from smartccs.store import Store
 from smartccs.study.cohort import ensure_uploaded, generated_centers
 from smartccs.synth.cohort import generate_cohort
 from smartccs.train.classifier import ClassifierConfig, train_classifier
-from smartccs.train.detector import DetectorConfig, abnormal_map, finetune_detector
+from smartccs.train.detector import (
+    DetectorConfig,
+    abnormal_ap_by_cells,
+    abnormal_map,
+    finetune_detector,
+)
 from smartccs.train.pretrain import PretrainConfig, pretrain
 
 CONFIG_NAMES = ("pretrain", "detector", "classifier")
@@ -94,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         "slide has about 2200), so the run reads every slide instead of the first ones",
     )
     ap.add_argument("--no-classifier", action="store_true", help="stop after the detectors")
+    ap.add_argument(
+        "--detector-version",
+        default=None,
+        help="train only the classifier, on this saved detector-pretrained version",
+    )
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
@@ -137,25 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     init_ray()
     t0 = time.perf_counter()
-    enc = pretrain(
-        PretrainConfig.model_validate(
-            _config(
-                "pretrain-demo.yaml", store, run_name=f"pretrain-{tag}",
-                max_steps=args.pretrain_steps, seed=args.seed, batches=annotated + unlabelled,
-                tile_share=args.pretrain_tile_share,
+    enc_version = None
+    if not args.detector_version:  # a classifier on a saved detector needs no pretraining
+        enc_version = pretrain(
+            PretrainConfig.model_validate(
+                _config(
+                    "pretrain-demo.yaml", store, run_name=f"pretrain-{tag}",
+                    max_steps=args.pretrain_steps, seed=args.seed,
+                    batches=annotated + unlabelled, tile_share=args.pretrain_tile_share,
+                )
             )
-        )
-    )  # fmt: skip
+        ).version  # fmt: skip
     t_pretrain = time.perf_counter() - t0
-    inits = args.inits.split(",")
+    inits = [] if args.detector_version else args.inits.split(",")
     results: dict = {init: [] for init in inits}
-    detector_versions = {}
+    detector_versions = {"pretrained": args.detector_version} if args.detector_version else {}
     for seed in (int(v) for v in args.detector_seeds.split(",")):
         for init in inits:
             t0 = time.perf_counter()
             raw = _config(
                 "detector-demo.yaml", store, run_name=f"detector-{init}-{det_tag}-s{seed}",
-                model_name=f"detector-{init}", init=init, encoder_version=enc.version,
+                model_name=f"detector-{init}", init=init, encoder_version=enc_version,
                 max_steps=args.detector_steps, seed=seed, batches=annotated,
                 train_slides=args.label_slides, holdout_batches=holdout,
             )  # fmt: skip
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "command": command,
         "cohort": str(cohort),
-        "encoder": enc.version,
+        "encoder": enc_version,
         "label_slides": args.label_slides,
         "external": holdout,
         "unlabelled": unlabelled,
@@ -209,15 +221,24 @@ def main(argv: list[str] | None = None) -> int:
         summary["graded_cohort"] = str(graded)
     args.out.mkdir(parents=True, exist_ok=True)
     name = det_tag if inits == ["pretrained", "random"] else f"{det_tag}-{'-'.join(inits)}"
+    if args.detector_seeds != "0,1,2":  # more seeds of a study write beside it
+        name += "-s" + args.detector_seeds.replace(",", "")
+    if args.detector_version:
+        name = f"{det_tag}-classifier-{args.detector_version}"
     (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"\nSYNTHETIC cohorts; {command}")
-    sets = [(f"held-out slides of {cohort.name}", lambda x: x["map50_abnormal"])]
+    by_cells = lambda x: abnormal_ap_by_cells(x["ap50"], x["n_gt"])  # noqa: E731
+    sets = [
+        (f"abnormal mAP@0.5, held-out slides of {cohort.name}", lambda x: x["map50_abnormal"]),
+        ("abnormal AP@0.5 weighted by held-out cells, same slides", by_cells),
+    ]
     if holdout:
         sets.append(
-            (f"external centers {args.external}", lambda x: x["external"]["map50_abnormal"])
-        )
+            (f"abnormal mAP@0.5, external centers {args.external}",
+             lambda x: x["external"]["map50_abnormal"])
+        )  # fmt: skip
     for title, value in sets:
-        print(f"abnormal mAP@0.5, {title}")
+        print(title)
         _print_arms(results, inits, value)
     if cls is not None:
         t = cls.test

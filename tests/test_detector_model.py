@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smartccs.labels import SlideBoxes
-from smartccs.metrics.detection import Boxes, detection_report
+from smartccs.metrics.detection import Boxes, DetectionReport, detection_report
 from smartccs.models.artifacts import Architecture
 from smartccs.models.detector import (
     DETECTION_CLASSES,
@@ -141,3 +141,16 @@ def test_the_detector_learns_to_find_and_tell_apart_two_kinds_of_object():
     )
     report = detection_report(pred, gt, ["small", "large"])
     assert report.map > 0.7, report
+
+
+def test_ap_by_cells_weighs_classes_by_their_held_out_cells():
+    from smartccs.train.detector import abnormal_ap_by_cells, abnormal_map
+
+    ap = {"ASC-US": 0.6, "LSIL": 0.0, "ASC-H": float("nan"), "squamous": 0.9}
+    n_gt = {"ASC-US": 117, "LSIL": 3, "ASC-H": 0, "squamous": 5000}
+    assert abnormal_ap_by_cells(ap, n_gt) == pytest.approx(0.6 * 117 / 120)
+    report = DetectionReport(
+        iou_threshold=0.5, ap=ap, map=float("nan"), n_gt=n_gt, n_pred={k: 0 for k in ap}
+    )
+    assert abnormal_map(report) == pytest.approx(0.3), "the class mean counts LSIL's 3 cells once"
+    assert np.isnan(abnormal_ap_by_cells({"squamous": 0.9}, {"squamous": 10}))
