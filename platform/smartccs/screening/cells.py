@@ -139,7 +139,7 @@ class CellScorer:
         if norms:  # a center's adapted normalisation layers (tent)
             from smartccs.adaptation.tent import apply_norms
 
-            apply_norms(self.detector, {k: torch.as_tensor(v) for k, v in norms.items()})
+            apply_norms(self.detector, {k: torch.tensor(np.array(v)) for k, v in norms.items()})
         self.detector.eval().to(self.device)
         self.views = views
         enc = encoder_ref(self.card)
