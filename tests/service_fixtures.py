@@ -10,23 +10,41 @@ from __future__ import annotations
 
 import socket
 import sys
-import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from smartccs.service.auth import new_token
-from smartccs.store import S3Options, Store, StoreConfig
 from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from moto_buckets import moto_s3, new_s3_store
 from toy_models import save_toy_models, toy_screening
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def run_app(args: dict) -> Iterator[str]:
+    """serve.app's application with these arguments on the shared Ray, at a free port of
+    127.0.0.1; yields its base URL and shuts Serve down after."""
+    from ray import serve
+
+    from smartccs.service.app import build
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(args), name="smartccs", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +53,8 @@ def service(tiny_cohort: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPa
     yields (base URL, store, {center: token}, {center: batch dir}, the app's args).
 
     Module-scoped: each module that uses it gets its own app, bucket and tokens."""
-    import boto3
-    from ray import serve
-
-    from smartccs.service.app import build
-
-    bucket = f"svc-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    s3 = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
-    s3 |= {"access_key_id": "testing", "secret_access_key": "testing"}
-    store_cfg = {"uri": f"s3://{bucket}/store", "s3": s3}
-    store = Store(StoreConfig(uri=store_cfg["uri"], s3=S3Options(**s3)))
+    store = new_s3_store(s3_endpoint, "svc")
+    store_cfg = {"uri": store.config.uri, "s3": moto_s3(s3_endpoint)}
     dirs = {d.name: d for d in sorted(p.parent for p in tiny_cohort.glob("*/manifest.json"))}
     for center, d in dirs.items():
         upload_batch(d, center=center, batch="b1", store=store, progress=False)
@@ -63,9 +70,5 @@ def service(tiny_cohort: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPa
         "workers_per_replica": 2,  # two worker loops race for each batch: one claim wins
         "lease_s": 15,  # a killed worker's batch is taken over after 15 s of silence
     }
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(args), name="smartccs", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    yield base, store, {c: t for c, (t, _) in tokens.items()}, dirs, args
-    serve.shutdown()
+    with run_app(args) as base:
+        yield base, store, {c: t for c, (t, _) in tokens.items()}, dirs, args

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -28,12 +26,14 @@ from smartccs.manifest import Manifest
 from smartccs.results.tables import read_table
 from smartccs.service.auth import new_token
 from smartccs.service.records import PREFIX, batch_id
-from smartccs.store import S3Options, Store, StoreConfig
+from smartccs.store import Store
 from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 from load import run_load
+from moto_buckets import moto_s3, new_s3_store
+from service_fixtures import run_app
 from toy_models import save_toy_models, toy_screening
 
 pytestmark = [
@@ -49,29 +49,12 @@ LEASE_S = 10.0
 SCREENER = "ServeReplica:smartccs:Screener"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tiny_cohort: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
     """The service on Serve over an S3 store: the tiny cohort's centers with batch b1 each,
     and ``LOAD_CENTERS`` more centers (l00, l01, ...) with one slide each; a 10 s lease.
     Yields (base URL, store, {center: token}, {center: slide ids of its b1})."""
-    import boto3
-    from ray import serve
-
-    from smartccs.service.app import build
-
-    bucket = f"svcfault-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
-        Bucket=bucket
-    )
-    s3 = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
-    s3 |= {"access_key_id": "testing", "secret_access_key": "testing"}
-    store = Store(StoreConfig(uri=f"s3://{bucket}/store", s3=S3Options(**s3)))
+    store = new_s3_store(s3_endpoint, "svcfault")
     dirs = {d.name: d for d in sorted(p.parent for p in tiny_cohort.glob("*/manifest.json"))}
     slides = {}
     for center, d in dirs.items():
@@ -87,7 +70,7 @@ def app(tiny_cohort: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPathFa
     save_toy_models(store)
     tokens = {c: new_token() for c in slides}
     args = {
-        "store": {"uri": store.config.uri, "s3": s3},
+        "store": {"uri": store.config.uri, "s3": moto_s3(s3_endpoint)},
         "screening": toy_screening(tmp_path_factory.mktemp("svc")).model_dump(mode="json")
         | {"adapt": {"method": "smartccs"}},
         "tokens": {c: digest for c, (_, digest) in tokens.items()},
@@ -95,11 +78,8 @@ def app(tiny_cohort: Path, s3_endpoint: str, tmp_path_factory: pytest.TempPathFa
         "workers_per_replica": 2,
         "lease_s": LEASE_S,
     }
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(args), name="smartccs", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", store, {c: t for c, (t, _) in tokens.items()}, slides
-    serve.shutdown()
+    with run_app(args) as base:
+        yield base, store, {c: t for c, (t, _) in tokens.items()}, slides
 
 
 @pytest.fixture(autouse=True)
