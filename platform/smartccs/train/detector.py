@@ -125,6 +125,10 @@ class DetectorConfig(RunFields):
     def _known_version(self) -> DetectorConfig:
         if self.encoder_version != "latest":
             layout.model(self.encoder_model, self.encoder_version)  # validates the id
+        return self
+
+    @model_validator(mode="after")
+    def _holdout_apart(self) -> DetectorConfig:
         overlap = set(self.holdout_batches) & set(self.batches)
         if overlap:
             raise ValueError(
@@ -587,9 +591,8 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     )
     holdout = None
     if held:
-        rows = slide_rows(holdout_refs)
-        holdout = evaluate_detector(
-            model, card, tiles_dataset(rows, store, cfg.stream), holdout_labels, cfg.eval_batch_size
+        holdout = _score_batches(
+            model, card, store, holdout_refs, holdout_labels, cfg.stream, cfg.eval_batch_size
         )
         log.info("held-out centers' mAP@0.5 (abnormal) %.3f: %s", abnormal_map(holdout), holdout.ap)
     log.info("held-out mAP@0.5 (abnormal) %.3f: %s", abnormal_map(report), report.ap)
@@ -598,10 +601,9 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     card = card.model_copy(
         update={
             "data_manifest_sha256": manifests_sha256(store, refs),
-            "metrics": report.to_metrics()
-            | {"map50_abnormal": abnormal_map(report), "steps": float(fitted.state["step"])}
-            | {"ap50_abnormal_by_cells": abnormal_ap_by_cells(report.ap, report.n_gt)}
-            | holdout_metrics(holdout),
+            "metrics": report_metrics(report)
+            | {"steps": float(fitted.state["step"])}
+            | {f"holdout/{k}": v for k, v in report_metrics(holdout).items()},
         }
     )
     version = save_model(store, card, model.state_dict())
@@ -616,12 +618,30 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     )
 
 
-def holdout_metrics(report: DetectionReport | None) -> dict[str, float]:
-    """A held-out centers' report as card metrics, ``holdout/``-prefixed."""
+def report_metrics(report: DetectionReport | None) -> dict[str, float]:
+    """A report as card metrics: per-class AP, mAP, the abnormal summaries; finite values only
+    (a class without ground truth has none)."""
     if report is None:
         return {}
-    flat = report.to_metrics() | {"map50_abnormal": abnormal_map(report)}
-    return {f"holdout/{k}": v for k, v in flat.items() if not np.isnan(v)}
+    summaries = {
+        "map50_abnormal": abnormal_map(report),
+        "ap50_abnormal_by_cells": abnormal_ap_by_cells(report.ap, report.n_gt),
+    }
+    return report.to_metrics() | {k: v for k, v in summaries.items() if not np.isnan(v)}
+
+
+def _score_batches(
+    model: CellDetector,
+    card: ModelCard,
+    store: Store,
+    refs: list[BatchRef],
+    labels: dict[SlideKey, SlideBoxes],
+    stream: StreamConfig,
+    batch_size: int,
+) -> DetectionReport:
+    """Every tile of every slide of these batches, scored against their annotations."""
+    rows = slide_rows(refs)
+    return evaluate_detector(model, card, tiles_dataset(rows, store, stream), labels, batch_size)
 
 
 def score_detector(
@@ -641,7 +661,5 @@ def score_detector(
     model = build_detector(card)
     model.load_state_dict(state)
     refs = resolve_batches(store, batches)
-    rows = slide_rows(refs)
-    return evaluate_detector(
-        model, card, tiles_dataset(rows, store, stream), load_cell_labels(store, refs), batch_size
-    )
+    labels = load_cell_labels(store, refs)
+    return _score_batches(model, card, store, refs, labels, stream, batch_size)
