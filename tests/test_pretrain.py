@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray.train.torch
 import torch
 import yaml
 
@@ -14,6 +15,7 @@ from smartccs.models.encoder import build_from
 from smartccs.slide.tiling import TilingConfig
 from smartccs.store import Store
 from smartccs.train.dino import DinoConfig
+from smartccs.train.loop import FINISHED_FILE
 from smartccs.train.multicrop import MultiCropConfig
 from smartccs.train.normalization import NORMALIZATION_FILE
 from smartccs.train.pretrain import PretrainConfig, pretrain
@@ -55,7 +57,7 @@ def toy_config(store: Store, tmp_path: Path, max_steps: int) -> PretrainConfig:
     )
 
 
-def test_pretrain_saves_an_encoder_and_resumes(tiny_cohort, local_store, tmp_path):
+def test_pretrain_saves_an_encoder_and_resumes(tiny_cohort, local_store, tmp_path, monkeypatch):
     center_dir = sorted(p.parent for p in tiny_cohort.glob("*/manifest.json"))[0]
     upload_batch(center_dir, center=center_dir.name, batch="b1", store=local_store, progress=False)
 
@@ -79,6 +81,17 @@ def test_pretrain_saves_an_encoder_and_resumes(tiny_cohort, local_store, tmp_pat
     assert list_versions(local_store, "encoder") == sorted([first.version, second.version])
     assert load_model(local_store, "encoder")[0].version == max(first.version, second.version)
 
+    # the finished run again: its final checkpoint, read from the store without a trainer
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a finished run started a trainer")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_trainer)
+    third = pretrain(toy_config(local_store, tmp_path, max_steps=5))
+    assert (third.start_step, third.step) == (3, 5)
+    _, again = load_model(local_store, "encoder", third.version)
+    for k, v in load_model(local_store, "encoder", second.version)[1].items():
+        torch.testing.assert_close(again[k], v)
+
 
 def test_demo_config_validates():
     raw = yaml.safe_load((REPO / "jobs/configs/pretrain-demo.yaml").read_text())
@@ -90,7 +103,9 @@ def test_demo_config_validates():
 
 
 @pytest.mark.s3
-def test_pretrain_on_an_s3_store_checkpoints_and_saves_there(tiny_cohort, s3_store, tmp_path):
+def test_pretrain_on_an_s3_store_checkpoints_and_saves_there(
+    tiny_cohort, s3_store, tmp_path, monkeypatch
+):
     """storage_path on S3 through a custom endpoint (moto's HTTP server standing in for AWS)."""
     center_dir = sorted(p.parent for p in tiny_cohort.glob("*/manifest.json"))[0]
     upload_batch(center_dir, center=center_dir.name, batch="b1", store=s3_store, progress=False)
@@ -98,5 +113,8 @@ def test_pretrain_on_an_s3_store_checkpoints_and_saves_there(tiny_cohort, s3_sto
     assert result.run_path.startswith("s3://")
     keys = s3_store.list("runs", "toy-run")
     assert any("checkpoint" in k for k in keys), keys
+    assert any(k.endswith(f"toy-run/{FINISHED_FILE}") for k in keys), keys
     card, _ = load_model(s3_store, "encoder")
     assert card.version == result.version and card.metrics["steps"] == 2
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", None)  # finished: read back, not run
+    assert pretrain(toy_config(s3_store, tmp_path, max_steps=2)).step == 2

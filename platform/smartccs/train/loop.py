@@ -12,6 +12,7 @@ necessarily the same ones.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -26,11 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.errors import CCSError
 from smartccs.ids import Id
+from smartccs.models.artifacts import config_sha256
 from smartccs.store import Store, StoreConfig
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+FINISHED_FILE = "finished.json"  # runs/<run name>/: the final checkpoint of a completed run
 
 
 class OptimizerConfig(BaseModel):
@@ -253,6 +256,9 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     store = Store(cfg.store)
+    done = finished_run(store, cfg)
+    if done is not None:
+        return done
     if cfg.materialize:
         log.info("reading the training data once (materialize: true)")
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
@@ -281,4 +287,47 @@ def fit(
         raise CCSError(f"run {cfg.run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    return FitResult(state=state, metrics=dict(result.metrics or {}))
+    metrics = dict(result.metrics or {})
+    mark = {
+        "config_sha256": _run_sha256(cfg),
+        "checkpoint": Path(result.checkpoint.path).name,
+        "metrics": metrics,
+    }
+    store.write_bytes(
+        f"runs/{cfg.run_name}/{FINISHED_FILE}", json.dumps(mark, default=float).encode()
+    )
+    return FitResult(state=state, metrics=metrics)
+
+
+def _run_sha256(cfg: RunFields) -> str:
+    return config_sha256(cfg.model_dump(mode="json", exclude={"store"}))
+
+
+def finished_run(store: Store, cfg: RunFields) -> FitResult | None:
+    """The final state of a run that already completed under this very config, or None.
+
+    Re-running a finished run (a re-run demo or study) would otherwise start a trainer and
+    read all its data (minutes) only to find the last step done. Any change to the config,
+    ``max_steps`` included, goes through the trainer, which resumes from the checkpoint.
+    """
+    from ray.train import Checkpoint
+
+    if not store.exists("runs", cfg.run_name, FINISHED_FILE):
+        return None
+    mark = json.loads(store.read_bytes("runs", cfg.run_name, FINISHED_FILE))
+    if mark.get("config_sha256") != _run_sha256(cfg):
+        return None
+    path = store.path("runs", cfg.run_name, mark["checkpoint"])
+    ckpt = Checkpoint(path, filesystem=store.arrow_fs if store.protocol == "s3" else None)
+    try:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, OSError) as e:
+        log.warning("run %s: its final checkpoint is gone (%s); training again", cfg.run_name, e)
+        return None
+    log.info(
+        "run %s already finished at step %s: its final checkpoint, no training",
+        cfg.run_name,
+        state.get("step"),
+    )
+    return FitResult(state=state, metrics=mark.get("metrics", {}))

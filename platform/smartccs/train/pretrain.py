@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from smartccs import layout
-from smartccs.batches import manifests_sha256, resolve_batches
+from smartccs.batches import BatchRef, manifests_sha256, resolve_batches
 from smartccs.data.tiles import (
     STATUS_OK,
     StreamConfig,
@@ -226,10 +226,10 @@ def _keep_ok_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"image": batch["image"][batch["status"] == STATUS_OK]}
 
 
-def training_dataset(store: Store, cfg: PretrainConfig):
-    """The tile stream of the chosen batches, slides in seeded random order (centers mixed):
+def training_dataset(store: Store, cfg: PretrainConfig, refs: list[BatchRef]):
+    """The tile stream of these batches, slides in seeded random order (centers mixed):
     readable tiles only, pixels only."""
-    rows = shuffled_slides(slide_rows(resolve_batches(store, cfg.batches)), cfg.seed)
+    rows = shuffled_slides(slide_rows(refs), cfg.seed)
     select = TileShare(cfg.tile_share, cfg.seed) if cfg.tile_share < 1 else None
     return tile_stream(rows, store.config, cfg.stream, select).map_batches(
         _keep_ok_images, batch_format="numpy", num_cpus=0.1
@@ -240,7 +240,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Train (or resume) the run, then save the teacher encoder as a model artifact."""
     store = Store(cfg.store)
     refs = resolve_batches(store, cfg.batches)
-    ds = training_dataset(store, cfg)
+    ds = training_dataset(store, cfg, refs)
     if cfg.crops.normalization == "auto":
         norm = resolve_normalization(store, cfg.run_name, ds, cfg.normalization_tiles)
         cfg = cfg.model_copy(update={"crops": cfg.crops.model_copy(update={"normalization": norm})})
