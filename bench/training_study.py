@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train only the classifier, on this saved detector-pretrained version",
     )
+    ap.add_argument(
+        "--encoder-version",
+        default=None,
+        help="detectors on this saved encoder instead of a new pretraining run (finetuning "
+        "changes compared on one encoder); its version names the study",
+    )
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
@@ -123,8 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     input_px = yaml.safe_load((CONFIGS / "detector-demo.yaml").read_text())["input_px"]
     configs = b"".join((CONFIGS / f"{n}-demo.yaml").read_bytes() for n in CONFIG_NAMES)
     # a new config is a new run: never resume an earlier config's checkpoints
+    # a saved encoder is named by its version's suffix (run names are at most 64 characters)
+    encoder = (
+        f"p{args.pretrain_steps}"
+        if args.encoder_version is None
+        else f"e{args.encoder_version.rsplit('-', 1)[-1]}"
+    )
     tag = (
-        f"p{args.pretrain_steps}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
+        f"{encoder}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
         f"-{hashlib.sha256(configs).hexdigest()[:6]}"
     )
     if args.unlabelled_slides:
@@ -147,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     init_ray()
     t0 = time.perf_counter()
-    enc_version = None
-    if not args.detector_version:  # a classifier on a saved detector needs no pretraining
+    enc_version = args.encoder_version
+    if not args.detector_version and not enc_version:  # saved models need no pretraining
         enc_version = pretrain(
             PretrainConfig.model_validate(
                 _config(

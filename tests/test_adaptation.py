@@ -16,15 +16,27 @@ import pytest
 import torch
 
 from smartccs.adaptation.adapter import CenterAdapter, LocalAdapters
-from smartccs.adaptation.config import AdaptConfig, SmartCCSAdaptConfig, TentAdaptConfig
+from smartccs.adaptation.config import (
+    AdaptConfig,
+    SmartCCSAdaptConfig,
+    StainAdaptConfig,
+    TentAdaptConfig,
+)
 from smartccs.adaptation.contrastive import adapt_step, relative_drift
-from smartccs.adaptation.state import history, load_state, rollback, state_name
+from smartccs.adaptation.state import (
+    DetectorAdaptation,
+    history,
+    load_state,
+    rollback,
+    state_name,
+)
 from smartccs.adaptation.tent import apply_norms, entropy_loss, norm_parameters, tent_adapt
 from smartccs.errors import CCSError
-from smartccs.models.artifacts import latest_version, load_model
+from smartccs.models.artifacts import latest_version, load_card, load_model
 from smartccs.models.detector import build_detector, preprocess
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.slides import SlideClassifier
+from smartccs.stain import StainStats
 from smartccs.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -119,7 +131,7 @@ def test_a_rerun_batch_is_predicted_but_not_adapted_twice(local_store, classifie
     version = adapter.state.version
     assert adapter.prepare("b1")[1] and not adapter.prepare("b2")[1], "tent skips a seen batch"
     norms = adapter.state.norms
-    second, label, stats = adapter.adapt("b1", bags, {"x": torch.ones(1)})
+    second, label, stats = adapter.adapt("b1", bags, DetectorAdaptation({"x": torch.ones(1)}))
     assert adapter.state.version == version and stats == {}
     assert adapter.state.norms is norms, "a re-run keeps the state's norms"
     assert label.endswith(version)
@@ -259,3 +271,46 @@ def test_the_batch_job_adapts_each_center_batch_by_batch(
         has_norms = any(k.startswith("norm.") for k in weights)
         assert has_norms == (method == "tent"), "tent keeps the detector norms in the state"
     assert all(r["score"] is not None for r in rows if r["status"] != "failed")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_center_stained_outside_the_detectors_range_is_calibrated_and_one_inside_is_not(
+    two_batch_store: Store, tmp_path: Path
+):
+    from toy_models import TOY_TILING, toy_screening
+
+    from smartccs.adaptation.stain import center_calibration, stain_reference
+    from smartccs.batches import resolve_batches
+    from smartccs.data.tiles import StreamConfig
+    from smartccs.screening.job import ScreenJobConfig, run_screen_job
+    from smartccs.synth.cohort import generate_cohort
+    from smartccs.upload import upload_batch
+
+    store = two_batch_store
+    # the detector's training range: the internal centers' first batches
+    internal = resolve_batches(store, ["int-a/b1", "int-b/b1"])
+    reference = stain_reference(store.config, internal, StreamConfig(tiling=TOY_TILING), 16)
+    assert reference is not None and set(reference.centers) == {"int-a", "int-b"}
+    save_toy_models(store, stain_reference=reference)  # the newest versions carry it
+    ext = tmp_path / "ext"  # a warmer, stronger stain (ext-c: +28 degrees, x1.3)
+    generate_cohort(ext, center_names=["ext-c"], slides_per_center=2, size="tiny", seed=3,
+                    workers=1, progress=False)  # fmt: skip
+    for batch in ("b1", "b2"):
+        upload_batch(ext / "ext-c", center="ext-c", batch=batch, store=store, progress=False)
+
+    cfg = toy_screening(tmp_path)
+    cfg = cfg.model_copy(update={"adapt": AdaptConfig(stain=StainAdaptConfig(tiles=16))})
+    run_screen_job(
+        ScreenJobConfig(store=store.config, adapt="smartccs", run_id="stain", screening=cfg)
+    )
+    detector_card = load_card(store, "detector", "latest")
+    for center in ("int-a", "int-b", "ext-c"):
+        first, second = (c.head["stain"] for c in history(store, center)[-2:])
+        assert second["pixels"] > first["pixels"], "each batch adds to the center's measure"
+        cal = center_calibration(detector_card, StainStats.model_validate(second))
+        if center.startswith("int-"):
+            assert cal is None, f"{center} is inside the training range: left as it is"
+        else:
+            assert cal is not None and cal.hue_deg < -10 and cal.density_scale < 0.95, cal

@@ -17,7 +17,7 @@ from smartccs.models.detector import (
     detection_class,
 )
 from smartccs.models.encoder import build_from
-from smartccs.train.detector import assign, flip_rotate_boxes, tile_targets
+from smartccs.train.detector import AugmentConfig, assign, augment, flip_rotate_boxes, tile_targets
 
 
 def _box_of_ink(img: torch.Tensor) -> list[float]:
@@ -154,3 +154,17 @@ def test_ap_by_cells_weighs_classes_by_their_held_out_cells():
     )
     assert abnormal_map(report) == pytest.approx(0.3), "the class mean counts LSIL's 3 cells once"
     assert np.isnan(abnormal_ap_by_cells({"squamous": 0.9}, {"squamous": 10}))
+
+
+def test_detector_augmentation_blurs_pixels_and_leaves_boxes_where_the_cells_are():
+    img = (torch.rand(3, 64, 64) > 0.5).float()
+    box = torch.tensor([[8.0, 12.0, 30.0, 40.0]])
+    sharp = AugmentConfig(color_p=0.0)
+    blurred = sharp.model_copy(update={"blur_p": 1.0, "blur_sigma_px": (1.5, 2.0)})
+    a_img, a_box = augment(img, box, sharp, torch.Generator().manual_seed(4))
+    b_img, b_box = augment(img, box, blurred, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a_box, b_box)
+    edges = lambda x: (x[:, :, 1:] - x[:, :, :-1]).abs().mean()  # noqa: E731
+    assert edges(b_img) < 0.5 * edges(a_img)
+    with pytest.raises(ValueError, match="blur_sigma_px"):
+        AugmentConfig(blur_sigma_px=(2.0, 1.0))

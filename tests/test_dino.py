@@ -463,3 +463,17 @@ def test_the_pretraining_step_with_ibot_learns_patches_and_checkpoints_its_cente
     assert (
         learner.teacher.backbone.state_dict().keys() == plain.teacher.backbone.state_dict().keys()
     )
+
+
+def test_hue_jitter_turns_stain_keeps_glass_and_draws_nothing_when_off():
+    img = torch.ones(3, 8, 8)
+    img[:, :4] = torch.tensor([0.3, 0.2, 0.5]).view(3, 1, 1)
+    out = stain_jitter(img, torch.Generator().manual_seed(5), 0.0, 0.0, hue_deg=30.0)
+    torch.testing.assert_close(out[:, 4:], img[:, 4:])  # glass has no stain to turn
+    od = lambda x: -torch.log((x.double() * 255 + 1) / 256)  # noqa: E731
+    assert (out[:, :4] - img[:, :4]).abs().max() > 0.01
+    torch.testing.assert_close(od(out[:, :4]).sum(0), od(img[:, :4]).sum(0), atol=2e-2, rtol=0)
+    # hue off: the same random stream as before the option existed
+    a, b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    torch.testing.assert_close(stain_jitter(img, a, 0.2, 0.1), stain_jitter(img, b, 0.2, 0.1, 0.0))
+    assert torch.rand(1, generator=a) == torch.rand(1, generator=b)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from smartccs.adaptation.stain import REFERENCE_KEY
 from smartccs.data.tiles import StreamConfig
 from smartccs.models.artifacts import Architecture, ModelCard, save_model
 from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
@@ -18,6 +19,7 @@ from smartccs.screening.cells import CellConfig, ModelRef
 from smartccs.screening.engine import ScorerPool, ScreeningConfig
 from smartccs.screening.slides import AdequacyConfig
 from smartccs.slide.tiling import TilingConfig
+from smartccs.stain import StainReference
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
 
@@ -35,6 +37,7 @@ def save_toy_models(
     seed: int = 0,
     threshold: float = 0.5,
     names: tuple[str, str, str] = ("encoder", "detector", "classifier"),
+    stain_reference: StainReference | None = None,
 ) -> ModelRef:
     """Encoder, detector and classifier versions in ``store`` (under ``names``); returns the
     classifier's ref.
@@ -56,7 +59,8 @@ def save_toy_models(
         head={
             "config": HeadConfig(width=16, score_floor=0.001, max_per_tile=20).model_dump(),
             "input_px": 64,
-        },
+        }
+        | ({REFERENCE_KEY: stain_reference.model_dump()} if stain_reference else {}),
         tiling=TOY_TILING,
         training_config={"encoder_model": enc_name, "encoder_version": enc_version},
         synthetic=True,

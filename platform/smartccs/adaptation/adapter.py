@@ -13,12 +13,12 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from smartccs.adaptation.config import AdaptConfig
 from smartccs.adaptation.contrastive import adapt_step, relative_drift
 from smartccs.adaptation.state import (
     CenterState,
+    DetectorAdaptation,
     load_state,
     save_state,
     source_state,
@@ -60,10 +60,11 @@ class CenterAdapter:
         if latest != self.state.version:
             self.state = self._load()
 
-    def prepare(self, batch: str) -> tuple[dict[str, torch.Tensor], bool]:
-        """The detector's adapted normalisation parameters (tent; empty: the detector's own),
-        and whether ``batch`` is already folded into the state (a re-run adapts nothing)."""
-        return self.state.norms, f"{self.center}/{batch}" in self.state.batches
+    def prepare(self, batch: str) -> tuple[DetectorAdaptation, bool]:
+        """What the detector stage runs with (tent's norms, the center's stain), and whether
+        ``batch`` is already folded into the state (a re-run adapts nothing)."""
+        detector = DetectorAdaptation(norms=self.state.norms, stain=self.state.stain)
+        return detector, f"{self.center}/{batch}" in self.state.batches
 
     def _heads(self):
         student = copy.deepcopy(self.classifier.head)
@@ -76,12 +77,12 @@ class CenterAdapter:
         self,
         batch: str,
         bags: Sequence[SlideBag],
-        norms: dict[str, torch.Tensor] | None = None,
+        detector: DetectorAdaptation | None = None,
         method: str | None = None,
     ) -> tuple[np.ndarray, str, dict[str, float]]:
         """Adapt on one batch and predict it: (N, 7) probabilities, the adaptation label for
-        the slides table, and the step's statistics. ``norms``: the detector norms the batch
-        was screened with (tent), kept in the new state; ``method`` overrides the config's
+        the slides table, and the step's statistics. ``detector``: the norms and stain the
+        batch was screened with, kept in the new state; ``method`` overrides the config's
         for this batch (a service request may choose)."""
         key = f"{self.center}/{batch}"
         state = self.state
@@ -108,8 +109,9 @@ class CenterAdapter:
                 state.drift, stats["reset"] = 0.0, 1.0
             state.student = {k: v.detach().clone() for k, v in student.state_dict().items()}
             state.teacher = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
-        if norms is not None and not repeat:
-            state.norms = {k: v.detach().clone() for k, v in norms.items()}
+        if detector is not None and not repeat:
+            state.norms = {k: v.detach().clone() for k, v in detector.norms.items()}
+            state.stain = detector.stain
         probs = (predict(student, bags) + predict(teacher, bags)) / 2  # the reference's mean
         if not repeat:
             state.batches = [*state.batches, key]
@@ -138,7 +140,7 @@ class LocalAdapters:
             self._centers[center] = CenterAdapter(self.store, self.classifier, center, self.cfg)
         return self._centers[center]
 
-    def prepare(self, center: str, batch: str) -> tuple[dict[str, torch.Tensor], bool]:
+    def prepare(self, center: str, batch: str) -> tuple[DetectorAdaptation, bool]:
         return self._get(center).prepare(batch)
 
     def adapt(
@@ -146,6 +148,6 @@ class LocalAdapters:
         center: str,
         batch: str,
         bags: list[SlideBag],
-        norms: dict[str, torch.Tensor] | None,
+        detector: DetectorAdaptation | None,
     ) -> tuple[np.ndarray, str, dict[str, float]]:
-        return self._get(center).adapt(batch, bags, norms)
+        return self._get(center).adapt(batch, bags, detector)

@@ -45,6 +45,19 @@ class TentAdaptConfig(BaseModel):
     )
 
 
+class StainAdaptConfig(BaseModel):
+    """Stain calibration (``smartccs.adaptation.stain``), before smartccs or tent adapt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        default=True,
+        description="measure each batch's stain and map a center outside the detector's "
+        "training range into it (needs a detector card with a stain_reference)",
+    )
+    tiles: int = Field(default=64, ge=1, description="tiles sampled from the batch, evenly")
+
+
 class AdaptConfig(BaseModel):
     """``method``: none (the source model), smartccs (MIL head) or tent (detector norms)."""
 
@@ -53,6 +66,7 @@ class AdaptConfig(BaseModel):
     method: Method = "none"
     smartccs: SmartCCSAdaptConfig = SmartCCSAdaptConfig()
     tent: TentAdaptConfig = TentAdaptConfig()
+    stain: StainAdaptConfig = StainAdaptConfig()
     max_drift: float = Field(
         default=0.1,
         gt=0,

@@ -1,12 +1,12 @@
 """A center's adapted state, versioned in the store like any model.
 
 Each adapted batch saves a new version of ``models/adapt-<center>/``: the student and teacher
-MIL heads, the detector's normalisation parameters (tent) and a card naming the source
-classifier, the parent version, the batches seen and the resets. Versions are never rewritten,
-so any earlier state can be inspected or restored, and ``LATEST`` says which one the center's
-next batch starts from. A rollback is itself a new version (a copy of the old one), so the
-history stays linear and auditable. State adapted from another classifier is ignored: a new
-classifier starts every center afresh.
+MIL heads, the detector's normalisation parameters (tent), the center's measured stain and a
+card naming the source classifier, the parent version, the batches seen and the resets.
+Versions are never rewritten, so any earlier state can be inspected or restored, and
+``LATEST`` says which one the center's next batch starts from. A rollback is itself a new
+version (a copy of the old one), so the history stays linear and auditable. State adapted
+from another classifier is ignored: a new classifier starts every center afresh.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from smartccs.models.artifacts import (
     save_model,
 )
 from smartccs.screening.cells import ModelRef
+from smartccs.stain import StainStats
 from smartccs.store import Store
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,15 @@ def state_name(center: str) -> str:
 
 
 @dataclass
+class DetectorAdaptation:
+    """What a center's batch is screened with before the MIL head: tent's normalisation
+    parameters for the detector (empty: its own) and the center's measured stain."""
+
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    stain: StainStats | None = None
+
+
+@dataclass
 class CenterState:
     """What a center's next batch starts from."""
 
@@ -57,6 +67,7 @@ class CenterState:
     batches: list[str] = field(default_factory=list)
     resets: int = 0
     drift: float = 0.0
+    stain: StainStats | None = None  # the center's stain, measured over its batches so far
 
     @property
     def label(self) -> str:
@@ -112,6 +123,7 @@ def load_state(
         batches=list(meta.get("batches", [])),
         resets=int(meta.get("resets", 0)),
         drift=float(meta.get("drift", 0.0)),
+        stain=StainStats.model_validate(meta["stain"]) if meta.get("stain") else None,
     )
 
 
@@ -135,6 +147,7 @@ def save_state(
             "batches": state.batches,
             "resets": state.resets,
             "drift": state.drift,
+            "stain": state.stain.model_dump() if state.stain else None,
             **(note or {}),
         },
         tiling=classifier.tiling,

@@ -17,10 +17,11 @@ from torch import nn
 
 from smartccs.adaptation.config import AdaptConfig
 from smartccs.adaptation.contrastive import relative_drift
-from smartccs.data.tiles import STATUS_OK, StreamConfig, TileReader, plan_slide
+from smartccs.data.tiles import StreamConfig, sample_tiles
 from smartccs.models.artifacts import load_model
 from smartccs.models.detector import CellDetector, build_detector, preprocess
 from smartccs.screening.cells import ModelRef
+from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store, StoreConfig
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -45,25 +46,6 @@ def apply_norms(model: nn.Module, norms: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, v in norms.items():
             params[k].copy_(v)
-
-
-def sample_tiles(
-    store_config: StoreConfig, rows: list[dict[str, Any]], stream: StreamConfig, n: int
-) -> np.ndarray:
-    """Up to ``n`` tiles spread evenly over a batch's slides, read at the stream's tiling."""
-    planned = [
-        t
-        for r in rows
-        for t in plan_slide(r, store_config=store_config, cfg=stream)
-        if t["status"] == STATUS_OK
-    ]
-    if not planned:
-        return np.zeros((0, stream.tiling.tile_px, stream.tiling.tile_px, 3), np.uint8)
-    pick = np.unique(np.linspace(0, len(planned) - 1, min(n, len(planned))).round().astype(int))
-    chosen = [planned[i] for i in pick]
-    batch = {k: np.asarray([t[k] for t in chosen]) for k in chosen[0]}
-    read = TileReader(store_config, stream)(batch)
-    return read["image"][read["status"] == STATUS_OK]
 
 
 def entropy_loss(detector: CellDetector, x: torch.Tensor, locations: int) -> torch.Tensor:
@@ -129,12 +111,15 @@ def tent_batch(
     stream: StreamConfig,
     norms: dict[str, torch.Tensor],
     cfg: AdaptConfig,
+    stain: StainCalibration | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Tent for one batch of slides: sample its tiles, adapt from ``norms``; runs anywhere
-    (a Ray task on a scorer's resources in the engine)."""
+    """Tent for one batch of slides: sample its tiles (in the center's calibrated stain),
+    adapt from ``norms``; runs anywhere (a Ray task on a scorer's resources in the engine)."""
     card, weights = load_model(Store(store_config), detector_ref.name, detector_ref.version)
     detector = build_detector(card)
     detector.load_state_dict(weights)
     stream = stream.model_copy(update={"tiling": card.tiling})
     tiles = sample_tiles(store_config, rows, stream, cfg.tent.tiles)
+    if stain is not None:
+        tiles = calibrate(tiles, stain)
     return tent_adapt(detector, tiles, int(card.head["input_px"]), card.normalization, norms, cfg)

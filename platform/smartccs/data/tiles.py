@@ -294,3 +294,22 @@ def tile_stream(
         batch_format="numpy",
         num_cpus=cfg.reader_cpus,
     )
+
+
+def sample_tiles(
+    store_config: StoreConfig, rows: list[dict[str, Any]], stream: StreamConfig, n: int
+) -> np.ndarray:
+    """Up to ``n`` tiles spread evenly over a batch's slides, read at the stream's tiling."""
+    planned = [
+        t
+        for r in rows
+        for t in plan_slide(r, store_config=store_config, cfg=stream)
+        if t["status"] == STATUS_OK
+    ]
+    if not planned:
+        return np.zeros((0, stream.tiling.tile_px, stream.tiling.tile_px, 3), np.uint8)
+    pick = np.unique(np.linspace(0, len(planned) - 1, min(n, len(planned))).round().astype(int))
+    chosen = [planned[i] for i in pick]
+    batch = {k: np.asarray([t[k] for t in chosen]) for k in chosen[0]}
+    read = TileReader(store_config, stream)(batch)
+    return read["image"][read["status"] == STATUS_OK]

@@ -31,6 +31,7 @@ from smartccs.models.detector import (
     preprocess,
 )
 from smartccs.models.encoder import build_from, input_size
+from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
@@ -128,8 +129,10 @@ class CellScorer:
         stream: StreamConfig | None = None,
         views: int = 1,
         norms: dict[str, np.ndarray] | None = None,
+        stain: StainCalibration | None = None,
     ):
         torch.set_num_threads(max(1, threads))
+        self.stain = stain  # a center's stain calibration (adaptation), applied on every tile
         store = Store(store_config)
         self.reader = TileReader(store_config, stream) if stream is not None else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -161,6 +164,8 @@ class CellScorer:
         t0 = time.perf_counter()
         if self.reader is not None:  # planned rows in: the pixels never leave this process
             batch = self.reader(batch)
+        if self.stain is not None:  # before detection and crops alike: the whole model sees it
+            batch = batch | {"image": calibrate(batch["image"], self.stain)}
         ok = np.flatnonzero(batch["status"] == STATUS_OK)
         detections = []
         if len(ok):

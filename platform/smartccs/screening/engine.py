@@ -26,6 +26,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.adaptation.config import AdaptConfig
+from smartccs.adaptation.stain import center_calibration, detector_reference, measure_stain
+from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.batches import BatchRef
 from smartccs.data.tiles import StreamConfig, plan_stream, slide_rows, tile_stream
 from smartccs.ids import Id
@@ -34,6 +36,7 @@ from smartccs.results.tables import ResultCommit, write_batch_results
 from smartccs.screening.bags import SlideBag, SlideKey, iter_bags
 from smartccs.screening.cells import CellConfig, CellScorer, ModelRef, encoder_ref
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier, cells_table, slides_table
+from smartccs.stain import StainCalibration, merge_stats
 from smartccs.store import Store
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ def cell_stream(
     pool: ScorerPool,
     views: int = 1,
     norms: dict[str, Any] | None = None,
+    stain: StainCalibration | None = None,
 ):
     """A Ray Dataset of cell rows and tile summary rows (see ``screening.cells``) for ``rows``.
 
@@ -96,6 +100,7 @@ def cell_stream(
         "threads": max(1, int(pool.cpus)),
         "views": views,
         "norms": {k: np.asarray(v) for k, v in (norms or {}).items()} or None,
+        "stain": stain,
     }
     if pool.fused:
         source = plan_stream(rows, store.config, stream)
@@ -127,9 +132,12 @@ def screen_bags(
     top_k: int,
     views: int = 1,
     norms: dict[str, Any] | None = None,
+    stain: StainCalibration | None = None,
 ) -> Iterator[SlideBag]:
     """Each slide's bag as soon as its last tile is scored, then any incomplete ones."""
-    ds = cell_stream(store, rows, detector, cells, stream, pool, views=views, norms=norms)
+    ds = cell_stream(
+        store, rows, detector, cells, stream, pool, views=views, norms=norms, stain=stain
+    )
     yield from iter_bags(
         ds.iter_batches(batch_size=256, batch_format="numpy"),
         top_k=top_k,
@@ -233,12 +241,12 @@ class Adapters(Protocol):
     """Where centers' adapted states live: in this process for the batch job
     (``smartccs.adaptation.adapter.LocalAdapters``), a multiplexed deployment for the service."""
 
-    def prepare(self, center: str, batch: str) -> tuple[dict[str, Any], bool]:
-        """The center's detector norms, and whether ``batch`` was adapted on already."""
+    def prepare(self, center: str, batch: str) -> tuple[DetectorAdaptation, bool]:
+        """The center's detector norms and stain, and whether ``batch`` was adapted on already."""
         ...
 
     def adapt(
-        self, center: str, batch: str, bags: list[SlideBag], norms: dict[str, Any] | None
+        self, center: str, batch: str, bags: list[SlideBag], detector: DetectorAdaptation | None
     ) -> tuple[np.ndarray, str, dict[str, float]]: ...
 
 
@@ -290,8 +298,8 @@ def screen_batches(
 
             adapters = LocalAdapters(store, classifier, cfg.adapt)
         for ref in refs:
-            bags, norms = _adapted_stream(store, ref, classifier, cfg, adapters, on_slide)
-            probs, label, _ = adapters.adapt(ref.center, ref.batch, bags, norms)
+            bags, detector = _adapted_stream(store, ref, classifier, cfg, adapters, on_slide)
+            probs, label, _ = adapters.adapt(ref.center, ref.batch, bags, detector)
             publish(ref, bags, probs, label)
     log.info("run %s: %d batches in %.1f s", run_id, len(outcomes), time.perf_counter() - t0)
     return outcomes
@@ -340,28 +348,61 @@ def _adapted_stream(
     cfg: ScreeningConfig,
     adapters: Adapters,
     on_slide: Callable[[SlideBag], None] | None,
-) -> tuple[list[SlideBag], dict[str, Any] | None]:
-    """One batch's bags under its center's adaptation; tent first adapts the detector's norms
-    on a sample of the batch's tiles, in a task with a scorer's resources."""
+) -> tuple[list[SlideBag], DetectorAdaptation]:
+    """One batch's bags under its center's adaptation. First the batch's stain is measured on
+    a sample of its tiles and folded into the center's; then tent adapts the detector's norms
+    on a sample (in the calibrated stain); both in tasks with a scorer's resources."""
     import ray
 
-    norms, seen = adapters.prepare(ref.center, ref.batch)
-    norms = norms or None
+    prepared, seen = adapters.prepare(ref.center, ref.batch)
+    norms, stain = prepared.norms or None, prepared.stain
+    card = load_card(store, classifier.detector.name, classifier.detector.version)
+    stream = cfg.stream.model_copy(update={"tiling": card.tiling})
+    resources = {"num_cpus": cfg.scorers.cpus, "num_gpus": cfg.scorers.gpus or None}
+    calibration = None
+    if cfg.adapt.stain.enabled and detector_reference(card) is None:
+        log.warning(
+            "detector %s/%s has no stain reference (trained before it was recorded): "
+            "no stain calibration for %s/%s",
+            card.name,
+            card.version,
+            ref.center,
+            ref.batch,
+        )
+    elif cfg.adapt.stain.enabled:
+        if not seen:  # a batch is measured once; a re-run uses what the state holds
+            measured = ray.get(
+                ray.remote(measure_stain)
+                .options(**resources)
+                .remote(store.config, slide_rows([ref]), stream, cfg.adapt.stain.tiles)
+            )
+            stain = merge_stats(stain, measured) if measured is not None else stain
+        calibration = center_calibration(card, stain)
+        log.info(
+            "stain %s/%s: %s",
+            ref.center,
+            ref.batch,
+            "inside the detector's training range, as it is"
+            if calibration is None
+            else calibration.model_dump(exclude={"glass_in", "glass_out"}),
+        )
     if cfg.adapt.method == "tent" and not seen:  # a batch is adapted on once
         from smartccs.adaptation.tent import tent_batch
 
-        task = ray.remote(tent_batch).options(
-            num_cpus=cfg.scorers.cpus, num_gpus=cfg.scorers.gpus or None
-        )
         norms, stats = ray.get(
-            task.remote(
-                store.config, classifier.detector, slide_rows([ref]), cfg.stream, norms, cfg.adapt
+            ray.remote(tent_batch)
+            .options(**resources)
+            .remote(
+                store.config, classifier.detector, slide_rows([ref]), cfg.stream, norms,
+                cfg.adapt, calibration,
             )
-        )
+        )  # fmt: skip
         log.info(
             "tent %s/%s: %s", ref.center, ref.batch, {k: round(v, 4) for k, v in stats.items()}
         )
     views = 2 if cfg.adapt.method == "smartccs" else 1
-    streamed = _stream_batches(store, [ref], classifier, cfg, on_slide, views=views, norms=norms)
+    streamed = _stream_batches(
+        store, [ref], classifier, cfg, on_slide, views=views, norms=norms, stain=calibration
+    )
     bags = next((bags for _, bags in streamed), [])
-    return bags, norms if cfg.adapt.method == "tent" else None
+    return bags, DetectorAdaptation(norms=norms or {}, stain=stain)

@@ -10,11 +10,11 @@ batch job, a rollback, another replica) moved the center on meanwhile.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import numpy as np
 
 from smartccs.adaptation.adapter import CenterAdapter
+from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.slides import SlideClassifier
 from smartccs.service.config import ServiceConfig
@@ -41,7 +41,7 @@ class AdapterHost:
 
     async def prepare(
         self, key: str, adapter: CenterAdapter, batch: str
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[DetectorAdaptation, bool]:
         async with self._lock(key):
             await asyncio.to_thread(adapter.refresh)
             return adapter.prepare(batch)
@@ -52,9 +52,9 @@ class AdapterHost:
         adapter: CenterAdapter,
         batch: str,
         bags: list[SlideBag],
-        norms: dict[str, Any] | None,
+        detector: DetectorAdaptation | None,
         method: str,
     ) -> tuple[np.ndarray, str, dict[str, float]]:
         async with self._lock(key):
             await asyncio.to_thread(adapter.refresh)
-            return await asyncio.to_thread(adapter.adapt, batch, bags, norms, method)
+            return await asyncio.to_thread(adapter.adapt, batch, bags, detector, method)

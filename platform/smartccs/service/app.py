@@ -19,6 +19,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.logs import configure_logging
 from smartccs.screening.cells import ModelRef
 from smartccs.service.adapters import AdapterHost
@@ -82,13 +83,13 @@ class Adapters:
         lru = self.host.cfg.centers_per_replica
         self.get = serve.multiplexed(max_num_models_per_replica=lru)(load)
 
-    async def prepare(self, batch: str) -> tuple[dict[str, Any], bool]:
+    async def prepare(self, batch: str) -> tuple[DetectorAdaptation, bool]:
         key = serve.get_multiplexed_model_id()
         return await self.host.prepare(key, await self.get(key), batch)
 
-    async def adapt(self, batch: str, bags: list, norms: dict | None, method: str):
+    async def adapt(self, batch: str, bags: list, detector: DetectorAdaptation | None, method: str):
         key = serve.get_multiplexed_model_id()
-        return await self.host.adapt(key, await self.get(key), batch, bags, norms, method)
+        return await self.host.adapt(key, await self.get(key), batch, bags, detector, method)
 
 
 def build(args: dict[str, Any]) -> serve.Application:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.batches import load_batch
 from smartccs.models.artifacts import latest_version
 from smartccs.screening.bags import SlideBag
@@ -53,13 +54,13 @@ class RemoteAdapters:
     def _center(self, center: str):
         return self.handle.options(multiplexed_model_id=adapter_key(center, self.classifier))
 
-    def prepare(self, center: str, batch: str) -> tuple[dict[str, Any], bool]:
+    def prepare(self, center: str, batch: str) -> tuple[DetectorAdaptation, bool]:
         return self._center(center).prepare.remote(batch).result()
 
     def adapt(
-        self, center: str, batch: str, bags: list[SlideBag], norms: dict[str, Any] | None
+        self, center: str, batch: str, bags: list[SlideBag], detector: DetectorAdaptation | None
     ) -> tuple[np.ndarray, str, dict[str, float]]:
-        return self._center(center).adapt.remote(batch, bags, norms, self.method).result()
+        return self._center(center).adapt.remote(batch, bags, detector, self.method).result()
 
 
 class Worker:

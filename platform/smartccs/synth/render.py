@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from smartccs.stain import grey_axis_rotation
 from smartccs.synth.profiles import CenterProfile, StainProfile
 from smartccs.synth.specimen import CELL_DTYPE, Specimen, contour_table
 
@@ -117,17 +118,11 @@ def optics_for(profile: CenterProfile) -> Optics:
 def stain_matrix(stain: StainProfile) -> np.ndarray:
     """(4, 3) OD per unit of hematoxylin, eosin, light green, orange G, after hue/saturation."""
     grey = np.full(3, 1.0 / math.sqrt(3.0))
-    angle = math.radians(stain.hue_shift_deg)
+    rotation = grey_axis_rotation(stain.hue_shift_deg)
     rows = []
     for vec in (stain.hematoxylin, stain.eosin, stain.light_green, stain.orange_g):
         v = np.asarray(vec, np.float64)
-        v = v / np.linalg.norm(v)
-        # Rodrigues rotation about the grey axis: a hue shift that keeps total absorbance.
-        v = (
-            v * math.cos(angle)
-            + np.cross(grey, v) * math.sin(angle)
-            + grey * (grey @ v) * (1 - math.cos(angle))
-        )
+        v = rotation @ (v / np.linalg.norm(v))
         g = grey * (grey @ v)
         rows.append(np.maximum(g + stain.saturation * (v - g), 0.0))
     m = np.stack(rows) * stain.intensity

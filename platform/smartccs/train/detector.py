@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from tqdm.auto import tqdm
 
 from smartccs import layout
+from smartccs.adaptation.stain import REFERENCE_KEY, stain_reference
 from smartccs.batches import BatchRef, manifests_sha256, resolve_batches
 from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_draw, tile_stream
 from smartccs.errors import CCSError
@@ -45,7 +46,7 @@ from smartccs.splits import SplitConfig, split_rows
 from smartccs.store import Store
 from smartccs.taxonomy import ABNORMAL_CLASSES
 from smartccs.train.loop import RunFields, autocast_enabled, fit, optimizer_step, worker_loop
-from smartccs.train.multicrop import brightness_contrast, stain_jitter
+from smartccs.train.multicrop import brightness_contrast, gaussian_blur, stain_jitter
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,20 @@ class AugmentConfig(BaseModel):
     stain_bias: float = Field(default=0.05, ge=0)
     brightness: float = Field(default=0.15, ge=0, lt=1)
     contrast: float = Field(default=0.15, ge=0, lt=1)
+    hue_deg: float = Field(
+        default=0.0, ge=0, le=180, description="stain hue rotation in OD, up to ± this angle"
+    )
+    blur_p: float = Field(default=0.0, ge=0, le=1, description="chance of a focus blur")
+    blur_sigma_px: tuple[float, float] = Field(
+        default=(0.5, 2.0), description="blur sigma range, pixels of the input tile"
+    )
+
+    @field_validator("blur_sigma_px")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"blur_sigma_px must be 0 < low <= high, got {list(v)}")
+        return v
 
 
 class LossConfig(BaseModel):
@@ -262,8 +277,11 @@ def augment(
     flip = bool(torch.rand(1, generator=g) < 0.5)
     img, boxes = flip_rotate_boxes(img, boxes, k, flip)
     if bool(torch.rand(1, generator=g) < cfg.color_p):
-        img = stain_jitter(img, g, cfg.stain_sigma, cfg.stain_bias)
+        img = stain_jitter(img, g, cfg.stain_sigma, cfg.stain_bias, cfg.hue_deg)
         img = brightness_contrast(img, g, cfg.brightness, cfg.contrast)
+    if cfg.blur_p > 0 and bool(torch.rand(1, generator=g) < cfg.blur_p):
+        lo, hi = cfg.blur_sigma_px
+        img = gaussian_blur(img, lo + (hi - lo) * float(torch.rand(1, generator=g)))
     return img, boxes
 
 
@@ -598,6 +616,9 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     log.info("held-out mAP@0.5 (abnormal) %.3f: %s", abnormal_map(report), report.ap)
     if cfg.init == "random":
         card = _with_own_embedder(store, cfg, card, encoder, model)
+    reference = stain_reference(store.config, refs, cfg.stream)
+    if reference is not None:  # the stain range it has seen, for calibrating new centers
+        card = card.model_copy(update={"head": card.head | {REFERENCE_KEY: reference.model_dump()}})
     card = card.model_copy(
         update={
             "data_manifest_sha256": manifests_sha256(store, refs),

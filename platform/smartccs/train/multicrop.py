@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.models.artifacts import Normalization
+from smartccs.stain import grey_axis_rotation
 
 _RGB_FROM_HED = torch.tensor(
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64
@@ -103,13 +104,22 @@ def flip_rotate(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.rot90(img, k, dims=(-2, -1))
 
 
-def stain_jitter(img: torch.Tensor, g: torch.Generator, sigma: float, bias: float) -> torch.Tensor:
-    """Scale and shift each stain's optical density, as a different center's staining would."""
+def stain_jitter(
+    img: torch.Tensor, g: torch.Generator, sigma: float, bias: float, hue_deg: float = 0.0
+) -> torch.Tensor:
+    """Scale and shift each stain's optical density, as a different center's staining would.
+
+    ``hue_deg`` > 0 also rotates the result's OD about the grey axis by up to that angle: a
+    lab whose dyes differ in hue, not only in amount (``smartccs.stain``).
+    """
     alpha = _uniform(g, 1 - sigma, 1 + sigma, 3)
     beta = _uniform(g, -bias, bias, 3)
     # OD' = ((OD @ HED_FROM_RGB) * alpha + beta) @ RGB_FROM_HED, folded into one affine map
     m = (_HED_FROM_RGB * alpha) @ _RGB_FROM_HED
     b = beta @ _RGB_FROM_HED
+    if hue_deg > 0:  # drawn only when asked, so runs without it keep their random stream
+        turn = torch.from_numpy(grey_axis_rotation(float(_uniform(g, -hue_deg, hue_deg))))
+        m, b = m @ turn.T, b @ turn.T
     od = -torch.log((img.to(torch.float64) * 255 + 1) / 256)
     od = torch.einsum("chw,cd->dhw", od, m) + b[:, None, None]
     out = (256 * torch.exp(-od.clamp(min=0)) - 1) / 255
