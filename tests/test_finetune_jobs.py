@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from smartccs.adaptation.stain import REFERENCE_KEY
 from smartccs.data.tiles import StreamConfig
 from smartccs.labels import LabelsError, has_cell_labels, load_cell_labels, put_cell_labels
 from smartccs.models.artifacts import ModelCard, load_model, save_model
@@ -112,6 +113,10 @@ def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Stor
     assert "map50" in card.metrics and 0 <= card.metrics["map50"] <= 1
     assert first.holdout is not None and first.holdout.n_gt["squamous"] > 0
     assert card.metrics["holdout/map50"] == first.holdout.map
+    # the stain range it was trained on, which adaptation calibrates new centers into
+    assert set(card.head[REFERENCE_KEY]["centers"]) == {"int-a"}
+    calibrated = first.holdout_calibrated
+    assert (calibrated is None) == ("holdout_calibrated/map50" not in card.metrics)
     again = score_detector(annotated_store, "detector", first.version, ["int-b/b1"], cfg.stream)
     assert again.to_metrics() == pytest.approx(first.holdout.to_metrics()), "re-scored alike"
     detector = build_detector(card)
