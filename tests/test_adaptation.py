@@ -277,7 +277,7 @@ def test_the_batch_job_adapts_each_center_batch_by_batch(
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_a_center_stained_outside_the_detectors_range_is_calibrated_and_one_inside_is_not(
-    two_batch_store: Store, tmp_path: Path
+    two_batch_store: Store, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
     from toy_models import TOY_TILING, toy_screening
 
@@ -314,3 +314,7 @@ def test_a_center_stained_outside_the_detectors_range_is_calibrated_and_one_insi
             assert cal is None, f"{center} is inside the training range: left as it is"
         else:
             assert cal is not None and cal.hue_deg < -10 and cal.density_scale < 0.95, cal
+    from smartccs.cli import main
+
+    assert main(["adapt", "history", "ext-c", "--store", store.uri()]) == 0
+    assert "stain hue" in capsys.readouterr().out, "the history shows the measured stain"

@@ -111,6 +111,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         h = c.head
         src = f"{h['source']['name']}/{h['source']['version']}"
         extra = f" rolled back to {h['rolled_back_to']}" if h.get("rolled_back_to") else ""
+        stain = h.get("stain")
+        if stain:
+            extra += f"  stain hue {stain['hue_deg']:.1f} density {stain['density']:.3f}"
         print(
             f"{c.version}  {h['method']:<8} from {src}  batches {len(h['batches'])}  "
             f"drift {h['drift']:.4f}  resets {h['resets']}{extra}"
