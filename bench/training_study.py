@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         help="detectors on this saved encoder instead of a new pretraining run (finetuning "
         "changes compared on one encoder); its version names the study",
     )
+    ap.add_argument(
+        "--detector-override",
+        default="",
+        help="YAML mapping merged into detector-demo.yaml for both arms, e.g. "
+        "'{layer_decay: 1.0}': a finetuning variant beside a study (it names the run)",
+    )
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
@@ -135,15 +141,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.encoder_version is None
         else f"e{args.encoder_version.rsplit('-', 1)[-1]}"
     )
-    tag = (
-        f"{encoder}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
-        f"-{hashlib.sha256(configs).hexdigest()[:6]}"
-    )
-    if args.unlabelled_slides:
-        tag += f"-u{args.unlabelled_slides}"
+    detector_override = yaml.safe_load(args.detector_override) or {}
+    # an override names the detector runs (its hash joins the configs'), not the pretraining
+    override = json.dumps(detector_override, sort_keys=True).encode() if detector_override else b""
+    suffix = f"-u{args.unlabelled_slides}" if args.unlabelled_slides else ""
     if args.pretrain_tile_share < 1:
-        tag += f"-t{args.pretrain_tile_share:g}"
-    det_tag = tag if args.label_slides is None else f"{tag}-l{args.label_slides}"
+        suffix += f"-t{args.pretrain_tile_share:g}"
+
+    def _tag(content: bytes) -> str:
+        head = f"{encoder}-d{args.detector_steps}-i{input_px}-seed{args.seed}"
+        return f"{head}-{hashlib.sha256(content).hexdigest()[:6]}{suffix}"
+
+    tag = _tag(configs)
+    det_tag = _tag(configs + override)
+    if args.label_slides is not None:
+        det_tag += f"-l{args.label_slides}"
     store = Store(str(args.out / f"store-{cohort.name}"))
     annotated = [f"{d.name}/{ensure_uploaded(store, d, d.name, 'bench').batch}" for d in
                  generated_centers(cohort)]  # fmt: skip
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 "detector-demo.yaml", store, run_name=f"detector-{init}-{det_tag}-s{seed}",
                 model_name=f"detector-{init}", init=init, encoder_version=enc_version,
                 max_steps=args.detector_steps, seed=seed, batches=annotated,
-                train_slides=args.label_slides, holdout_batches=holdout,
+                train_slides=args.label_slides, holdout_batches=holdout, **detector_override,
             )  # fmt: skip
             raw["split"] = dict(raw.get("split", {}), seed=seed)
             r = finetune_detector(DetectorConfig.model_validate(raw))
@@ -203,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "cohort": str(cohort),
         "encoder": enc_version,
         "label_slides": args.label_slides,
+        "detector_override": detector_override,
         "external": holdout,
         "unlabelled": unlabelled,
         "pretrain_seconds": t_pretrain,

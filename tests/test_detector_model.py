@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from toy_models import TOY_ENCODER, TOY_TILING
 
 from smartccs.labels import SlideBoxes
 from smartccs.metrics.detection import Boxes, DetectionReport, detection_report
@@ -168,3 +169,33 @@ def test_detector_augmentation_blurs_pixels_and_leaves_boxes_where_the_cells_are
     assert edges(b_img) < 0.5 * edges(a_img)
     with pytest.raises(ValueError, match="blur_sigma_px"):
         AugmentConfig(blur_sigma_px=(2.0, 1.0))
+
+
+def test_detector_steps_its_backbone_blocks_at_layer_decayed_rates():
+    """The head learns at the scheduled rate, the top block at backbone_lr_scale x decay, the
+    embeddings slowest: the pretrained lower layers are what finetuning should keep."""
+    from smartccs.models.artifacts import ModelCard
+    from smartccs.train.detector import DetectorConfig, DetectorLearner
+    from smartccs.train.loop import lr_at, optimizer_step
+
+    cfg = DetectorConfig(
+        run_name="toy", store={"uri": "/nonexistent"}, input_px=64, head=HeadConfig(width=16),
+        backbone_lr_scale=0.5, layer_decay=0.5, optimizer={"warmup_steps": 0},
+    )  # fmt: skip
+    card = ModelCard(
+        name="enc", architecture=TOY_ENCODER, task="encoder", tiling=TOY_TILING, synthetic=True
+    )
+    learner = DetectorLearner(cfg, torch.device("cpu"), encoder=card, encoder_state=None, labels={})
+    loss = sum(p.sum() for p in learner.params) * 0
+    optimizer_step(learner.opt, learner.params, loss, 5, cfg)
+    lr = {id(p): g["lr"] for g in learner.opt.param_groups for p in g["params"]}
+    backbone = learner.raw.backbone
+    depth = len(backbone.blocks)
+    base = lr_at(5, cfg)
+    assert lr[id(learner.raw.cls_head.weight)] == pytest.approx(base)
+    assert lr[id(backbone.norm.weight)] == pytest.approx(base * 0.5)
+    assert lr[id(backbone.blocks[-1].attn.qkv.weight)] == pytest.approx(base * 0.5 * 0.5)
+    assert lr[id(backbone.patch_embed.proj.weight)] == pytest.approx(
+        base * 0.5 * 0.5 ** (depth + 1)
+    )
+    assert len(lr) == len(learner.params)

@@ -12,6 +12,7 @@ from smartccs.models.encoder import (
     build_from,
     embed_dim,
     input_size,
+    layer_lr_scales,
 )
 
 
@@ -42,3 +43,21 @@ def test_production_encoder_is_vit_large_patch14():
 def test_pretrained_weights_are_refused():
     with pytest.raises(ValueError, match="never downloaded"):
         build_encoder("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_layer_decay_slows_lower_blocks_and_covers_every_parameter_once():
+    model = build_from(DEMO_ENCODER)
+    groups = layer_lr_scales(model, 0.5)
+    depth = len(model.blocks)
+    scales = [s for s, _ in groups]
+    assert scales == [0.5 ** (depth + 1 - i) for i in range(depth + 2)]  # embeddings .. norm
+    params = [id(p) for _, ps in groups for p in ps]
+    assert sorted(params) == sorted(id(p) for p in model.parameters())
+    embeddings = {id(p) for p in groups[0][1]}
+    assert {
+        id(model.pos_embed),
+        id(model.cls_token),
+        id(model.patch_embed.proj.weight),
+    } <= embeddings
+    assert {id(p) for p in model.blocks[-1].parameters()} == {id(p) for p in groups[-2][1]}
+    assert [s for s, _ in layer_lr_scales(model, 1.0)] == [1.0] * (depth + 2)

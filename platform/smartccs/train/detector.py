@@ -46,7 +46,7 @@ from smartccs.models.detector import (
     preprocess,
     resize_tiles,
 )
-from smartccs.models.encoder import build_from
+from smartccs.models.encoder import build_from, layer_lr_scales
 from smartccs.splits import SplitConfig, split_rows
 from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store
@@ -132,6 +132,13 @@ class DetectorConfig(RunFields):
         "centers: another stain, scanner and pixel size), scored as a second held-out report",
     )
     backbone_lr_scale: float = Field(default=1.0, ge=0, description="backbone lr / head lr")
+    layer_decay: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="layer-wise lr decay over the backbone's blocks (1: none): block i of L "
+        "learns at backbone_lr_scale x layer_decay^(L - i), the embeddings slowest",
+    )
     other_tiles: float = Field(
         default=0.1,
         ge=0,
@@ -338,9 +345,10 @@ class DetectorLearner:
         self.params = backbone_params + head_params
         self.opt = torch.optim.AdamW(
             [
-                {"params": backbone_params, "lr_scale": cfg.backbone_lr_scale},
-                {"params": head_params, "lr_scale": 1.0},
-            ],
+                {"params": params, "lr_scale": cfg.backbone_lr_scale * scale}
+                for scale, params in layer_lr_scales(self.raw.backbone, cfg.layer_decay)
+            ]
+            + [{"params": head_params, "lr_scale": 1.0}],
             lr=cfg.optimizer.lr,
             weight_decay=cfg.optimizer.weight_decay,
         )
