@@ -199,3 +199,21 @@ def test_detector_steps_its_backbone_blocks_at_layer_decayed_rates():
         base * 0.5 * 0.5 ** (depth + 1)
     )
     assert len(lr) == len(learner.params)
+
+
+def test_a_checkpoint_from_before_layer_decay_resumes_without_it():
+    """Runs checkpointed with one backbone group and one head group must still resume."""
+    from smartccs.models.artifacts import ModelCard
+    from smartccs.train.detector import DetectorConfig, DetectorLearner
+
+    cfg = DetectorConfig(run_name="toy", store={"uri": "/nonexistent"}, input_px=64)
+    card = ModelCard(
+        name="enc", architecture=TOY_ENCODER, task="encoder", tiling=TOY_TILING, synthetic=True
+    )
+    learner = DetectorLearner(cfg, torch.device("cpu"), encoder=card, encoder_state=None, labels={})
+    backbone = list(learner.raw.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    head = [p for p in learner.raw.parameters() if id(p) not in ids]
+    old = torch.optim.AdamW([{"params": backbone, "lr_scale": 1.0}, {"params": head}])
+    learner.load({"model": learner.raw.state_dict(), "optimizer": old.state_dict()})
+    assert [len(g["params"]) for g in learner.opt.param_groups] == [len(backbone), len(head)]

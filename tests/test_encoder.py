@@ -60,4 +60,5 @@ def test_layer_decay_slows_lower_blocks_and_covers_every_parameter_once():
         id(model.patch_embed.proj.weight),
     } <= embeddings
     assert {id(p) for p in model.blocks[-1].parameters()} == {id(p) for p in groups[-2][1]}
-    assert [s for s, _ in layer_lr_scales(model, 1.0)] == [1.0] * (depth + 2)
+    (scale, params), *rest = layer_lr_scales(model, 1.0)  # no decay: one group, model order
+    assert (scale, rest, [id(p) for p in params]) == (1.0, [], [id(p) for p in model.parameters()])

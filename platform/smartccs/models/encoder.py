@@ -62,11 +62,9 @@ def embed_dim(model: nn.Module) -> int:
     return int(model.num_features)
 
 
-def layer_index(model: nn.Module, param_name: str) -> int:
-    """Depth of a ViT parameter, for layer-wise learning rates: 0 for the patch and position
-    embeddings and prefix tokens, ``i + 1`` for block ``i``, ``len(blocks) + 1`` for the rest
-    (the final norms), as in BEiT's and DINOv2's finetuning recipes."""
-    depth = len(getattr(model, "blocks", ()))
+def _layer_index(param_name: str, depth: int) -> int:
+    """0 for the patch and position embeddings and prefix tokens, ``i + 1`` for block ``i``,
+    ``depth + 1`` for the rest (the final norms), as in BEiT's and DINOv2's finetuning recipes."""
     if param_name.startswith("blocks."):
         return int(param_name.split(".")[1]) + 1
     if param_name.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token", "mask_token")):
@@ -75,10 +73,12 @@ def layer_index(model: nn.Module, param_name: str) -> int:
 
 
 def layer_lr_scales(model: nn.Module, decay: float) -> list[tuple[float, list[nn.Parameter]]]:
-    """Parameters grouped by lr scale ``decay ** (depth + 1 - layer)``: the top of a pretrained
-    encoder adapts to the new task while its lower layers, the most generic, move least."""
+    """Parameters grouped by lr scale ``decay ** (depth + 1 - layer)``, in the model's order:
+    the top of a pretrained encoder adapts to the new task while its lower layers, the most
+    generic, move least. Layers of equal scale share a group, so ``decay == 1`` is one group,
+    the layout of optimizer states saved before layer decay existed."""
     depth = len(getattr(model, "blocks", ()))
-    groups: dict[int, list[nn.Parameter]] = {}
+    groups: dict[float, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        groups.setdefault(layer_index(model, name), []).append(p)
-    return [(decay ** (depth + 1 - layer), params) for layer, params in sorted(groups.items())]
+        groups.setdefault(decay ** (depth + 1 - _layer_index(name, depth)), []).append(p)
+    return sorted(groups.items())
