@@ -119,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
+    try:
+        detector_override = yaml.safe_load(args.detector_override) or {}
+    except yaml.YAMLError as e:
+        ap.error(f"--detector-override: not YAML ({str(e).splitlines()[0]})")
+    if not isinstance(detector_override, dict):
+        ap.error(f"--detector-override: a YAML mapping, not {args.detector_override!r}")
+    unknown = sorted(set(detector_override) - set(DetectorConfig.model_fields))
+    if unknown:
+        ap.error(f"--detector-override: {', '.join(unknown)} not a DetectorConfig field")
     command = "python bench/training_study.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -141,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.encoder_version is None
         else f"e{args.encoder_version.rsplit('-', 1)[-1]}"
     )
-    detector_override = yaml.safe_load(args.detector_override) or {}
     # an override names the detector runs (its hash joins the configs'), not the pretraining
     override = json.dumps(detector_override, sort_keys=True).encode() if detector_override else b""
     suffix = f"-u{args.unlabelled_slides}" if args.unlabelled_slides else ""
