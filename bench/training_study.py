@@ -117,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         "'{layer_decay: 1.0}': a finetuning variant beside a study (it names the run)",
     )
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
+    ap.add_argument(
+        "--classifier-abnormal-density",
+        type=float,
+        default=1.0,
+        help="abnormal cells per abnormal slide of the graded cohort, times the profiles' "
+        "(10: a tiny slide carries a small one's 20-100, enough to rank slides by)",
+    )
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
     try:
@@ -230,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     cls = None
+    # another graded cohort is another classifier run: never resume the plain one's
+    density = args.classifier_abnormal_density
+    dense = f"-a{density:g}" if density != 1 else ""
     if not args.no_classifier and "pretrained" in detector_versions:
-        graded = args.out / f"graded-tiny-{args.classifier_slides}-seed{args.seed + 1}"
+        graded = args.out / f"graded-tiny-{args.classifier_slides}-seed{args.seed + 1}{dense}"
         if not (graded / "cohort.json").is_file():
             generate_cohort(
                 graded,
@@ -239,16 +249,17 @@ def main(argv: list[str] | None = None) -> int:
                 slides_per_center=args.classifier_slides,
                 size="tiny",
                 seed=args.seed + 1,
+                abnormal_density_scale=args.classifier_abnormal_density,
             )
         graded_batches = [
-            f"{d.name}/{ensure_uploaded(store, d, d.name, 'graded').batch}"
+            f"{d.name}/{ensure_uploaded(store, d, d.name, f'graded{dense}').batch}"
             for d in generated_centers(graded)
         ]
         t0 = time.perf_counter()
         cls = train_classifier(
             ClassifierConfig.model_validate(
                 _config(
-                    "classifier-demo.yaml", store, run_name=f"classifier-{tag}",
+                    "classifier-demo.yaml", store, run_name=f"classifier-{tag}{dense}",
                     batches=graded_batches, detector_model="detector-pretrained", seed=args.seed,
                     detector_version=detector_versions["pretrained"],
                 )
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.detector_seeds != "0,1,2":  # more seeds of a study write beside it
         name += "-s" + args.detector_seeds.replace(",", "")
     if args.detector_version:
-        name = f"{det_tag}-classifier-{args.detector_version}"
+        name = f"{det_tag}-classifier-{args.detector_version}{dense}"
     (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"\nSYNTHETIC cohorts; {command}")
     by_cells = lambda x: abnormal_ap_by_cells(x["ap50"], x["n_gt"])  # noqa: E731

@@ -22,7 +22,7 @@ from smartccs.synth.cohort import (
 )
 from smartccs.synth.profiles import load_profiles
 from smartccs.synth.specimen import make_specimen
-from smartccs.taxonomy import slide_grade
+from smartccs.taxonomy import ABNORMAL_CLASSES, slide_grade
 
 VENDOR = {"svs": "aperio", "tiff": "generic-tiff"}
 
@@ -176,12 +176,40 @@ def test_different_seed_gives_different_slides(
         ({"centers": 1, "center_names": ["int-a"]}, "not both"),
         ({"centers": 1, "slides_per_center": 0}, "at least 1"),
         ({"centers": 1, "size": "huge"}, "unknown size"),
+        ({"centers": 1, "abnormal_density_scale": 0.0}, "abnormal density scale must be positive"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
     args = {"slides_per_center": 1, "size": "tiny", "seed": 0, "progress": False, **kwargs}
     with pytest.raises(CCSError, match=message):
         generate_cohort(tmp_path, **args)
+
+
+def test_abnormal_density_scale_multiplies_abnormal_cells_and_leaves_the_rest(
+    tmp_path: Path,
+) -> None:
+    profile = load_profiles(None)[0]
+    dense = profile.with_abnormal_density_scaled(10.0)
+    assert dense.abnormal_density_per_mm2 == (30.0, 150.0)
+    assert dense.model_dump(exclude={"abnormal_density_per_mm2"}) == profile.model_dump(
+        exclude={"abnormal_density_per_mm2"}
+    )
+    counts = {}
+    for name, p in (("plain", profile), ("dense", dense)):
+        classes = make_specimen(np.random.default_rng(3), 900.0, 900.0, p, "LSIL").classes()
+        counts[name] = {
+            "abnormal": sum(c in ABNORMAL_CLASSES for c in classes),
+            "normal": [c for c in classes if c not in ABNORMAL_CLASSES],
+        }
+    # the normal background is drawn first, from the same stream: identical cells
+    assert counts["dense"]["normal"] == counts["plain"]["normal"]
+    assert counts["dense"]["abnormal"] >= 5 * counts["plain"]["abnormal"] > 0
+    generate_cohort(
+        tmp_path, center_names=["int-a"], slides_per_center=1, size="tiny", seed=0,
+        workers=1, progress=False, abnormal_density_scale=10.0,
+    )  # fmt: skip
+    recorded = json.loads((tmp_path / "cohort.json").read_text())["centers"][0]
+    assert recorded["abnormal_density_per_mm2"] == [30.0, 150.0]
 
 
 def test_one_specimen_scanned_at_two_mpps_gives_the_same_physical_grid(tmp_path: Path) -> None:

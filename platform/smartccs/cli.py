@@ -47,6 +47,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         profiles=args.profiles,
         workers=args.workers,
+        abnormal_density_scale=args.abnormal_density_scale,
     )
     print(summary.model_dump_json(indent=2) if args.json else summary.describe())
     return 0
@@ -240,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profiles", help="YAML file of center profiles (docs/synth.md)")
+    p.add_argument(
+        "--abnormal-density-scale",
+        type=float,
+        default=1.0,
+        help="times as many abnormal cells per abnormal slide (tiny slides that a slide "
+        "classifier can rank: 10 gives them a small slide's 20-100)",
+    )
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_synth)

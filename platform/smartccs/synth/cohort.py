@@ -264,10 +264,14 @@ def generate_cohort(
     profiles: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
+    abnormal_density_scale: float = 1.0,
 ) -> CohortSummary:
     """Generate a SYNTHETIC cohort: per center a batch folder of slides, manifest, ground truth.
 
     ``centers`` takes the first N profiles, ``center_names`` picks by name, neither takes all.
+    ``abnormal_density_scale`` multiplies every profile's abnormal cells per mm^2
+    (:meth:`CenterProfile.with_abnormal_density_scaled`); cohort.json records the scaled
+    profiles.
     """
     started = time.perf_counter()
     if size not in SIZES_UM:
@@ -277,6 +281,8 @@ def generate_cohort(
     if seed < 0:
         raise CCSError(f"seed must be non-negative, got {seed}")
     chosen = _choose_centers(load_profiles(profiles), centers, center_names)
+    if abnormal_density_scale != 1.0:
+        chosen = [p.with_abnormal_density_scaled(abnormal_density_scale) for p in chosen]
     out = Path(out)
     extent = SIZES_UM[size]
     jobs: list[_SlideJob] = []

@@ -1,0 +1,147 @@
+"""Saved detectors of a training study, scored again on one common annotated test cohort.
+
+In ``bench/training_study.py`` each seed holds out its own 6 slides, so the pretrained and
+random arms of a seed share a test set but seeds do not, and a split's few abnormal cells
+(3-150 per class) decide much of the gap between arms. Here every detector of the study, both
+arms of every seed, reads the same new slides of the same internal centers (a cohort seed the
+study never drew, so none was trained on), several times as many abnormal cells as one split:
+what is left between the arms is the training, not the choice of test slides.
+
+    python bench/detector_common_test.py --run-tag p1500-d300-i256-seed0-aa13a8-u4-t0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smartccs.data.tiles import StreamConfig
+from smartccs.logs import configure_logging
+from smartccs.models.artifacts import list_versions, load_card
+from smartccs.raycluster import init_ray
+from smartccs.store import Store
+from smartccs.study.cohort import ensure_uploaded, generated_centers
+from smartccs.synth.cohort import generate_cohort
+from smartccs.train.detector import abnormal_ap_by_cells, abnormal_map, score_detector
+
+OUT = Path(__file__).resolve().parent / "out" / "training-study"
+INITS = ("pretrained", "random")
+
+
+def study_versions(store: Store, run_tag: str, seeds: list[int]) -> dict[str, dict[int, str]]:
+    """``{init: {seed: version}}`` of the study's detectors, by the run name in their card (the
+    last save of a run when it was resumed and saved again)."""
+    found: dict[str, dict[int, str]] = {init: {} for init in INITS}
+    for init in INITS:
+        wanted = {f"detector-{init}-{run_tag}-s{seed}": seed for seed in seeds}
+        for version in list_versions(store, f"detector-{init}"):  # oldest first
+            run = load_card(store, f"detector-{init}", version).training_config.get("run_name")
+            if run in wanted:
+                found[init][wanted[run]] = version
+        missing = sorted(set(seeds) - set(found[init]))
+        if missing:
+            raise SystemExit(
+                f"{store.uri()}: no detector-{init} of run detector-{init}-{run_tag}-s<seed> "
+                f"for seeds {missing}; is --run-tag the study's detector tag?"
+            )
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--run-tag",
+        required=True,
+        help="the study's detector tag: its JSON name without the seeds suffix",
+    )
+    ap.add_argument("--store", type=Path, default=OUT / "store-cohort-small-6-seed0")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--centers", default="int-a,int-b,int-c,int-d")
+    ap.add_argument("--slides-per-center", type=int, default=6)
+    ap.add_argument("--size", default="small")
+    ap.add_argument(
+        "--cohort-seed",
+        type=int,
+        default=30,
+        help="not one the studies draw (0-9): slides no detector was trained on",
+    )
+    args = ap.parse_args(argv)
+    command = "python bench/detector_common_test.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    configure_logging(1)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    store = Store(str(args.store))
+    versions = study_versions(store, args.run_tag, seeds)
+    cohort = OUT / f"common-test-{args.size}-{args.slides_per_center}-seed{args.cohort_seed}"
+    if not (cohort / "cohort.json").is_file():
+        generate_cohort(
+            cohort,
+            center_names=args.centers.split(","),
+            slides_per_center=args.slides_per_center,
+            size=args.size,
+            seed=args.cohort_seed,
+        )
+    batch = f"common-test-seed{args.cohort_seed}"
+    batches = [f"{d.name}/{ensure_uploaded(store, d, d.name, batch).batch}"
+               for d in generated_centers(cohort)]  # fmt: skip
+    init_ray()
+    results: dict[str, list[dict]] = {init: [] for init in INITS}
+    for seed in seeds:
+        for init in INITS:
+            t0 = time.perf_counter()
+            version = versions[init][seed]
+            card = load_card(store, f"detector-{init}", version)
+            stream = StreamConfig.model_validate(card.training_config["stream"])
+            report = score_detector(store, f"detector-{init}", version, batches, stream)
+            row = {
+                "seed": seed,
+                "version": version,
+                "map50_abnormal": abnormal_map(report),
+                "by_cells": abnormal_ap_by_cells(report.ap, report.n_gt),
+                "ap50": report.ap,
+                "n_gt": report.n_gt,
+                "seconds": time.perf_counter() - t0,
+            }
+            results[init].append(row)
+            print(f"seed {seed} {init} ({version}): abnormal mAP@0.5 {row['map50_abnormal']:.3f}, "
+                  f"cell-weighted {row['by_cells']:.3f}", flush=True)  # fmt: skip
+    summary = {"command": command, "cohort": str(cohort), "batches": batches, "results": results}
+    out = OUT / f"{args.run_tag}-common-seed{args.cohort_seed}-s{''.join(map(str, seeds))}.json"
+    out.write_text(json.dumps(summary, indent=2, default=float))
+    n_gt = results["pretrained"][0]["n_gt"]
+    print(f"\nSYNTHETIC cohorts; {command}\ncommon test cells: {n_gt}\n-> {out}")
+    for key, title in (("map50_abnormal", "class-mean mAP@0.5"), ("by_cells", "cell-weighted AP")):
+        print(title)
+        _print_pairs(results, key)
+    return 0
+
+
+def _print_pairs(results: dict[str, list[dict]], key: str) -> None:
+    pairs = list(zip(results["pretrained"], results["random"], strict=True))
+    print(f"{'seed':<6} {'pretrained':>10} {'random':>10} {'difference':>10}")
+    for p, r in pairs:
+        print(f"{p['seed']:<6} {p[key]:>10.3f} {r[key]:>10.3f} {p[key] - r[key]:>+10.3f}")
+    diffs = np.array([p[key] - r[key] for p, r in pairs])
+    mean = {i: statistics.mean(x[key] for x in results[i]) for i in INITS}
+    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan")
+    t = float(diffs.mean() / (sd / np.sqrt(len(diffs)))) if sd > 0 else float("nan")
+    # exact two-sided sign-flip permutation p over the paired differences
+    flips = np.array(np.meshgrid(*[[-1, 1]] * len(diffs))).reshape(len(diffs), -1).T
+    p = float(np.mean(np.abs((flips * diffs).mean(axis=1)) >= abs(diffs.mean()) - 1e-12))
+    print(
+        f"{'mean':<6} {mean['pretrained']:>10.3f} {mean['random']:>10.3f} "
+        f"{diffs.mean():>+10.3f}  (pretrained ahead in {int((diffs > 0).sum())} of {len(diffs)}; "
+        f"sd {sd:.3f}, paired t {t:.2f}, sign-flip p {p:.3f})"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
