@@ -30,7 +30,11 @@ from smartccs.data.tiles import StreamConfig
 from smartccs.evaluation.truth import slide_truth
 from smartccs.logs import configure_logging
 from smartccs.manifest import Manifest
-from smartccs.metrics.classification import bootstrap_auc_diff_ci, roc_auc
+from smartccs.metrics.classification import (
+    bootstrap_auc_diff_ci,
+    roc_auc,
+    within_group_auc_diff,
+)
 from smartccs.raycluster import init_ray
 from smartccs.results.tables import read_table
 from smartccs.screening.engine import ScorerPool, ScreeningConfig
@@ -89,6 +93,21 @@ def paired_gain(
     lo, hi = bootstrap_auc_diff_ci(y, a, b)
     return {"gain": round(roc_auc(y, b) - roc_auc(y, a), 4), "ci95": [round(lo, 4), round(hi, 4)],
             "slides": len(keys)}  # fmt: skip
+
+
+def within_center_gain(
+    base: dict[tuple, float], other: dict[tuple, float], truth: dict[tuple, str], centers: set
+) -> dict[str, float] | None:
+    """Mean over these centers of the AUC gain inside each, with its paired bootstrap 95% CI."""
+    keys = sorted(k for k in base.keys() & other.keys() if k[0] in centers)
+    if not keys:
+        return None
+    y = [truth[k] != "NILM" for k in keys]
+    groups = [k[0] for k in keys]
+    gain, lo, hi = within_group_auc_diff(
+        groups, y, [base[k] for k in keys], [other[k] for k in keys]
+    )
+    return {"gain": round(gain, 4), "ci95": [round(lo, 4), round(hi, 4)], "slides": len(keys)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,9 +220,19 @@ def main(argv: list[str] | None = None) -> int:
         kinds |= {c: {c} for c in internal + external}
         summary["vs_none"] = {
             m: {k: paired_gain(scores["none"], scores[m], truth, c) for k, c in kinds.items()}
+            | {
+                f"{k}_within_centers": within_center_gain(scores["none"], scores[m], truth, c)
+                for k, c in (("internal", set(internal)), ("external", set(external)))
+            }
             for m in results
             if m != "none"
         }
+    # every slide's score per method, for analyses this script does not make
+    summary["slides"] = [
+        {"center": k[0], "batch": k[1], "slide_id": k[2], "grade": g}
+        | {m: scores[m].get(k) for m in scores}
+        for k, g in sorted(truth.items())
+    ]
     out = OUT / f"adaptation-study-{args.tag or 'latest'}.json"
     out.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary.get("vs_none", {}), indent=2))

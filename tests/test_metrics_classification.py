@@ -22,6 +22,7 @@ from smartccs.metrics.classification import (
     roc_auc,
     roc_curve,
     sensitivity_specificity,
+    within_group_auc_diff,
 )
 
 
@@ -321,3 +322,27 @@ def test_binary_report_is_frozen_and_round_trips_through_json():
 def test_binary_report_rejects_non_finite_threshold():
     with pytest.raises(ValueError, match="threshold must be finite"):
         binary_report([0, 1], [0.1, 0.9], float("nan"), n_boot=10)
+
+
+def test_within_group_gain_of_one_group_is_the_paired_diff_and_its_ci():
+    y, a = _separated(30, 40, shift=0.6, seed=10)
+    b = a + 0.2 * y
+    gain, lo, hi = within_group_auc_diff(["c"] * len(y), y, a, b, seed=5)
+    assert gain == pytest.approx(roc_auc(y, b) - roc_auc(y, a))
+    assert (lo, hi) == pytest.approx(bootstrap_auc_diff_ci(y, a, b, seed=5))
+
+
+def test_moving_centers_apart_changes_pooled_auc_but_not_the_within_center_gain():
+    y1, a1 = _separated(20, 30, shift=1.0, seed=11)
+    y2, a2 = _separated(20, 30, shift=1.0, seed=12)
+    y, a = np.r_[y1, y2], np.r_[a1, a2]
+    groups = ["ext-a"] * len(y1) + ["ext-b"] * len(y2)
+    b = a + np.r_[np.zeros(len(y1)), np.full(len(y2), 3.0)]  # one center's scores all higher
+    assert roc_auc(y, b) != pytest.approx(roc_auc(y, a))
+    assert within_group_auc_diff(groups, y, a, b) == (0.0, 0.0, 0.0)
+
+
+def test_within_group_gain_names_a_group_without_both_classes():
+    y = np.array([1, 0, 1, 1])
+    with pytest.raises(ValueError, match="group ext-b"):
+        within_group_auc_diff(["ext-a", "ext-a", "ext-b", "ext-b"], y, y * 1.0, y * 1.0)

@@ -259,6 +259,45 @@ def bootstrap_auc_diff_ci(
     return _percentiles(aucs[1] - aucs[0], alpha)
 
 
+def within_group_auc_diff(
+    groups: Sequence[str],
+    y_true: ArrayLike,
+    scores_a: ArrayLike,
+    scores_b: ArrayLike,
+    *,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Mean over groups of AUC(b) - AUC(a) inside each group, with its paired bootstrap CI.
+
+    Pooled AUC over several centers also counts pairs across centers, so moving one center's
+    scores up or down against another's changes it although no center ranks its own slides
+    differently. Each center screens its own slides at its own threshold: what adaptation
+    should change is the ranking inside a center. Slides are resampled within each group (and
+    class), both scorings on the same resample. Returns ``(gain, low, high)``.
+    """
+    g = np.asarray(groups)
+    y, a = _inputs(y_true, scores_a)
+    _, b = _inputs(y_true, scores_b)
+    if g.shape != y.shape:
+        raise ValueError(f"groups must have one entry per slide ({len(y)}), got shape {g.shape}")
+    names = sorted(set(g.tolist()))
+    if not names:
+        raise ValueError("within_group_auc_diff needs at least one slide")
+    diffs = []
+    for i, name in enumerate(names):
+        m = g == name
+        aucs = _resampled_aucs(
+            y[m], [a[m], b[m]], n_boot, alpha, seed + i, f"within_group_auc_diff (group {name})"
+        )
+        diffs.append(aucs[1] - aucs[0])
+    gain = float(np.mean([roc_auc(y[g == n], b[g == n]) - roc_auc(y[g == n], a[g == n])
+                          for n in names]))  # fmt: skip
+    low, high = _percentiles(np.mean(diffs, axis=0), alpha)
+    return gain, low, high
+
+
 def confusion_matrix(
     true_labels: Sequence[str] | ArrayLike,
     pred_labels: Sequence[str] | ArrayLike,
