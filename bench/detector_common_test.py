@@ -27,8 +27,7 @@ from smartccs.logs import configure_logging
 from smartccs.models.artifacts import list_versions, load_card
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
-from smartccs.study.cohort import ensure_uploaded, generated_centers
-from smartccs.synth.cohort import generate_cohort
+from smartccs.study.cohort import generated_batches
 from smartccs.train.detector import abnormal_ap_by_cells, abnormal_map, score_detector
 
 OUT = Path(__file__).resolve().parent / "out" / "training-study"
@@ -81,17 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(str(args.store))
     versions = study_versions(store, args.run_tag, seeds)
     cohort = OUT / f"common-test-{args.size}-{args.slides_per_center}-seed{args.cohort_seed}"
-    if not (cohort / "cohort.json").is_file():
-        generate_cohort(
-            cohort,
-            center_names=args.centers.split(","),
-            slides_per_center=args.slides_per_center,
-            size=args.size,
-            seed=args.cohort_seed,
-        )
-    batch = f"common-test-seed{args.cohort_seed}"
-    batches = [f"{d.name}/{ensure_uploaded(store, d, d.name, batch).batch}"
-               for d in generated_centers(cohort)]  # fmt: skip
+    batches = generated_batches(
+        store, cohort, args.centers.split(","), args.slides_per_center, args.size,
+        args.cohort_seed, f"common-test-seed{args.cohort_seed}",
+    )  # fmt: skip
     init_ray()
     results: dict[str, list[dict]] = {init: [] for init in INITS}
     for seed in seeds:

@@ -31,8 +31,7 @@ import yaml
 from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
-from smartccs.study.cohort import ensure_uploaded, generated_centers
-from smartccs.synth.cohort import generate_cohort
+from smartccs.study.cohort import generated_batches
 from smartccs.train.classifier import ClassifierConfig, train_classifier
 from smartccs.train.detector import (
     DetectorConfig,
@@ -140,14 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     configure_logging(1)
     cohort = args.out / f"cohort-{args.size}-{args.slides_per_center}-seed{args.seed}"
-    if not (cohort / "cohort.json").is_file():
-        generate_cohort(
-            cohort,
-            center_names=args.centers.split(","),
-            slides_per_center=args.slides_per_center,
-            size=args.size,
-            seed=args.seed,
-        )
     input_px = yaml.safe_load((CONFIGS / "detector-demo.yaml").read_text())["input_px"]
     configs = b"".join((CONFIGS / f"{n}-demo.yaml").read_bytes() for n in CONFIG_NAMES)
     # a new config is a new run: never resume an earlier config's checkpoints
@@ -172,14 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.label_slides is not None:
         det_tag += f"-l{args.label_slides}"
     store = Store(str(args.out / f"store-{cohort.name}"))
-    annotated = [f"{d.name}/{ensure_uploaded(store, d, d.name, 'bench').batch}" for d in
-                 generated_centers(cohort)]  # fmt: skip
+    annotated = generated_batches(
+        store, cohort, args.centers.split(","), args.slides_per_center, args.size, args.seed,
+        "bench",
+    )  # fmt: skip
     external = [c for c in args.external.split(",") if c]
-    holdout = _extra_batches(
+    holdout = generated_batches(
         store, args.out / f"external-tiny-{args.external_slides}-seed{args.seed + 5}",
         external, args.external_slides, "tiny", args.seed + 5, "holdout",
     )  # fmt: skip
-    unlabelled = _extra_batches(
+    unlabelled = generated_batches(
         store, args.out / f"unlabelled-small-{args.unlabelled_slides}-seed{args.seed + 7}",
         args.centers.split(",") + external, args.unlabelled_slides, "small", args.seed + 7,
         "unlabelled",
@@ -242,19 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     dense = f"-a{density:g}" if density != 1 else ""
     if not args.no_classifier and "pretrained" in detector_versions:
         graded = args.out / f"graded-tiny-{args.classifier_slides}-seed{args.seed + 1}{dense}"
-        if not (graded / "cohort.json").is_file():
-            generate_cohort(
-                graded,
-                center_names=args.centers.split(","),
-                slides_per_center=args.classifier_slides,
-                size="tiny",
-                seed=args.seed + 1,
-                abnormal_density_scale=args.classifier_abnormal_density,
-            )
-        graded_batches = [
-            f"{d.name}/{ensure_uploaded(store, d, d.name, f'graded{dense}').batch}"
-            for d in generated_centers(graded)
-        ]
+        graded_batches = generated_batches(
+            store, graded, args.centers.split(","), args.classifier_slides, "tiny",
+            args.seed + 1, f"graded{dense}", abnormal_density_scale=density,
+        )  # fmt: skip
         t0 = time.perf_counter()
         cls = train_classifier(
             ClassifierConfig.model_validate(
@@ -302,18 +286,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{t.n_pos} abnormal and {t.n_neg} NILM test slides"
         )
     return 0
-
-
-def _extra_batches(
-    store: Store, out: Path, centers: list[str], n: int, size: str, seed: int, batch: str
-) -> list[str]:
-    """Generated (once) and uploaded slides of these centers: ``center/batch`` names."""
-    if not centers or n == 0:
-        return []
-    if not (out / "cohort.json").is_file():
-        generate_cohort(out, center_names=centers, slides_per_center=n, size=size, seed=seed)
-    return [f"{d.name}/{ensure_uploaded(store, d, d.name, batch).batch}"
-            for d in generated_centers(out)]  # fmt: skip
 
 
 def _print_arms(results: dict, inits: list[str], value) -> None:

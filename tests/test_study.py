@@ -18,11 +18,12 @@ import pytest
 from toy_models import save_toy_models, toy_screening
 
 from smartccs import layout
+from smartccs.labels import has_cell_labels
 from smartccs.manifest import Manifest
 from smartccs.models.artifacts import load_card
 from smartccs.results.tables import read_table
 from smartccs.store import Store, StoreConfig
-from smartccs.study.cohort import cut_batches
+from smartccs.study.cohort import cut_batches, generated_batches
 from smartccs.study.config import StudyConfig
 from smartccs.study.run import StudyState, run_study
 from smartccs.synth.cohort import generate_cohort
@@ -56,6 +57,19 @@ def test_cut_batches_keeps_internal_test_slides_out_of_training(study_cohort: Pa
         assert by_center[c]["train"] and by_center[c]["test"]
         assert not by_center[c]["train"] & by_center[c]["test"]
         assert len(by_center[c]["train"] | by_center[c]["test"]) == 4
+
+
+def test_generated_batches_are_made_and_uploaded_once_with_their_labels(tmp_path: Path):
+    store = Store(StoreConfig(uri=str(tmp_path / "store")))
+    out = tmp_path / "extra"
+    args = (store, out, ["int-b"], 1, "tiny", 3, "holdout")
+    assert generated_batches(*args) == ["int-b/holdout"]
+    assert has_cell_labels(store, "int-b", "holdout")
+    slide = next(out.glob("int-b/slides/*"))
+    mtime = slide.stat().st_mtime_ns
+    assert generated_batches(*args) == ["int-b/holdout"]  # a re-run reuses both
+    assert slide.stat().st_mtime_ns == mtime
+    assert generated_batches(store, out, [], 1, "tiny", 3, "holdout") == []
 
 
 def _trained_state(store: Store) -> StudyState:

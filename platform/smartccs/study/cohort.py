@@ -107,6 +107,35 @@ def ensure_uploaded(store: Store, folder: Path, center: str, batch: str) -> Batc
     return ref
 
 
+def generated_batches(
+    store: Store,
+    out: Path,
+    centers: list[str],
+    slides_per_center: int,
+    size: str,
+    seed: int,
+    batch: str,
+    abnormal_density_scale: float = 1.0,
+) -> list[str]:
+    """Slides of these centers generated once under ``out`` and uploaded (with their cell
+    annotations) as ``center/batch``: the extra held-out or unlabelled sets of a study."""
+    from smartccs.synth.cohort import generate_cohort  # the renderer only where slides are made
+
+    if not centers or slides_per_center == 0:
+        return []
+    if not (out / "cohort.json").is_file():
+        generate_cohort(
+            out,
+            center_names=centers,
+            slides_per_center=slides_per_center,
+            size=size,
+            seed=seed,
+            abnormal_density_scale=abnormal_density_scale,
+        )
+    return [f"{d.name}/{ensure_uploaded(store, d, d.name, batch).batch}"
+            for d in generated_centers(out)]  # fmt: skip
+
+
 def cut_batches(
     cohort_dir: Path, out: Path, tag: str, test_fraction: float, batch_slides: int, seed: int
 ) -> list[tuple[Path, StudyBatch]]:
