@@ -36,7 +36,7 @@ def study_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = StudyConfig(cohort_dir=str(root), centers=3, slides_per_center=4)
     generate_cohort(
         cfg.cohort_path(), centers=3, slides_per_center=4, size="tiny", seed=0, workers=2,
-        progress=False,
+        progress=False, abnormal_density_scale=cfg.abnormal_density_scale,
     )  # fmt: skip
     return root
 
@@ -57,6 +57,14 @@ def test_cut_batches_keeps_internal_test_slides_out_of_training(study_cohort: Pa
         assert by_center[c]["train"] and by_center[c]["test"]
         assert not by_center[c]["train"] & by_center[c]["test"]
         assert len(by_center[c]["train"] | by_center[c]["test"]) == 4
+
+
+def test_another_abnormal_density_is_another_cohort_with_other_batch_names_and_id():
+    dense, plain = StudyConfig(), StudyConfig(abnormal_density_scale=1)
+    assert dense.abnormal_density_scale == 10
+    assert dense.cohort_path() != plain.cohort_path()
+    assert dense.batch_tag() != plain.batch_tag()  # the old slides' batches are never reused
+    assert dense.study_id() != plain.study_id()
 
 
 def test_generated_batches_are_made_and_uploaded_once_with_their_labels(tmp_path: Path):

@@ -174,6 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "centers": args.centers,
         "slides_per_center": args.slides_per_center,
         "size": args.size,
+        "abnormal_density_scale": args.abnormal_density_scale,
         "seed": args.seed,
         "address": args.address,
         "adapt": args.adapt,
@@ -327,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centers", type=int, default=None, help="first N built-in centers (5)")
     p.add_argument("--slides-per-center", type=int, default=None, help="(12)")
     p.add_argument("--size", choices=SIZES, default=None, help="slide size (tiny)")
+    p.add_argument(
+        "--abnormal-density-scale",
+        type=float,
+        default=None,
+        help="abnormal cells per abnormal slide, times the profiles' (10; 1: their own)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--adapt", choices=("smartccs", "tent"), default=None, help="w/ P&A's method")
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")

@@ -54,6 +54,14 @@ class StudyConfig(BaseModel):
     )
     slides_per_center: int = Field(default=12, ge=4)
     size: Size = "tiny"
+    abnormal_density_scale: float = Field(
+        default=10.0,
+        gt=0,
+        le=100,
+        description="abnormal cells per abnormal slide, times the profiles' (docs/synth.md): "
+        "10 gives a 1 mm tiny slide the 20-100 of a 3 mm small one, enough for a slide "
+        "classifier to rank slides by; 1 for the profiles' own density",
+    )
     seed: int = Field(default=0, ge=0)
     test_fraction: float = Field(
         default=0.34, gt=0, lt=1, description="share of internal slides kept for internal test"
@@ -88,8 +96,15 @@ class StudyConfig(BaseModel):
         digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
         return f"study-{self.size}-c{self.centers}-n{self.slides_per_center}-s{self.seed}-{digest}"
 
+    @property
+    def _dense(self) -> str:
+        # another density is another cohort: new folder and batch names, never the old slides
+        return f"-a{self.abnormal_density_scale:g}" if self.abnormal_density_scale != 1 else ""
+
     def cohort_path(self) -> Path:
-        return (
-            Path(self.cohort_dir)
-            / f"{self.size}-c{self.centers}-n{self.slides_per_center}-s{self.seed}"
-        )
+        name = f"{self.size}-c{self.centers}-n{self.slides_per_center}-s{self.seed}{self._dense}"
+        return Path(self.cohort_dir) / name
+
+    def batch_tag(self) -> str:
+        """Prefix of the study's uploaded batch names (``<tag>-train``, ``<tag>-test1``...)."""
+        return f"{self.size}-n{self.slides_per_center}-s{self.seed}{self._dense}"

@@ -127,6 +127,7 @@ def _cohort(s: _Study) -> None:
             slides_per_center=cfg.slides_per_center,
             size=cfg.size,
             seed=cfg.seed,
+            abnormal_density_scale=cfg.abnormal_density_scale,
         )
     kinds = set(center_kinds(cohort).values())
     if kinds != {"internal", "external"}:
@@ -134,7 +135,7 @@ def _cohort(s: _Study) -> None:
             f"the study needs internal and external centers; --centers {cfg.centers} gives "
             f"only {', '.join(sorted(kinds))} (the built-in order is int, int, ext, ...)"
         )
-    tag = f"{cfg.size}-n{cfg.slides_per_center}-s{cfg.seed}"
+    tag = cfg.batch_tag()
     cut = cut_batches(
         cohort, cohort / "batches", tag, cfg.test_fraction, cfg.batch_slides, cfg.seed
     )
