@@ -43,7 +43,7 @@ from smartccs.screening.slides import AdequacyConfig
 from smartccs.store import Store
 from smartccs.study.cohort import generated_centers
 from smartccs.synth.cohort import generate_cohort
-from smartccs.synth.profiles import load_profiles
+from smartccs.synth.profiles import abnormal_density_tag, load_profiles
 from smartccs.upload import upload_batch
 
 METHODS = ("none", "smartccs", "tent")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {p.name: p.kind for p in load_profiles(None)}
     assert all(kinds[c] == "internal" for c in internal), "internal centers only"
     assert all(kinds[c] == "external" for c in external), "external centers only"
-    dense = f"-a{args.abnormal_density:g}" if args.abnormal_density != 1 else ""
+    dense = abnormal_density_tag(args.abnormal_density)
     cohort = OUT / f"adapt-cohort-{args.slides_per_center}-seed{args.seed}{dense}"
     if not (cohort / "cohort.json").is_file():
         generate_cohort(

@@ -32,6 +32,7 @@ from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
 from smartccs.study.cohort import generated_batches
+from smartccs.synth.profiles import abnormal_density_tag
 from smartccs.train.classifier import ClassifierConfig, train_classifier
 from smartccs.train.detector import (
     DetectorConfig,
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     cls = None
     # another graded cohort is another classifier run: never resume the plain one's
     density = args.classifier_abnormal_density
-    dense = f"-a{density:g}" if density != 1 else ""
+    dense = abnormal_density_tag(density)
     if not args.no_classifier and "pretrained" in detector_versions:
         graded = args.out / f"graded-tiny-{args.classifier_slides}-seed{args.seed + 1}{dense}"
         graded_batches = generated_batches(

@@ -285,17 +285,16 @@ def within_group_auc_diff(
     names = sorted(set(g.tolist()))
     if not names:
         raise ValueError("within_group_auc_diff needs at least one slide")
-    diffs = []
+    gains, diffs = [], []
     for i, name in enumerate(names):
         m = g == name
         aucs = _resampled_aucs(
             y[m], [a[m], b[m]], n_boot, alpha, seed + i, f"within_group_auc_diff (group {name})"
         )
+        gains.append(roc_auc(y[m], b[m]) - roc_auc(y[m], a[m]))
         diffs.append(aucs[1] - aucs[0])
-    gain = float(np.mean([roc_auc(y[g == n], b[g == n]) - roc_auc(y[g == n], a[g == n])
-                          for n in names]))  # fmt: skip
     low, high = _percentiles(np.mean(diffs, axis=0), alpha)
-    return gain, low, high
+    return float(np.mean(gains)), low, high
 
 
 def confusion_matrix(

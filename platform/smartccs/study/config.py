@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.adaptation.config import Method
 from smartccs.store import StoreConfig
+from smartccs.synth.profiles import abnormal_density_tag
 
 Size = Literal["tiny", "small", "medium", "large"]
 
@@ -99,7 +100,7 @@ class StudyConfig(BaseModel):
     @property
     def _dense(self) -> str:
         # another density is another cohort: new folder and batch names, never the old slides
-        return f"-a{self.abnormal_density_scale:g}" if self.abnormal_density_scale != 1 else ""
+        return abnormal_density_tag(self.abnormal_density_scale)
 
     def cohort_path(self) -> Path:
         name = f"{self.size}-c{self.centers}-n{self.slides_per_center}-s{self.seed}{self._dense}"

@@ -198,6 +198,12 @@ class ProfilesFile(BaseModel):
         return v
 
 
+def abnormal_density_tag(scale: float) -> str:
+    """Name suffix of a cohort at this abnormal density scale: none at the profiles' own, so
+    a cohort at another density never shares a folder or batch name with the plain one."""
+    return f"-a{scale:g}" if scale != 1 else ""
+
+
 def load_profiles(path: str | Path | None = None) -> list[CenterProfile]:
     """Read center profiles from ``path`` (None: the built-ins), naming file and field on error."""
     if path is None:
