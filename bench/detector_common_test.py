@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from training_study import print_arms
 
 from smartccs.data.tiles import StreamConfig
 from smartccs.logs import configure_logging
@@ -112,27 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nSYNTHETIC cohorts; {command}\ncommon test cells: {n_gt}\n-> {out}")
     for key, title in (("map50_abnormal", "class-mean mAP@0.5"), ("by_cells", "cell-weighted AP")):
         print(title)
-        _print_pairs(results, key)
+        print_arms(results, list(INITS), lambda x, key=key: x[key])
     return 0
-
-
-def _print_pairs(results: dict[str, list[dict]], key: str) -> None:
-    pairs = list(zip(results["pretrained"], results["random"], strict=True))
-    print(f"{'seed':<6} {'pretrained':>10} {'random':>10} {'difference':>10}")
-    for p, r in pairs:
-        print(f"{p['seed']:<6} {p[key]:>10.3f} {r[key]:>10.3f} {p[key] - r[key]:>+10.3f}")
-    diffs = np.array([p[key] - r[key] for p, r in pairs])
-    mean = {i: statistics.mean(x[key] for x in results[i]) for i in INITS}
-    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan")
-    t = float(diffs.mean() / (sd / np.sqrt(len(diffs)))) if sd > 0 else float("nan")
-    # exact two-sided sign-flip permutation p over the paired differences
-    flips = np.array(np.meshgrid(*[[-1, 1]] * len(diffs))).reshape(len(diffs), -1).T
-    p = float(np.mean(np.abs((flips * diffs).mean(axis=1)) >= abs(diffs.mean()) - 1e-12))
-    print(
-        f"{'mean':<6} {mean['pretrained']:>10.3f} {mean['random']:>10.3f} "
-        f"{diffs.mean():>+10.3f}  (pretrained ahead in {int((diffs > 0).sum())} of {len(diffs)}; "
-        f"sd {sd:.3f}, paired t {t:.2f}, sign-flip p {p:.3f})"
-    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from smartccs.logs import configure_logging
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     for title, value in sets:
         print(title)
-        _print_arms(results, inits, value)
+        print_arms(results, inits, value)
     if cls is not None:
         t = cls.test
         print(
@@ -289,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_arms(results: dict, inits: list[str], value) -> None:
+def print_arms(results: dict, inits: list[str], value) -> None:
+    """Per seed each arm's value, the pretrained-minus-random differences, and their paired
+    summary: mean, standard deviation, paired t and the exact two-sided sign-flip p."""
     for init in inits:
         print(f"{init:<10} per seed " + " ".join(f"{value(x):.3f}" for x in results[init]))
     if not {"pretrained", "random"} <= set(inits):
@@ -298,12 +301,16 @@ def _print_arms(results: dict, inits: list[str], value) -> None:
     print(f"{'seed':<6} {'pretrained':>10} {'random':>10} {'difference':>10}")
     for p, r in pairs:
         print(f"{p['seed']:<6} {value(p):>10.3f} {value(r):>10.3f} {value(p) - value(r):>+10.3f}")
-    diffs = [value(p) - value(r) for p, r in pairs]
+    diffs = np.array([value(p) - value(r) for p, r in pairs])
     mean = {k: statistics.mean(value(x) for x in results[k]) for k in ("pretrained", "random")}
+    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan")
+    t = float(diffs.mean() / (sd / np.sqrt(len(diffs)))) if sd > 0 else float("nan")
+    flips = np.array(np.meshgrid(*[[-1, 1]] * len(diffs))).reshape(len(diffs), -1).T
+    p = float(np.mean(np.abs((flips * diffs).mean(axis=1)) >= abs(diffs.mean()) - 1e-12))
     print(
         f"{'mean':<6} {mean['pretrained']:>10.3f} {mean['random']:>10.3f} "
-        f"{statistics.mean(diffs):>+10.3f}  (pretrained ahead in "
-        f"{sum(d > 0 for d in diffs)} of {len(diffs)} seeds)"
+        f"{diffs.mean():>+10.3f}  (pretrained ahead in {int((diffs > 0).sum())} of "
+        f"{len(diffs)} seeds; sd {sd:.3f}, paired t {t:.2f}, sign-flip p {p:.3f})"
     )
 
 
