@@ -8,6 +8,8 @@ study never drew, so none was trained on), several times as many abnormal cells 
 what is left between the arms is the training, not the choice of test slides.
 
     python bench/detector_common_test.py --run-tag p1500-d300-i256-seed0-aa13a8-u4-t0.2
+
+A detector already scored on the same cohort (an earlier output here) is not scored again.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ OUT = Path(__file__).resolve().parent / "out" / "training-study"
 INITS = ("pretrained", "random")
 
 
-def study_versions(store: Store, run_tag: str, seeds: list[int]) -> dict[str, dict[int, str]]:
+def study_versions(
+    store: Store, run_tags: dict[str, str], seeds: list[int]
+) -> dict[str, dict[int, str]]:
     """``{init: {seed: version}}`` of the study's detectors, by the run name in their card (the
-    last save of a run when it was resumed and saved again)."""
+    last save of a run when it was resumed and saved again); each arm's runs by its own tag."""
     found: dict[str, dict[int, str]] = {init: {} for init in INITS}
     for init in INITS:
+        run_tag = run_tags[init]
         wanted = {f"detector-{init}-{run_tag}-s{seed}": seed for seed in seeds}
         for version in list_versions(store, f"detector-{init}"):  # oldest first
             run = load_card(store, f"detector-{init}", version).training_config.get("run_name")
@@ -52,12 +57,29 @@ def study_versions(store: Store, run_tag: str, seeds: list[int]) -> dict[str, di
     return found
 
 
+def earlier_scores(cohort_seed: int) -> dict[str, dict]:
+    """Rows of earlier runs on the same common cohort, by detector version: a saved detector
+    scored on the same slides gives the same figures, so it is not scored twice."""
+    rows: dict[str, dict] = {}
+    for path in sorted(OUT.glob(f"*-common-seed{cohort_seed}-s*.json")):
+        for arm in json.loads(path.read_text())["results"].values():
+            rows.update({row["version"]: row for row in arm})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--run-tag",
         required=True,
         help="the study's detector tag: its JSON name without the seeds suffix",
+    )
+    ap.add_argument(
+        "--random-run-tag",
+        default=None,
+        help="the random arm from another study's runs (default: --run-tag); only where the "
+        "two studies' detector configs, input normalization and seeds are the same, e.g. a "
+        "new encoder with the old one's normalization pinned",
     )
     ap.add_argument("--store", type=Path, default=OUT / "store-cohort-small-6-seed0")
     ap.add_argument("--seeds", default="0,1,2,3,4")
@@ -77,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     store = Store(str(args.store))
-    versions = study_versions(store, args.run_tag, seeds)
+    tags = {"pretrained": args.run_tag, "random": args.random_run_tag or args.run_tag}
+    versions = study_versions(store, tags, seeds)
+    done = earlier_scores(args.cohort_seed)
     cohort = OUT / f"common-test-{args.size}-{args.slides_per_center}-seed{args.cohort_seed}"
     batches = generated_batches(
         store, cohort, args.centers.split(","), args.slides_per_center, args.size,
@@ -89,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         for init in INITS:
             t0 = time.perf_counter()
             version = versions[init][seed]
+            if version in done:
+                results[init].append(done[version] | {"seed": seed})
+                print(f"seed {seed} {init} ({version}): scored before on this cohort")
+                continue
             card = load_card(store, f"detector-{init}", version)
             stream = StreamConfig.model_validate(card.training_config["stream"])
             report = score_detector(store, f"detector-{init}", version, batches, stream)
@@ -105,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} {init} ({version}): abnormal mAP@0.5 {row['map50_abnormal']:.3f}, "
                   f"cell-weighted {row['by_cells']:.3f}", flush=True)  # fmt: skip
     summary = {"command": command, "cohort": str(cohort), "batches": batches, "results": results}
-    out = OUT / f"{args.run_tag}-common-seed{args.cohort_seed}-s{''.join(map(str, seeds))}.json"
+    name = f"{args.run_tag}-common-seed{args.cohort_seed}-s{''.join(map(str, seeds))}"
+    if tags["random"] != tags["pretrained"]:
+        name += f"-random-{tags['random']}"
+    out = OUT / f"{name}.json"
     out.write_text(json.dumps(summary, indent=2, default=float))
     n_gt = results["pretrained"][0]["n_gt"]
     print(f"\nSYNTHETIC cohorts; {command}\ncommon test cells: {n_gt}\n-> {out}")

@@ -33,6 +33,7 @@ from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
 from smartccs.study.cohort import generated_batches
+from smartccs.study.config import deep_merge
 from smartccs.synth.profiles import abnormal_density_tag
 from smartccs.train.classifier import ClassifierConfig, train_classifier
 from smartccs.train.detector import (
@@ -48,9 +49,23 @@ OUT = Path(__file__).resolve().parent / "out"
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 
-def _config(name: str, store: Store, **update) -> dict:
-    raw = yaml.safe_load((CONFIGS / name).read_text())
+def _config(name: str, store: Store, override: dict | None = None, **update) -> dict:
+    raw = deep_merge(yaml.safe_load((CONFIGS / name).read_text()), override or {})
     return raw | {"store": {"uri": store.config.uri}} | update
+
+
+def _override(ap: argparse.ArgumentParser, flag: str, text: str, model: type) -> dict:
+    """A command line's YAML mapping of config fields, refused with the flag named."""
+    try:
+        override = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        ap.error(f"{flag}: not YAML ({str(e).splitlines()[0]})")
+    if not isinstance(override, dict):
+        ap.error(f"{flag}: a YAML mapping, not {text!r}")
+    unknown = sorted(set(override) - set(model.model_fields))
+    if unknown:
+        ap.error(f"{flag}: {', '.join(unknown)} not a {model.__name__} field")
+    return override
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         help="YAML mapping merged into detector-demo.yaml for both arms, e.g. "
         "'{layer_decay: 1.0}': a finetuning variant beside a study (it names the run)",
     )
+    ap.add_argument(
+        "--pretrain-override",
+        default="",
+        help="YAML mapping merged (nested mappings key by key) into pretrain-demo.yaml, e.g. "
+        "'{crops: {hue_deg: 30}}'; it names the pretraining and detector runs",
+    )
     ap.add_argument("--classifier-slides", type=int, default=24, help="tiny slides per center")
     ap.add_argument(
         "--classifier-abnormal-density",
@@ -127,15 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
-    try:
-        detector_override = yaml.safe_load(args.detector_override) or {}
-    except yaml.YAMLError as e:
-        ap.error(f"--detector-override: not YAML ({str(e).splitlines()[0]})")
-    if not isinstance(detector_override, dict):
-        ap.error(f"--detector-override: a YAML mapping, not {args.detector_override!r}")
-    unknown = sorted(set(detector_override) - set(DetectorConfig.model_fields))
-    if unknown:
-        ap.error(f"--detector-override: {', '.join(unknown)} not a DetectorConfig field")
+    detector_override = _override(ap, "--detector-override", args.detector_override, DetectorConfig)
+    pretrain_override = _override(ap, "--pretrain-override", args.pretrain_override, PretrainConfig)
     command = "python bench/training_study.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -150,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.encoder_version is None
         else f"e{args.encoder_version.rsplit('-', 1)[-1]}"
     )
-    # an override names the detector runs (its hash joins the configs'), not the pretraining
+    # a detector override names the detector runs (its hash joins the configs'); a pretraining
+    # override names both, since the detectors start from its encoder
     override = json.dumps(detector_override, sort_keys=True).encode() if detector_override else b""
+    if pretrain_override:
+        configs += b"pretrain-override:" + json.dumps(pretrain_override, sort_keys=True).encode()
     suffix = f"-u{args.unlabelled_slides}" if args.unlabelled_slides else ""
     if args.pretrain_tile_share < 1:
         suffix += f"-t{args.pretrain_tile_share:g}"
@@ -186,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         enc_version = pretrain(
             PretrainConfig.model_validate(
                 _config(
-                    "pretrain-demo.yaml", store, run_name=f"pretrain-{tag}",
+                    "pretrain-demo.yaml", store, pretrain_override, run_name=f"pretrain-{tag}",
                     max_steps=args.pretrain_steps, seed=args.seed,
                     batches=annotated + unlabelled, tile_share=args.pretrain_tile_share,
                 )
@@ -196,14 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     inits = [] if args.detector_version else args.inits.split(",")
     results: dict = {init: [] for init in inits}
     detector_versions = {"pretrained": args.detector_version} if args.detector_version else {}
-    for seed in (int(v) for v in args.detector_seeds.split(",")):
+    for seed in (int(v) for v in args.detector_seeds.split(",") if v):
         for init in inits:
             t0 = time.perf_counter()
             raw = _config(
-                "detector-demo.yaml", store, run_name=f"detector-{init}-{det_tag}-s{seed}",
+                "detector-demo.yaml", store, detector_override,
+                run_name=f"detector-{init}-{det_tag}-s{seed}",
                 model_name=f"detector-{init}", init=init, encoder_version=enc_version,
                 max_steps=args.detector_steps, seed=seed, batches=annotated,
-                train_slides=args.label_slides, holdout_batches=holdout, **detector_override,
+                train_slides=args.label_slides, holdout_batches=holdout,
             )  # fmt: skip
             raw["split"] = dict(raw.get("split", {}), seed=seed)
             r = finetune_detector(DetectorConfig.model_validate(raw))
@@ -226,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": enc_version,
         "label_slides": args.label_slides,
         "detector_override": detector_override,
+        "pretrain_override": pretrain_override,
         "external": holdout,
         "unlabelled": unlabelled,
         "pretrain_seconds": t_pretrain,

@@ -238,6 +238,42 @@ def test_multi_crop_views_are_seeded_and_well_formed():
         multi_crop(tiles.astype(np.float32), CROPS, torch.Generator())
 
 
+def test_multi_crop_hue_turns_the_stain_of_each_view_but_leaves_glass_white():
+    """``hue_deg``: views of one tile differ in the stain's hue as two centers' do, while the
+    glass stays white and the amount of stain (optical density along the grey axis) stays."""
+    cfg = CROPS.model_copy(
+        update={"hue_deg": 30, "n_local": 0, "color_p": 1.0, "stain_sigma": 0.0,
+                "stain_bias": 0.0, "global_blur_p": (0.0, 0.0), "brightness": 0.0,
+                "contrast": 0.0}
+    )  # fmt: skip
+    tiles = np.full((2, 48, 48, 3), 255, np.uint8)
+    tiles[1] = (90, 60, 150)  # all stain: a purple tile
+    norm = CROPS.normalization
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (norm.mean, norm.std))
+    # the two global views of each tile, back in [0, 1] RGB
+    views = multi_crop(tiles, cfg, torch.Generator().manual_seed(1))
+    first, second = (v * std + mean for v in views)
+    for view in (first, second):
+        torch.testing.assert_close(view[0], torch.ones_like(view[0]), atol=1e-5, rtol=0)
+
+    def od(rgb: torch.Tensor) -> torch.Tensor:
+        return -torch.log((rgb.double() * 255 + 1) / 256)
+
+    purple = od(torch.tensor([90, 60, 150]) / 255)
+    turned = [od(v[1, :, 16, 16]) for v in (first, second)]
+    assert all((v - purple).abs().max() > 0.02 for v in turned), "each view's hue is turned"
+    assert (turned[0] - turned[1]).abs().max() > 0.02, "and by different angles"
+    for v in turned:  # a turn about the grey axis keeps the OD's grey component
+        torch.testing.assert_close(v.sum(), purple.sum(), atol=2e-2, rtol=0)
+    plain = CROPS.model_copy(update={"hue_deg": 0.0})
+    for a, b in zip(
+        multi_crop(toy_tiles(2), CROPS, torch.Generator().manual_seed(4)),
+        multi_crop(toy_tiles(2), plain, torch.Generator().manual_seed(4)),
+        strict=True,
+    ):
+        assert torch.equal(a, b), "hue_deg 0 draws nothing: older runs keep their views"
+
+
 @pytest.fixture(scope="module")
 def cytology_tiles(tmp_path_factory) -> np.ndarray:
     """Real synthetic cytology tiles (mostly bright glass), as the demo job streams them."""

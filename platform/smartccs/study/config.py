@@ -24,10 +24,13 @@ def embedded_defaults() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` laid onto ``base``: nested mappings merge key by key, anything else replaces."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -80,7 +83,7 @@ class StudyConfig(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         """Embedded defaults with this config's overrides."""
-        return _merge(embedded_defaults(), self.jobs)
+        return deep_merge(embedded_defaults(), self.jobs)
 
     @property
     def arms(self) -> list[Arm]:

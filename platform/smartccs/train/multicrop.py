@@ -46,6 +46,13 @@ class MultiCropConfig(BaseModel):
     )
     stain_sigma: float = Field(default=0.1, ge=0, description="per-stain scale jitter, ±")
     stain_bias: float = Field(default=0.05, ge=0, description="per-stain OD offset jitter, ±")
+    hue_deg: float = Field(
+        default=0.0,
+        ge=0,
+        le=180,
+        description="stain hue turn about the grey axis, ± degrees (0 = off): views of one tile "
+        "then differ in hue as two centers' stains do, so hue cannot tell tiles apart",
+    )
     global_blur_p: tuple[float, float] = (1.0, 0.1)
     local_blur_p: float = Field(default=0.5, ge=0, le=1)
     blur_sigma: tuple[float, float] = (0.1, 2.0)
@@ -159,7 +166,7 @@ def _view(
 ) -> torch.Tensor:
     out = flip_rotate(random_resized_crop(img, size, scale, g, cfg.crop_tries), g)
     if bool(torch.rand(1, generator=g) < cfg.color_p):
-        out = stain_jitter(out, g, cfg.stain_sigma, cfg.stain_bias)
+        out = stain_jitter(out, g, cfg.stain_sigma, cfg.stain_bias, cfg.hue_deg)
         out = brightness_contrast(out, g, cfg.brightness, cfg.contrast)
     if bool(torch.rand(1, generator=g) < blur_p):
         out = gaussian_blur(out, float(_uniform(g, *cfg.blur_sigma)))
