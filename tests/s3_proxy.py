@@ -101,6 +101,19 @@ class S3Proxy:
             self._windows.clear()
             self._open = None
 
+    def wait_healed(self, timeout: float) -> bool:
+        """Block until every window asked for has opened and closed again (False at the
+        timeout): a window opens at its first request, which a busy machine may delay."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._windows and (
+                    self._open is None or time.monotonic() >= self._open.until
+                ):
+                    return True
+            time.sleep(0.05)
+        return False
+
     @property
     def opened(self) -> int:
         """How many of the windows asked for have opened so far."""
