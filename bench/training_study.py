@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["graded_cohort"] = str(graded)
     args.out.mkdir(parents=True, exist_ok=True)
     name = det_tag if inits == ["pretrained", "random"] else f"{det_tag}-{'-'.join(inits)}"
-    if args.detector_seeds != "0,1,2":  # more seeds of a study write beside it
+    if not args.detector_seeds:  # pretraining alone: the encoder for a probe or a later study
+        name += "-pretrain"
+    elif args.detector_seeds != "0,1,2":  # more seeds of a study write beside it
         name += "-s" + args.detector_seeds.replace(",", "")
     if args.detector_version:
         name = f"{det_tag}-classifier-{args.detector_version}{dense}"
