@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check platform jobs tests bench
 	$(BIN)/ruff format --check platform jobs tests bench
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform jobs tests bench

@@ -30,16 +30,11 @@ settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ccs"))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """A test on the shared Ray is marked ``ray`` whether or not its module says so, so that
-    ``-m "not ray"`` never starts Ray; and every such test is in one xdist group, so that with
-    ``pytest -n 2 --dist loadgroup`` (``make test``) one worker runs them all on one Ray while
-    the other takes the rest: two Rays on one machine cannot both run a job server."""
-    for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.ray)
-        if item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+    ``-m "not ray"`` never starts Ray."""
+    if "ray_session" in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.ray)
 
 
 AGENT_PORT = 52365
