@@ -57,13 +57,15 @@ def study_versions(
     return found
 
 
-def earlier_scores(cohort_seed: int) -> dict[str, dict]:
-    """Rows of earlier runs on the same common cohort, by detector version: a saved detector
-    scored on the same slides gives the same figures, so it is not scored twice."""
+def earlier_scores(cohort: Path, batches: list[str]) -> dict[str, dict]:
+    """Rows of earlier runs on the same common cohort and batches, by detector version: a saved
+    detector scored on the same slides gives the same figures, so it is not scored twice."""
     rows: dict[str, dict] = {}
-    for path in sorted(OUT.glob(f"*-common-seed{cohort_seed}-s*.json")):
-        for arm in json.loads(path.read_text())["results"].values():
-            rows.update({row["version"]: row for row in arm})
+    for path in sorted(OUT.glob("*-common-seed*.json")):
+        earlier = json.loads(path.read_text())
+        if earlier["cohort"] == str(cohort) and earlier["batches"] == batches:
+            for arm in earlier["results"].values():
+                rows.update({row["version"]: row for row in arm})
     return rows
 
 
@@ -101,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(str(args.store))
     tags = {"pretrained": args.run_tag, "random": args.random_run_tag or args.run_tag}
     versions = study_versions(store, tags, seeds)
-    done = earlier_scores(args.cohort_seed)
     cohort = OUT / f"common-test-{args.size}-{args.slides_per_center}-seed{args.cohort_seed}"
     batches = generated_batches(
         store, cohort, args.centers.split(","), args.slides_per_center, args.size,
         args.cohort_seed, f"common-test-seed{args.cohort_seed}",
     )  # fmt: skip
+    done = earlier_scores(cohort, batches)
     init_ray()
     results: dict[str, list[dict]] = {init: [] for init in INITS}
     for seed in seeds:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from smartccs.errors import StoreError
 from smartccs.metrics.classification import roc_auc
 from smartccs.models.artifacts import ModelCard, load_card, load_model
 from smartccs.models.detector import DETECTION_CLASSES, NORMAL_SQUAMOUS, detection_class, normalize
@@ -166,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     for cohort in (args.train_cohort, args.test_cohort):
         if not (cohort / "cohort.json").exists():
             ap.error(f"{cohort}: not a generated cohort (no cohort.json)")
+    try:  # every named version before minutes of reading windows
+        cards = {
+            v: load_card(store, "encoder", reference if v == "random" else v) for v in versions
+        }
+    except StoreError as e:
+        ap.error(f"--encoders: {e}")
     t0 = time.perf_counter()
     sets = {}
     for name, cohort in (("train", args.train_cohort), ("test", args.test_cohort)):
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"windows read in {time.perf_counter() - t0:.0f} s", flush=True)
     results: dict[str, dict] = {}
     for version in versions:
-        card = load_card(store, "encoder", reference if version == "random" else version)
+        card = cards[version]
         runs = []
         for seed in [int(s) for s in args.random_seeds.split(",")] if version == "random" else [0]:
             torch.manual_seed(seed)

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ValidationError
 
+from smartccs.errors import describe_validation_error
 from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
@@ -54,8 +56,11 @@ def _config(name: str, store: Store, override: dict | None = None, **update) -> 
     return raw | {"store": {"uri": store.config.uri}} | update
 
 
-def _override(ap: argparse.ArgumentParser, flag: str, text: str, model: type) -> dict:
-    """A command line's YAML mapping of config fields, refused with the flag named."""
+def _override(
+    ap: argparse.ArgumentParser, flag: str, text: str, model: type[BaseModel], config: str
+) -> dict:
+    """A command line's YAML mapping of config fields, refused with the flag named: checked
+    against the demo config it lays over (nested fields too) before any cohort is made."""
     try:
         override = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -65,6 +70,10 @@ def _override(ap: argparse.ArgumentParser, flag: str, text: str, model: type) ->
     unknown = sorted(set(override) - set(model.model_fields))
     if unknown:
         ap.error(f"{flag}: {', '.join(unknown)} not a {model.__name__} field")
+    try:
+        model.model_validate(deep_merge(yaml.safe_load((CONFIGS / config).read_text()), override))
+    except ValidationError as e:
+        ap.error(f"{flag}: {describe_validation_error(e)}")
     return override
 
 
@@ -148,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=OUT / "training-study")
     args = ap.parse_args(argv)
-    detector_override = _override(ap, "--detector-override", args.detector_override, DetectorConfig)
-    pretrain_override = _override(ap, "--pretrain-override", args.pretrain_override, PretrainConfig)
+    detector_override = _override(
+        ap, "--detector-override", args.detector_override, DetectorConfig, "detector-demo.yaml"
+    )
+    pretrain_override = _override(
+        ap, "--pretrain-override", args.pretrain_override, PretrainConfig, "pretrain-demo.yaml"
+    )
     command = "python bench/training_study.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
