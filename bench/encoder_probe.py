@@ -30,7 +30,7 @@ from smartccs.errors import StoreError
 from smartccs.metrics.classification import roc_auc
 from smartccs.models.artifacts import ModelCard, load_card, load_model
 from smartccs.models.detector import DETECTION_CLASSES, NORMAL_SQUAMOUS, detection_class, normalize
-from smartccs.models.encoder import build_from
+from smartccs.models.encoder import build_from, patch_grid
 from smartccs.slide.reader import open_slide
 from smartccs.store import Store
 
@@ -60,8 +60,9 @@ def cohort_cells(cohort: Path, per_class: int, seed: int) -> list[dict]:
     return cells
 
 
-def windows(cells: list[dict], window_px: int, mpp: float) -> np.ndarray:
-    """(N, window_px, window_px, 3) uint8: each cell's centre at the window's centre, at ``mpp``."""
+def windows(cells: list[dict], window_px: int, mpp: float, offsets: np.ndarray) -> np.ndarray:
+    """(N, window_px, window_px, 3) uint8 at ``mpp``: each cell's centre ``offsets`` (N, 2; x, y
+    window pixels) from the window's centre."""
     out = np.empty((len(cells), window_px, window_px, 3), np.uint8)
     by_file: dict[Path, list[int]] = {}
     for i, c in enumerate(cells):
@@ -75,7 +76,8 @@ def windows(cells: list[dict], window_px: int, mpp: float) -> np.ndarray:
             side = round(side0 / scale)
             for i in idx:
                 c = cells[i]
-                cx, cy = (c["x0"] + c["x1"]) / 2, (c["y0"] + c["y1"]) / 2
+                cx = (c["x0"] + c["x1"]) / 2 - offsets[i, 0] * down
+                cy = (c["y0"] + c["y1"]) / 2 - offsets[i, 1] * down
                 rgb = slide.read_rgb(
                     level, round(cx - side0 / 2), round(cy - side0 / 2), side, side
                 )
@@ -87,21 +89,30 @@ def windows(cells: list[dict], window_px: int, mpp: float) -> np.ndarray:
 
 @torch.no_grad()
 def features(
-    encoder: torch.nn.Module, card: ModelCard, pixels: np.ndarray, batch: int = 64
+    encoder: torch.nn.Module,
+    card: ModelCard,
+    pixels: np.ndarray,
+    offsets: np.ndarray,
+    backbone_window: int | None = None,
+    batch: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per window the mean of the 2x2 patch tokens at its centre, and the class token."""
+    """Per window the mean of the 2x2 patch tokens nearest the cell's centre, read as the
+    detector reads its tiles (``patch_grid``, windowed or not), and the class token."""
     encoder.eval()
     patch = int(encoder.patch_embed.patch_size[0])
+    n = pixels.shape[1] // patch
+    # token row/column of the 2x2 block around each cell centre
+    first = np.clip(np.floor((pixels.shape[1] / 2 + offsets) / patch - 0.5), 0, n - 2).astype(int)
     centre, cls = [], []
     for s in range(0, len(pixels), batch):
         x = torch.as_tensor(pixels[s : s + batch]).permute(0, 3, 1, 2).float() / 255
-        tokens = encoder.forward_features(normalize(x, card.normalization))
-        n = x.shape[-1] // patch
-        grid = tokens[:, encoder.num_prefix_tokens :].reshape(len(x), n, n, -1)
-        m = n // 2
-        centre.append(grid[:, m - 1 : m + 1, m - 1 : m + 1].mean(dim=(1, 2)))
-        cls.append(tokens[:, 0])
-    return torch.cat(centre).numpy(), torch.cat(cls).numpy()
+        x = normalize(x, card.normalization)
+        grid = patch_grid(encoder, x, backbone_window)
+        for j in range(len(x)):
+            c, r = first[s + j]
+            centre.append(grid[j, :, r : r + 2, c : c + 2].mean(dim=(1, 2)))
+        cls.append(encoder.forward_features(x)[:, 0])
+    return torch.stack(centre).numpy(), torch.cat(cls).numpy()
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3) -> torch.nn.Linear:
@@ -152,6 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-cohort", type=Path, default=OUT / "common-test-small-6-seed30")
     ap.add_argument("--window-px", type=int, default=128, help="at the detector's 0.5 um/px")
     ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument(
+        "--offset-px",
+        type=int,
+        default=0,
+        help="place each cell up to this far (seeded, uniform) from the window's centre, as a "
+        "detector's tile holds cells anywhere, not centred",
+    )
+    ap.add_argument(
+        "--backbone-window",
+        type=int,
+        default=None,
+        help="read windows as a detector with head.window_px does (None: whole)",
+    )
     ap.add_argument("--normal-per-center", type=int, default=400)
     ap.add_argument("--random-seeds", default="0,1,2", help="'random' is averaged over these")
     ap.add_argument("--out", type=Path, default=None)
@@ -177,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     sets = {}
     for name, cohort in (("train", args.train_cohort), ("test", args.test_cohort)):
         cells = cohort_cells(cohort, args.normal_per_center, seed=0)
+        rng = np.random.default_rng(1)
+        offsets = rng.integers(-args.offset_px, args.offset_px + 1, (len(cells), 2))
         sets[name] = (
-            windows(cells, args.window_px, args.mpp),
+            windows(cells, args.window_px, args.mpp, offsets),
             np.array([c["label"] for c in cells]),
+            offsets,
         )
         print(f"{name}: {cohort.name}, {len(cells)} cells", flush=True)
     print(f"windows read in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -193,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             if version != "random":
                 encoder.load_state_dict(load_model(store, "encoder", version)[1])
             (c_tr, k_tr), (c_te, k_te) = (
-                features(encoder, card, sets[s][0]) for s in ("train", "test")
+                features(encoder, card, sets[s][0], sets[s][2], args.backbone_window)
+                for s in ("train", "test")
             )
             y_tr, y_te = sets["train"][1], sets["test"][1]
             runs.append(

@@ -217,3 +217,26 @@ def test_a_checkpoint_from_before_layer_decay_resumes_without_it():
     old = torch.optim.AdamW([{"params": backbone, "lr_scale": 1.0}, {"params": head}])
     learner.load({"model": learner.raw.state_dict(), "optimizer": old.state_dict()})
     assert [len(g["params"]) for g in learner.opt.param_groups] == [len(backbone), len(head)]
+
+
+def test_a_detector_card_with_a_backbone_window_rebuilds_a_detector_that_reads_in_windows():
+    from smartccs.models.artifacts import ModelCard
+    from smartccs.models.detector import build_detector
+
+    def card(head: dict) -> ModelCard:
+        return ModelCard(
+            name="detector", architecture=TOY_ENCODER, task="detector",
+            classes=list(DETECTION_CLASSES), head={"config": head, "input_px": 64},
+            tiling=TOY_TILING, synthetic=True,
+        )  # fmt: skip
+
+    windowed = build_detector(card(HeadConfig(width=16, window_px=32).model_dump()))
+    before = HeadConfig(width=16).model_dump()
+    before.pop("window_px")  # a card written before the option existed
+    whole = build_detector(card(before))
+    assert (windowed.cfg.window_px, whole.cfg.window_px) == (32, None)
+    whole.load_state_dict(windowed.state_dict())  # same weights: only the reading differs
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = windowed.eval()(x), whole.eval()(x)
+    assert a[0].shape == b[0].shape and not torch.allclose(a[0], b[0])

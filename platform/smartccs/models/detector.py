@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from smartccs.models.artifacts import ModelCard, Normalization
-from smartccs.models.encoder import build_from
+from smartccs.models.encoder import build_from, patch_grid
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 NORMAL_SQUAMOUS = "squamous"
@@ -52,6 +52,14 @@ class HeadConfig(BaseModel):
     score_floor: float = Field(default=0.05, gt=0, lt=1, description="drop scores below")
     nms_iou: float = Field(default=0.5, gt=0, le=1)
     max_per_tile: int = Field(default=100, ge=1)
+    window_px: int | None = Field(
+        default=None,
+        ge=16,
+        description="read the backbone on windows of this side overlapping by half, each "
+        "token from the window it is most central in (None: the whole tile at once). Set it "
+        "to the encoder's pretraining view size: on larger token grids than it learned on, "
+        "its features fall back to a random encoder's",
+    )
 
 
 class Detections(BaseModel):
@@ -92,10 +100,7 @@ class CellDetector(nn.Module):
         nn.init.zeros_(self.box_head.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens :]
-        b, _, h, w = x.shape
-        grid = tokens.transpose(1, 2).reshape(b, -1, h // self.patch, w // self.patch)
-        return self.neck(grid)
+        return self.neck(patch_grid(self.backbone, x, self.cfg.window_px))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits (B, C, H, W) and box side distances in pixels (B, 4, H, W)."""

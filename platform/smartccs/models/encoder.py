@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from smartccs.models.artifacts import Architecture
@@ -60,6 +61,50 @@ def input_size(model: nn.Module) -> int:
 def embed_dim(model: nn.Module) -> int:
     """Width of the embedding the encoder returns."""
     return int(model.num_features)
+
+
+def patch_grid(model: nn.Module, x: torch.Tensor, window_px: int | None = None) -> torch.Tensor:
+    """(B, D, H/p, W/p) patch tokens of a ViT, folded back into their grid.
+
+    With ``window_px`` the image is read in windows of that side overlapping by half, and each
+    token is taken from the window it sits most central in. An encoder pretrained on small
+    views sees a large tile as it learned to: on a token grid its own size, with at least a
+    quarter window of context around every token. (On 256 px tiles a ViT pretrained on 96 px
+    views lost its whole lead over random weights, docs/training.md.)"""
+    b, _, h, w = x.shape
+    patch = int(model.patch_embed.patch_size[0])
+    prefix = int(model.num_prefix_tokens)
+    if h % patch or w % patch:
+        raise ValueError(f"input {h}x{w} px is not a multiple of the {patch} px patch")
+    if window_px is None or window_px >= max(h, w):
+        tokens = model.forward_features(x)[:, prefix:]
+        return tokens.transpose(1, 2).reshape(b, -1, h // patch, w // patch)
+    if window_px % (2 * patch) or window_px > min(h, w):
+        raise ValueError(
+            f"window of {window_px} px: must be a multiple of twice the {patch} px patch "
+            f"and fit the {h}x{w} px input"
+        )
+    n = window_px // patch
+    ys, ky, iy = _window_plan(h // patch, n)
+    xs, kx, ix = _window_plan(w // patch, n)
+    crops = torch.stack([x[:, :, y * patch :, :][:, :, :window_px] for y in ys], 1)
+    crops = torch.stack([crops[..., c * patch :][..., :window_px] for c in xs], 2)
+    tokens = model.forward_features(crops.flatten(0, 2))[:, prefix:]
+    tokens = tokens.reshape(b, len(ys), len(xs), n, n, -1)
+    grid = tokens[:, ky[:, None], kx[None, :], iy[:, None], ix[None, :]]  # (B, H/p, W/p, D)
+    return grid.permute(0, 3, 1, 2)
+
+
+def _window_plan(cells: int, n: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Along one axis of ``cells`` tokens: window starts (stride ``n / 2``, the last flush with
+    the edge) and, per token, the window whose centre is nearest and its index inside it."""
+    starts = list(range(0, cells - n + 1, n // 2))
+    if starts[-1] != cells - n:
+        starts.append(cells - n)
+    centres = torch.tensor([s + n / 2 for s in starts])
+    pos = torch.arange(cells) + 0.5
+    k = (pos[:, None] - centres[None, :]).abs().argmin(dim=1)
+    return starts, k, torch.arange(cells) - torch.tensor(starts)[k]
 
 
 def _layer_index(param_name: str, depth: int) -> int:
