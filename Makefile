@@ -19,20 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/ccs demo
 
-# The suite in two processes: the tests on the shared local Ray (most of the wall time, much of
-# it waiting on Ray) in the foreground, the rest beside them with their output held until
-# the end. Fails if either fails, or if either collects no test (pytest exit 5).
 test: $(STAMP)
 	$(BIN)/ruff check platform jobs tests bench serve
 	$(BIN)/ruff format --check platform jobs tests bench serve
-	@log=$$(mktemp); \
-	$(BIN)/python -m pytest -m "not ray" >"$$log" 2>&1 & unit=$$!; \
-	trap 'kill $$unit 2>/dev/null; rm -f "$$log"' EXIT INT TERM; \
-	$(BIN)/python -m pytest -m ray; ray_rc=$$?; \
-	wait $$unit; unit_rc=$$?; \
-	echo "---- tests without Ray (run beside the Ray tests) ----"; cat "$$log"; \
-	echo "make test: Ray tests exit $$ray_rc, the others exit $$unit_rc"; \
-	test $$ray_rc -eq 0 && test $$unit_rc -eq 0
+	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform jobs tests bench serve
