@@ -30,7 +30,7 @@ from smartccs.errors import StoreError
 from smartccs.metrics.classification import roc_auc
 from smartccs.models.artifacts import ModelCard, load_card, load_model
 from smartccs.models.detector import DETECTION_CLASSES, NORMAL_SQUAMOUS, detection_class, normalize
-from smartccs.models.encoder import build_from, patch_grid
+from smartccs.models.encoder import build_from, fold_tokens, patch_grid
 from smartccs.slide.reader import open_slide
 from smartccs.store import Store
 
@@ -107,11 +107,15 @@ def features(
     for s in range(0, len(pixels), batch):
         x = torch.as_tensor(pixels[s : s + batch]).permute(0, 3, 1, 2).float() / 255
         x = normalize(x, card.normalization)
-        grid = patch_grid(encoder, x, backbone_window)
+        tokens = encoder.forward_features(x)  # the class token of the whole window
+        cls.append(tokens[:, 0])
+        if backbone_window is None:
+            grid = fold_tokens(encoder, tokens, *x.shape[-2:])
+        else:
+            grid = patch_grid(encoder, x, backbone_window)
         for j in range(len(x)):
             c, r = first[s + j]
             centre.append(grid[j, :, r : r + 2, c : c + 2].mean(dim=(1, 2)))
-        cls.append(encoder.forward_features(x)[:, 0])
     return torch.stack(centre).numpy(), torch.cat(cls).numpy()
 
 

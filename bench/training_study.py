@@ -67,9 +67,6 @@ def _override(
         ap.error(f"{flag}: not YAML ({str(e).splitlines()[0]})")
     if not isinstance(override, dict):
         ap.error(f"{flag}: a YAML mapping, not {text!r}")
-    unknown = sorted(set(override) - set(model.model_fields))
-    if unknown:
-        ap.error(f"{flag}: {', '.join(unknown)} not a {model.__name__} field")
     try:
         model.model_validate(deep_merge(yaml.safe_load((CONFIGS / config).read_text()), override))
     except ValidationError as e:

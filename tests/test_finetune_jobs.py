@@ -17,9 +17,10 @@ import yaml
 
 from smartccs.adaptation.stain import REFERENCE_KEY
 from smartccs.data.tiles import StreamConfig
+from smartccs.errors import CCSError
 from smartccs.labels import LabelsError, has_cell_labels, load_cell_labels, put_cell_labels
 from smartccs.models.artifacts import ModelCard, load_model, save_model
-from smartccs.models.detector import DETECTION_CLASSES, build_detector
+from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
 from smartccs.models.encoder import build_from
 from smartccs.models.mil import MILConfig, MILHead
 from smartccs.splits import SplitConfig
@@ -98,6 +99,22 @@ def test_labels_refuse_unknown_slides_and_empty_boxes(annotated_store: Store):
     assert has_cell_labels(annotated_store, "int-a", "b1")
     cells = load_cell_labels(annotated_store, [ref])
     assert set(cells) == {("int-a", "b1", s.slide_id) for s in ref.manifest.slides}
+
+
+@pytest.mark.parametrize(
+    ("head", "input_px", "named"),
+    [({"window_px": 24}, 64, "window of 24 px"), ({}, 60, "input 60x60 px")],
+)
+def test_a_window_or_input_off_the_encoders_patch_grid_is_refused_before_any_tile_is_read(
+    annotated_store: Store, tmp_path: Path, head: dict, input_px: int, named: str
+):
+    cfg = detector_config(
+        annotated_store, tmp_path, max_steps=2, run_name="toy-bad-window",
+        head=HeadConfig(width=16, **head),
+    ).model_copy(update={"input_px": input_px})  # fmt: skip
+    with pytest.raises(CCSError, match=f"head.window_px / input_px .*: {named}"):
+        finetune_detector(cfg)
+    assert not annotated_store.list("runs", "toy-bad-window"), "nothing started"
 
 
 def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Store, tmp_path: Path):

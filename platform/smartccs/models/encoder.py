@@ -63,6 +63,34 @@ def embed_dim(model: nn.Module) -> int:
     return int(model.num_features)
 
 
+def patch_size(architecture: Architecture) -> int:
+    """Side in pixels of the encoder's patches, read without allocating its weights."""
+    with torch.device("meta"):
+        return int(build_from(architecture).patch_embed.patch_size[0])
+
+
+def check_window(patch: int, window_px: int | None, h: int, w: int) -> None:
+    """Refuses an input off the patch grid, or a window that ``patch_grid`` cannot tile it
+    with: at job start, before any tile is read, as well as at every forward pass."""
+    if h % patch or w % patch:
+        raise ValueError(f"input {h}x{w} px is not a multiple of the {patch} px patch")
+    if window_px is None or window_px >= max(h, w):
+        return  # the whole input at once
+    if window_px % (2 * patch) or window_px > min(h, w):
+        raise ValueError(
+            f"window of {window_px} px: must be a multiple of twice the {patch} px patch "
+            f"and fit the {h}x{w} px input"
+        )
+
+
+def fold_tokens(model: nn.Module, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, D, h/p, w/p): the patch tokens of a ViT's ``forward_features`` on an h x w input,
+    prefix tokens dropped, folded back into their grid."""
+    patch = int(model.patch_embed.patch_size[0])
+    grid = tokens[:, int(model.num_prefix_tokens) :].transpose(1, 2)
+    return grid.reshape(len(tokens), -1, h // patch, w // patch)
+
+
 def patch_grid(model: nn.Module, x: torch.Tensor, window_px: int | None = None) -> torch.Tensor:
     """(B, D, H/p, W/p) patch tokens of a ViT, folded back into their grid.
 
@@ -73,23 +101,15 @@ def patch_grid(model: nn.Module, x: torch.Tensor, window_px: int | None = None) 
     views lost its whole lead over random weights, docs/training.md.)"""
     b, _, h, w = x.shape
     patch = int(model.patch_embed.patch_size[0])
-    prefix = int(model.num_prefix_tokens)
-    if h % patch or w % patch:
-        raise ValueError(f"input {h}x{w} px is not a multiple of the {patch} px patch")
+    check_window(patch, window_px, h, w)
     if window_px is None or window_px >= max(h, w):
-        tokens = model.forward_features(x)[:, prefix:]
-        return tokens.transpose(1, 2).reshape(b, -1, h // patch, w // patch)
-    if window_px % (2 * patch) or window_px > min(h, w):
-        raise ValueError(
-            f"window of {window_px} px: must be a multiple of twice the {patch} px patch "
-            f"and fit the {h}x{w} px input"
-        )
+        return fold_tokens(model, model.forward_features(x), h, w)
     n = window_px // patch
     ys, ky, iy = _window_plan(h // patch, n)
     xs, kx, ix = _window_plan(w // patch, n)
     crops = torch.stack([x[:, :, y * patch :, :][:, :, :window_px] for y in ys], 1)
     crops = torch.stack([crops[..., c * patch :][..., :window_px] for c in xs], 2)
-    tokens = model.forward_features(crops.flatten(0, 2))[:, prefix:]
+    tokens = model.forward_features(crops.flatten(0, 2))[:, int(model.num_prefix_tokens) :]
     tokens = tokens.reshape(b, len(ys), len(xs), n, n, -1)
     grid = tokens[:, ky[:, None], kx[None, :], iy[:, None], ix[None, :]]  # (B, H/p, W/p, D)
     return grid.permute(0, 3, 1, 2)

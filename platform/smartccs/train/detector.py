@@ -46,7 +46,7 @@ from smartccs.models.detector import (
     preprocess,
     resize_tiles,
 )
-from smartccs.models.encoder import build_from, layer_lr_scales
+from smartccs.models.encoder import build_from, check_window, layer_lr_scales, patch_size
 from smartccs.splits import SplitConfig, split_rows
 from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store
@@ -597,6 +597,10 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     labels = load_cell_labels(store, refs)  # fails early, naming a batch without annotations
     holdout_labels = load_cell_labels(store, holdout_refs) if held else {}
     encoder = load_card(store, cfg.encoder_model, cfg.encoder_version)
+    try:  # here, not in the first step of a worker after the tiles are read
+        check_window(patch_size(encoder.architecture), cfg.head.window_px, *[cfg.input_px] * 2)
+    except ValueError as e:
+        raise CCSError(f"head.window_px / input_px against encoder {encoder.version}: {e}") from e
     # pin what the driver resolved: workers must not see a batch committed after this point
     cfg = cfg.model_copy(
         update={
