@@ -240,3 +240,42 @@ def test_a_detector_card_with_a_backbone_window_rebuilds_a_detector_that_reads_i
     with torch.no_grad():
         a, b = windowed.eval()(x), whole.eval()(x)
     assert a[0].shape == b[0].shape and not torch.allclose(a[0], b[0])
+
+
+def test_a_frozen_backbone_stays_put_for_freeze_backbone_steps_then_learns_with_the_heads():
+    """Linear probing, then finetuning: the heads learn from the first step, the backbone only
+    from step ``freeze_backbone_steps`` (checked through the learner's real training step)."""
+    from smartccs.models.artifacts import ModelCard
+    from smartccs.train.detector import DetectorConfig, DetectorLearner
+
+    cfg = DetectorConfig(
+        run_name="toy", store={"uri": "/nonexistent"}, input_px=64, head=HeadConfig(width=16),
+        freeze_backbone_steps=2, optimizer={"warmup_steps": 0, "lr": 1e-3},
+        augment=AugmentConfig(color_p=0.0, blur_p=0.0),
+    )  # fmt: skip
+    card = ModelCard(
+        name="enc", architecture=TOY_ENCODER, task="encoder", tiling=TOY_TILING, synthetic=True
+    )
+    key = ("c1", "b1", "s1")
+    cells = SlideBoxes(boxes=np.array([[10.0, 12.0, 30.0, 34.0]]), classes=np.array(["HSIL"]))
+    learner = DetectorLearner(
+        cfg, torch.device("cpu"), encoder=card, encoder_state=None, labels={key: cells}
+    )
+    learner.prepare()
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+        "center": np.array(["c1"] * 2), "batch": np.array(["b1"] * 2),
+        "slide_id": np.array(["s1"] * 2), "x0": np.array([0, 8]), "y0": np.array([0, 4]),
+        "w0": np.array([64, 64]), "h0": np.array([64, 64]),
+    }  # fmt: skip
+    backbone, head = learner.raw.backbone.patch_embed.proj.weight, learner.raw.cls_head.weight
+
+    def moved(step: int) -> tuple[bool, bool]:
+        b0, h0 = backbone.detach().clone(), head.detach().clone()
+        learner.train_batch(batch, step, torch.Generator().manual_seed(step))
+        return not torch.equal(b0, backbone), not torch.equal(h0, head)
+
+    assert moved(0) == (False, True), "step 0: only the heads learn"
+    assert moved(1) == (False, True), "weight decay must not touch a frozen backbone either"
+    assert moved(2) == (True, True), "from freeze_backbone_steps on, the backbone learns too"

@@ -99,12 +99,20 @@ class CellDetector(nn.Module):
         nn.init.zeros_(self.box_head.weight)
         nn.init.zeros_(self.box_head.bias)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.neck(patch_grid(self.backbone, x, self.cfg.window_px))
+    def features(self, x: torch.Tensor, backbone_grad: bool = True) -> torch.Tensor:
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            tokens = patch_grid(self.backbone, x, self.cfg.window_px)
+        return self.neck(tokens)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class logits (B, C, H, W) and box side distances in pixels (B, 4, H, W)."""
-        f = self.features(x)
+    def forward(
+        self, x: torch.Tensor, backbone_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits (B, C, H, W) and box side distances in pixels (B, 4, H, W).
+
+        ``backbone_grad=False`` holds the backbone fixed for this pass: no graph is kept for it,
+        so a frozen-backbone step costs its forward only.
+        """
+        f = self.features(x, backbone_grad)
         distances = F.softplus(self.box_head(f) + 1.0) * self.stride * 2
         return self.cls_head(f), distances
 

@@ -139,6 +139,14 @@ class DetectorConfig(RunFields):
         description="layer-wise lr decay over the backbone's blocks (1: none): block i of L "
         "learns at backbone_lr_scale x layer_decay^(L - i), the embeddings slowest",
     )
+    freeze_backbone_steps: int = Field(
+        default=0,
+        ge=0,
+        description="the first steps train the neck and heads on a fixed backbone, then all "
+        "of it learns (linear probing, then finetuning): the heads start from what the "
+        "pretrained features say instead of reshaping them from a random head's gradients; "
+        "max_steps or more keeps the backbone fixed throughout",
+    )
     other_tiles: float = Field(
         default=0.1,
         ge=0,
@@ -326,7 +334,7 @@ class DetectorLearner:
         self,
         cfg: DetectorConfig,
         device: torch.device,
-        wrap: Any = lambda m: m,
+        wrap: Any = lambda m, **_: m,
         *,
         encoder: ModelCard,
         encoder_state: dict[str, torch.Tensor] | None,
@@ -356,7 +364,9 @@ class DetectorLearner:
         self.last_loss = float("nan")
 
     def prepare(self) -> None:
-        self.model = self.wrap(self.raw)
+        # DDP must not wait for backbone gradients on the steps that compute none
+        unused = {"find_unused_parameters": True} if self.cfg.freeze_backbone_steps else None
+        self.model = self.wrap(self.raw, parallel_strategy_kwargs=unused)
         self.raw = getattr(self.model, "module", self.model)
 
     def state(self) -> dict[str, Any]:
@@ -367,10 +377,14 @@ class DetectorLearner:
         self.opt.load_state_dict(state["optimizer"])
 
     def loss(
-        self, x: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        boxes: list[torch.Tensor],
+        labels: list[torch.Tensor],
+        backbone_grad: bool = True,
     ) -> torch.Tensor:
         cfg = self.cfg.loss
-        logits, dist = self.model(x)
+        logits, dist = self.model(x, backbone_grad)
         b, c, h, w = logits.shape
         centers = self.raw.centers(h, w, x.device)
         logits = logits.permute(0, 2, 3, 1).reshape(b, -1, c)
@@ -412,7 +426,7 @@ class DetectorLearner:
             labels.append(torch.from_numpy(lab).to(self.device))
         x = normalize(torch.stack(views), self.norm).to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.loss(x, boxes, labels)
+            loss = self.loss(x, boxes, labels, step >= self.cfg.freeze_backbone_steps)
         self.last_loss = optimizer_step(self.opt, self.params, loss, step, self.cfg)
         return len(imgs)
 
