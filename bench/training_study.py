@@ -120,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         help="pretraining's tile_share: about steps x 16 / all slides' 128 px tiles (a small "
         "slide has about 2200), so the run reads every slide instead of the first ones",
     )
+    ap.add_argument(
+        "--pretrain-seeds",
+        default=None,
+        help="one encoder per detector seed, pretrained with these seeds in the order of "
+        "--detector-seeds (default: one encoder, pretrained with --seed, for all): a pretraining "
+        "run's encoder varies run to run, so the arms are compared across encoders",
+    )
     ap.add_argument("--no-classifier", action="store_true", help="stop after the detectors")
     ap.add_argument(
         "--detector-version",
@@ -160,6 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     pretrain_override = _override(
         ap, "--pretrain-override", args.pretrain_override, PretrainConfig, "pretrain-demo.yaml"
     )
+    detector_seeds = [int(v) for v in args.detector_seeds.split(",") if v]
+    pretrain_seeds = (
+        [args.seed]
+        if args.pretrain_seeds is None
+        else [int(v) for v in args.pretrain_seeds.split(",")]
+    )
+    if args.pretrain_seeds is not None and (
+        len(pretrain_seeds) != len(detector_seeds) or args.encoder_version or args.detector_version
+    ):
+        ap.error(
+            "--pretrain-seeds: one per detector seed (--detector-seeds), and not with a saved "
+            "--encoder-version or --detector-version"
+        )
     command = "python bench/training_study.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -179,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     override = json.dumps(detector_override, sort_keys=True).encode() if detector_override else b""
     if pretrain_override:
         configs += b"pretrain-override:" + json.dumps(pretrain_override, sort_keys=True).encode()
+    if args.pretrain_seeds is not None:  # other encoders: other pretraining and detector runs
+        configs += b"pretrain-seeds:" + args.pretrain_seeds.encode()
     suffix = f"-u{args.unlabelled_slides}" if args.unlabelled_slides else ""
     if args.pretrain_tile_share < 1:
         suffix += f"-t{args.pretrain_tile_share:g}"
@@ -208,22 +230,28 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     init_ray()
     t0 = time.perf_counter()
-    enc_version = args.encoder_version
-    if not args.detector_version and not enc_version:  # saved models need no pretraining
-        enc_version = pretrain(
-            PretrainConfig.model_validate(
-                _config(
-                    "pretrain-demo.yaml", store, pretrain_override, run_name=f"pretrain-{tag}",
-                    max_steps=args.pretrain_steps, seed=args.seed,
-                    batches=annotated + unlabelled, tile_share=args.pretrain_tile_share,
+    encoders: list[str | None] = [args.encoder_version]
+    if not args.detector_version and not args.encoder_version:  # saved models: no pretraining
+        encoders = [
+            pretrain(
+                PretrainConfig.model_validate(
+                    _config(
+                        "pretrain-demo.yaml", store, pretrain_override,
+                        run_name=f"pretrain-{tag}" + (f"-ps{ps}" if args.pretrain_seeds else ""),
+                        max_steps=args.pretrain_steps, seed=ps,
+                        batches=annotated + unlabelled, tile_share=args.pretrain_tile_share,
+                    )
                 )
-            )
-        ).version  # fmt: skip
+            ).version
+            for ps in pretrain_seeds
+        ]  # fmt: skip
+    enc_of = dict(zip(detector_seeds, encoders, strict=True)) if len(encoders) > 1 else {}
     t_pretrain = time.perf_counter() - t0
     inits = [] if args.detector_version else args.inits.split(",")
     results: dict = {init: [] for init in inits}
     detector_versions = {"pretrained": args.detector_version} if args.detector_version else {}
-    for seed in (int(v) for v in args.detector_seeds.split(",") if v):
+    for seed in detector_seeds:
+        enc_version = enc_of.get(seed, encoders[0])
         for init in inits:
             t0 = time.perf_counter()
             raw = _config(
@@ -236,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             raw["split"] = dict(raw.get("split", {}), seed=seed)
             r = finetune_detector(DetectorConfig.model_validate(raw))
             detector_versions.setdefault(init, r.version)
-            row = {"seed": seed, "map50_abnormal": abnormal_map(r.report), "ap50": r.report.ap,
-                   "n_gt": r.report.n_gt}  # fmt: skip
+            row = {"seed": seed, "encoder": enc_version, "map50_abnormal": abnormal_map(r.report),
+                   "ap50": r.report.ap, "n_gt": r.report.n_gt}  # fmt: skip
             for key, rep in (
                 ("external", r.holdout),
                 ("external_calibrated", r.holdout_calibrated),
@@ -251,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "command": command,
         "cohort": str(cohort),
-        "encoder": enc_version,
+        "encoder": encoders[0] if len(encoders) == 1 else encoders,
+        "pretrain_seeds": pretrain_seeds if args.pretrain_seeds is not None else None,
         "label_slides": args.label_slides,
         "detector_override": detector_override,
         "pretrain_override": pretrain_override,
