@@ -1,11 +1,13 @@
-"""Multi-crop views of cytology tiles for self-distillation, as torch ops on CPU tensors.
+"""Multi-crop views of cytology tiles for self-distillation, as torch ops on the tiles' device.
 
 DINO learns what stays the same across views, so the views must differ in what should not
 matter for screening: where in the tile, orientation (cells have no up), and above all the
 staining and scanning of the center. Stain jitter therefore works in optical-density space on
 the haematoxylin/eosin/DAB stain axes (Ruifrok & Johnston), scaling and shifting each stain's
 amount the way two labs' Pap stains differ, rather than as a hue shift in RGB.
-All randomness comes from one ``torch.Generator``, so a seed fixes every view.
+All randomness comes from one CPU ``torch.Generator``, so a seed fixes every view's draws
+wherever the pixels live; on a GPU the views are cut there, since on CPU they were 80% of a
+ViT-L step's time on an H200 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ def stain_jitter(
     if hue_deg > 0:  # drawn only when asked, so runs without it keep their random stream
         turn = torch.from_numpy(grey_axis_rotation(float(_uniform(g, -hue_deg, hue_deg))))
         m, b = m @ turn.T, b @ turn.T
+    m, b = m.to(img.device), b.to(img.device)
     od = -torch.log((img.to(torch.float64) * 255 + 1) / 256)
     od = torch.einsum("chw,cd->dhw", od, m) + b[:, None, None]
     out = (256 * torch.exp(-od.clamp(min=0)) - 1) / 255
@@ -136,7 +139,7 @@ def stain_jitter(
 def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur, as a slightly defocused scan."""
     radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=img.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=img.dtype, device=img.device)
     k = torch.exp(-(x**2) / (2 * sigma**2))
     k = k / k.sum()
     c = img.shape[0]
@@ -178,7 +181,8 @@ def multi_crop(
 ) -> list[torch.Tensor]:
     """uint8 tiles (B, H, W, 3) -> 2 global then ``n_local`` local views, each (B, 3, s, s).
 
-    Views are float32 and normalized with ``cfg.normalization``, ready for the encoder.
+    Views are float32, normalized with ``cfg.normalization``, ready for the encoder, and on
+    the device the tiles are on.
     """
     if cfg.normalization == "auto":
         raise ValueError("normalization 'auto' must be resolved from the tiles before cropping")
@@ -189,8 +193,8 @@ def multi_crop(
     tiles = images.permute(0, 3, 1, 2).to(torch.float32) / 255
     specs = [(cfg.global_size, cfg.global_scale, p) for p in cfg.global_blur_p]
     specs += [(cfg.local_size, cfg.local_scale, cfg.local_blur_p)] * cfg.n_local
-    mean = torch.tensor(cfg.normalization.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.normalization.std).view(1, 3, 1, 1)
+    mean = torch.tensor(cfg.normalization.mean, device=tiles.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.normalization.std, device=tiles.device).view(1, 3, 1, 1)
     views = []
     for size, scale, blur_p in specs:
         batch = torch.stack([_view(t, size, scale, blur_p, cfg, g) for t in tiles])

@@ -181,7 +181,8 @@ class Learner:
     def step(self, images: np.ndarray, step: int, gen: torch.Generator) -> float:
         """One DINO step on a batch of uint8 tiles; returns the loss."""
         cfg = self.cfg
-        views = [v.to(self.device, non_blocking=True) for v in multi_crop(images, cfg.crops, gen)]
+        tiles = torch.from_numpy(images).to(self.device, non_blocking=True)
+        views = multi_crop(tiles, cfg.crops, gen)
         masks = None
         if self.ibot_loss is not None:
             patch = self.raw_student.patch_size
