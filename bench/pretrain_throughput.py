@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--batch-size", type=int, default=None, help="default: the config's")
     args = ap.parse_args(argv)
+    if not args.config.is_file():
+        ap.error(f"--config {args.config}: no such file")
     command = "python bench/pretrain_throughput.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     raw["scaling"]["use_gpu"] = args.device.startswith("cuda")
     if args.precision == "fp32":
         raw["scaling"]["mixed_precision"] = False
-    if args.batch_size:
+    if args.batch_size is not None:  # 0 or less is refused by PretrainConfig, not ignored
         raw["batch_size"] = args.batch_size
     cfg = PretrainConfig.model_validate(raw)
     slide_path = OUT / "synth-8k-f2.svs"
