@@ -26,9 +26,12 @@ from smartccs.train.dino import (
 from smartccs.train.multicrop import (
     MultiCropConfig,
     brightness_contrast,
+    draw_boxes,
     flip_rotate,
     gaussian_blur,
     multi_crop,
+    multi_crop_per_tile,
+    pick_inkiest,
     random_resized_crop,
     stain_jitter,
 )
@@ -133,6 +136,29 @@ def test_crop_tries_keep_the_region_with_the_most_stain():
              for s in range(10)]  # fmt: skip
     assert sum(float(c.mean()) for c in dark) < sum(float(c.mean()) for c in plain)
     assert min(float(c.min()) for c in dark) < 0.3
+
+
+def test_crop_tries_pick_the_first_region_when_all_hold_the_same_stain():
+    tiles = torch.ones(2, 3, 32, 32)
+    tiles[1, :, :8, :8] = 0.5  # tile 1: a dark corner the third candidate holds
+    candidates = [[(0, 8, 8, 8), (8, 8, 8, 8), (0, 0, 4, 4)]] * 2
+    assert pick_inkiest(tiles, candidates) == [(0, 8, 8, 8), (0, 0, 4, 4)]
+    one = [draw_boxes(torch.Generator().manual_seed(0), 32, 32, (0.1, 0.2))] * 2
+    assert pick_inkiest(tiles, one) == [one[0][0]] * 2
+
+
+def test_multi_crop_views_equal_tile_by_tile_augmentation_in_draw_order():
+    """The batch cuts each view at once; per tile it must stay the view that the single-image
+    ops give with the same draws in the same order (crop, symmetry, stain and exposure, blur),
+    so a seed keeps its views and the recipe its meaning. Tiles of one batch take different
+    branches here (stain or not, blur or not, widths of blur kernel)."""
+    cfg = CROPS.model_copy(update={"crop_tries": 3, "hue_deg": 30.0, "color_p": 0.5,
+                                   "local_blur_p": 0.7, "global_blur_p": (0.6, 0.3)})  # fmt: skip
+    tiles = toy_tiles(12)
+    batched = multi_crop(tiles, cfg, torch.Generator().manual_seed(3))
+    per_tile = multi_crop_per_tile(tiles, cfg, torch.Generator().manual_seed(3))
+    for got, want in zip(batched, per_tile, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_loss_pairs_only_different_views():
