@@ -7,8 +7,7 @@ around it (see docs/benchmarks.md). On a GPU machine, ``--device cuda`` runs the
 with the config's bfloat16 autocast (``--precision fp32`` turns it off for the ratio), and
 ``--config jobs/configs/pretrain-prod.yaml`` times the production ViT-L/14. The multi-crop
 augmentation runs inside the step on the step's device; it is also timed alone, so a figure
-says how much of the step it takes, and cut tile by tile, so the batching's gain is a ratio
-from one run.
+says how much of the step it takes.
 
     python bench/pretrain_throughput.py
     python bench/pretrain_throughput.py --threads 1
@@ -33,7 +32,7 @@ from slides import write_bench_slide
 
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import plan_tiles, read_tile
-from smartccs.train.multicrop import multi_crop, multi_crop_per_tile
+from smartccs.train.multicrop import multi_crop
 from smartccs.train.normalization import tile_statistics
 from smartccs.train.pretrain import Learner, PretrainConfig
 
@@ -102,19 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         rates.append(args.steps * b / (time.perf_counter() - start))
     med = statistics.median(rates)
-    # the step's first stage alone, on the same device: batched as the step runs it, and
-    # tile by tile (the reference the batch must equal), repeats interleaved for a fair ratio
-    crop_rates: dict[str, list[float]] = {"batched": [], "per_tile": []}
+    crop_rates = []  # the step's first stage alone, on the same device
     for _ in range(args.repeats):
-        for kind, crop in (("batched", multi_crop), ("per_tile", multi_crop_per_tile)):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                crop(torch.from_numpy(batch()).to(device), cfg.crops, gen)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            crop_rates[kind].append(args.steps * b / (time.perf_counter() - start))
-    crop_med = statistics.median(crop_rates["batched"])
-    per_tile_med = statistics.median(crop_rates["per_tile"])
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            multi_crop(torch.from_numpy(batch()).to(device), cfg.crops, gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        crop_rates.append(args.steps * b / (time.perf_counter() - start))
+    crop_med = statistics.median(crop_rates)
     amp = "bfloat16 autocast" if learner.amp else "float32"
     print(
         f"\nDINO step, {args.config.stem} ({cfg.encoder.timm_name} {cfg.encoder.kwargs}), "
@@ -127,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"  multi-crop alone ({args.device}): {crop_med:.1f} tiles/s, "
-        f"{med / crop_med:.0%} of the step's time; cut tile by tile {per_tile_med:.1f} "
-        f"tiles/s, so batching is {crop_med / per_tile_med:.2f}x"
+        f"{med / crop_med:.0%} of the step's time"
     )
     OUT.mkdir(parents=True, exist_ok=True)
     name = f"pretrain_throughput-{args.config.stem}-{args.device}-{args.precision}-t{args.threads}"
@@ -140,10 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": b,
         "tiles_per_s": rates,
         "median": med,
-        "crop_tiles_per_s": crop_rates["batched"],
+        "crop_tiles_per_s": crop_rates,
         "crop_median": crop_med,
-        "crop_per_tile_tiles_per_s": crop_rates["per_tile"],
-        "crop_per_tile_median": per_tile_med,
     }
     out.write_text(json.dumps(record))
     print(f"\nreproduce: {command}\nwrote {out}")

@@ -349,28 +349,3 @@ def multi_crop(
         (_views(tiles, size, scale, blur_p, cfg, g) - mean) / std
         for size, scale, blur_p in _view_specs(cfg)
     ]
-
-
-def multi_crop_per_tile(
-    images: torch.Tensor | np.ndarray, cfg: MultiCropConfig, g: torch.Generator
-) -> list[torch.Tensor]:
-    """The same views as ``multi_crop``, cut one tile at a time by the single-image ops.
-
-    This is the definition the batched path is held to (tests/test_dino.py) and timed
-    against (bench/multicrop_views.py); training uses ``multi_crop``.
-    """
-    tiles = _float_tiles(images, cfg)
-    mean, std = _normalizer(cfg, tiles.device)
-    views = []
-    for size, scale, blur_p in _view_specs(cfg):
-        batch = []
-        for img in tiles:
-            out = flip_rotate(random_resized_crop(img, size, scale, g, cfg.crop_tries), g)
-            if bool(torch.rand(1, generator=g) < cfg.color_p):
-                out = stain_jitter(out, g, cfg.stain_sigma, cfg.stain_bias, cfg.hue_deg)
-                out = brightness_contrast(out, g, cfg.brightness, cfg.contrast)
-            if bool(torch.rand(1, generator=g) < blur_p):
-                out = gaussian_blur(out, float(_uniform(g, *cfg.blur_sigma)))
-            batch.append(out)
-        views.append((torch.stack(batch) - mean) / std)
-    return views
