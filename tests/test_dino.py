@@ -32,6 +32,7 @@ from smartccs.train.multicrop import (
     multi_crop,
     pick_inkiest,
     random_resized_crop,
+    stain_integral,
     stain_jitter,
 )
 
@@ -141,9 +142,9 @@ def test_crop_tries_pick_the_first_region_when_all_hold_the_same_stain():
     tiles = torch.ones(2, 3, 32, 32)
     tiles[1, :, :8, :8] = 0.5  # tile 1: a dark corner the third candidate holds
     candidates = [[(0, 8, 8, 8), (8, 8, 8, 8), (0, 0, 4, 4)]] * 2
-    assert pick_inkiest(tiles, candidates) == [(0, 8, 8, 8), (0, 0, 4, 4)]
+    assert pick_inkiest(stain_integral(tiles), candidates) == [(0, 8, 8, 8), (0, 0, 4, 4)]
     one = [draw_boxes(torch.Generator().manual_seed(0), 32, 32, (0.1, 0.2))] * 2
-    assert pick_inkiest(tiles, one) == [one[0][0]] * 2
+    assert pick_inkiest(stain_integral(tiles), one) == [one[0][0]] * 2
 
 
 def views_tile_by_tile(tiles: np.ndarray, cfg: MultiCropConfig, g: torch.Generator) -> list:

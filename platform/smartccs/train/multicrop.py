@@ -135,22 +135,27 @@ def draw_exposure(g: torch.Generator, brightness: float, contrast: float) -> tup
 # -- pixel ops: a batch (N, C, H, W) at once, each image with its own draw -----------------
 
 
-def pick_inkiest(tiles: torch.Tensor, candidates: Sequence[Sequence[Box]]) -> list[Box]:
-    """Per tile, the candidate region with the most stain (lowest mean); the first on a tie.
+def stain_integral(tiles: torch.Tensor) -> torch.Tensor:
+    """Summed-area table (N, H+1, W+1) of each tile's channel-mean pixel, in float64: any
+    region's mean brightness from four lookups, however many regions are asked."""
+    return F.pad(tiles.mean(1, dtype=torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))
 
-    Region means come from one integral image per tile, in float64, so many candidates cost a
-    single gather and one device sync.
+
+def pick_inkiest(integral: torch.Tensor, candidates: Sequence[Sequence[Box]]) -> list[Box]:
+    """Per tile, the candidate region with the most stain (lowest mean); the first on an exact
+    tie (regions of the same content can differ in the last bits of their sums, as they did
+    in the per-region float32 means before).
+
+    ``integral`` is the tiles' ``stain_integral``, so all candidates cost one gather and one
+    device sync.
     """
-    if all(len(c) == 1 for c in candidates):
-        return [c[0] for c in candidates]
-    n, c = tiles.shape[:2]
-    ii = F.pad(tiles.sum(1, dtype=torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))
-    box = torch.tensor(candidates, dtype=torch.int64).to(tiles.device)  # (N, T, 4)
+    box = torch.tensor(candidates, dtype=torch.int64).to(integral.device)  # (N, T, 4)
     x0, y0, cw, ch = box.unbind(-1)
     x1, y1 = x0 + cw, y0 + ch
-    rows = torch.arange(n, device=tiles.device)[:, None]
+    rows = torch.arange(len(box), device=integral.device)[:, None]
+    ii = integral
     total = ii[rows, y1, x1] - ii[rows, y0, x1] - ii[rows, y1, x0] + ii[rows, y0, x0]
-    best = (total / (c * cw * ch)).argmin(1).tolist()
+    best = (total / (cw * ch)).argmin(1).tolist()
     return [cands[i] for cands, i in zip(candidates, best, strict=True)]
 
 
@@ -227,8 +232,9 @@ def random_resized_crop(
     With ``tries`` > 1, that many regions are drawn and the darkest (most stain) is kept.
     """
     _, h, w = img.shape
-    box = pick_inkiest(img[None], [draw_boxes(g, h, w, scale, tries)])
-    return resize_crops(img[None], box, size)[0]
+    boxes = draw_boxes(g, h, w, scale, tries)
+    box = pick_inkiest(stain_integral(img[None]), [boxes])[0] if tries > 1 else boxes[0]
+    return resize_crops(img[None], [box], size)[0]
 
 
 def flip_rotate(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -290,12 +296,19 @@ def _draw_view(g: torch.Generator, h: int, w: int, scale: tuple[float, float], b
     return _ViewDraw(candidates, k, flip, stain, exposure, sigma)
 
 
-def _views(tiles: torch.Tensor, size: int, scale: tuple[float, float], blur_p: float,
-           cfg: MultiCropConfig, g: torch.Generator) -> torch.Tensor:  # fmt: skip
-    """One view of every tile: crop, symmetry, then stain and exposure, then blur."""
+def _views(tiles: torch.Tensor, integral: torch.Tensor | None, size: int,
+           scale: tuple[float, float], blur_p: float, cfg: MultiCropConfig,
+           g: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """One view of every tile: crop, symmetry, then stain and exposure, then blur.
+
+    ``integral``: the tiles' ``stain_integral`` when each view has several candidate regions.
+    """
     _, _, h, w = tiles.shape
     draws = [_draw_view(g, h, w, scale, blur_p, cfg) for _ in range(len(tiles))]
-    boxes = pick_inkiest(tiles, [d.candidates for d in draws])
+    if integral is None:
+        boxes = [d.candidates[0] for d in draws]
+    else:
+        boxes = pick_inkiest(integral, [d.candidates for d in draws])
     out = resize_crops(tiles, boxes, size)
     out = apply_symmetries(out, [d.k for d in draws], [d.flip for d in draws])
     coloured = [(i, d) for i, d in enumerate(draws) if d.stain is not None]
@@ -313,28 +326,6 @@ def _views(tiles: torch.Tensor, size: int, scale: tuple[float, float], blur_p: f
     return out
 
 
-def _float_tiles(images: torch.Tensor | np.ndarray, cfg: MultiCropConfig) -> torch.Tensor:
-    if cfg.normalization == "auto":
-        raise ValueError("normalization 'auto' must be resolved from the tiles before cropping")
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 tiles (B, H, W, 3), got {images.dtype} {images.shape}")
-    return images.permute(0, 3, 1, 2).to(torch.float32) / 255
-
-
-def _view_specs(cfg: MultiCropConfig) -> list[tuple[int, tuple[float, float], float]]:
-    """(side, area scale, blur chance) of each view: 2 global, then the locals."""
-    specs = [(cfg.global_size, cfg.global_scale, p) for p in cfg.global_blur_p]
-    return specs + [(cfg.local_size, cfg.local_scale, cfg.local_blur_p)] * cfg.n_local
-
-
-def _normalizer(cfg: MultiCropConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    norm = cfg.normalization
-    assert norm != "auto"
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (norm.mean, norm.std))
-
-
 def multi_crop(
     images: torch.Tensor | np.ndarray, cfg: MultiCropConfig, g: torch.Generator
 ) -> list[torch.Tensor]:
@@ -343,9 +334,19 @@ def multi_crop(
     Views are float32, normalized with ``cfg.normalization``, ready for the encoder, and on
     the device the tiles are on.
     """
-    tiles = _float_tiles(images, cfg)
-    mean, std = _normalizer(cfg, tiles.device)
+    if cfg.normalization == "auto":
+        raise ValueError("normalization 'auto' must be resolved from the tiles before cropping")
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 tiles (B, H, W, 3), got {images.dtype} {images.shape}")
+    tiles = images.permute(0, 3, 1, 2).to(torch.float32) / 255
+    integral = stain_integral(tiles) if cfg.crop_tries > 1 else None  # one for all views
+    specs = [(cfg.global_size, cfg.global_scale, p) for p in cfg.global_blur_p]
+    specs += [(cfg.local_size, cfg.local_scale, cfg.local_blur_p)] * cfg.n_local
+    mean = torch.tensor(cfg.normalization.mean, device=tiles.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.normalization.std, device=tiles.device).view(1, 3, 1, 1)
     return [
-        (_views(tiles, size, scale, blur_p, cfg, g) - mean) / std
-        for size, scale, blur_p in _view_specs(cfg)
+        (_views(tiles, integral, size, scale, blur_p, cfg, g) - mean) / std
+        for size, scale, blur_p in specs
     ]
