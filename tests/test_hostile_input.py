@@ -347,10 +347,11 @@ def screened(
 ) -> Iterator[dict]:
     """Two batches on the moto S3 store, screened in one run with the toy models.
 
-    ``hostile/b1`` is put in place the way any S3 client can (objects, then ``commit_batch``,
-    which checks sizes only): good slides, the broken catalogue (less the zero-byte file, which
-    no manifest can declare), a corrupt JPEG tile, a wrong checksum and an object emptied after
-    its commit. ``private/b1`` goes through ``upload_batch`` with a slide whose file name and
+    ``hostile/b1`` is put in place the way a center's own S3 client can (objects, then a
+    commit marker it writes itself: ``commit_batch`` without its checksum check): good
+    slides, the broken catalogue (less the zero-byte file, which no manifest can declare), a
+    corrupt JPEG tile, a wrong checksum and an object emptied after its commit.
+    ``private/b1`` goes through ``upload_batch`` with a slide whose file name and
     ImageDescription carry ``SENTINEL``. The test process's log records (DEBUG and up) are
     collected while it runs.
     """
@@ -381,7 +382,9 @@ def screened(
         entries.append(
             SlideEntry(slide_id=kind, path=rel, sha256=digest, bytes=path.stat().st_size)
         )
-    commit_batch(store, Manifest(center="hostile", batch="b1", slides=entries))
+    commit_batch(
+        store, Manifest(center="hostile", batch="b1", slides=entries), verify_checksums=False
+    )
     store.write_bytes(f"{prefix}/emptied.svs", b"")  # replaced after the commit
 
     private = tmp / "private"

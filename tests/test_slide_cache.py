@@ -41,14 +41,15 @@ def test_s3_slide_is_downloaded_verified_and_opens(s3_store: Store, tmp_path: Pa
 
     local = cache.local_path(s3_store, "incoming/c1/b1/s.svs", digest, size)
 
-    assert local == tmp_path / "cache" / digest[:2] / digest
+    assert local.parent.parent == tmp_path / "cache"
     assert local.read_bytes() == slide.read_bytes()
     with open_slide(local, name="s.svs") as opened:
         assert opened.info.vendor == "aperio"
-    assert cache_files(cache) == [digest]  # no temp file or lock left behind
-    # a hit needs no download: it works even once the object is gone
-    s3_store.delete("incoming/c1/b1/s.svs")
+    assert cache_files(cache) == [local.name]  # no temp file or lock left behind
+    # a hit re-reads nothing: the same entry, never rewritten
+    inode = local.stat().st_ino
     assert cache.local_path(s3_store, "incoming/c1/b1/s.svs", digest, size) == local
+    assert local.stat().st_ino == inode
 
 
 def test_checksum_mismatch_names_the_key_and_keeps_nothing(s3_store: Store, tmp_path: Path):
@@ -65,9 +66,9 @@ def test_checksum_mismatch_names_the_key_and_keeps_nothing(s3_store: Store, tmp_
 def test_size_mismatch_is_refused(s3_store: Store, tmp_path: Path):
     digest, size = put(s3_store, "k.svs", b"x" * 5000)
     cache = SlideCache(tmp_path / "cache", max_bytes=10**6)
-    with pytest.raises(SlideError, match="more than 4000 bytes in the object, expected 4000"):
+    with pytest.raises(SlideError, match="5000 bytes in the store, the manifest says 4000"):
         cache.local_path(s3_store, "k.svs", digest, 4000)
-    with pytest.raises(SlideError, match="only 5000 bytes in the object, expected 6000"):
+    with pytest.raises(SlideError, match="5000 bytes in the store, the manifest says 6000"):
         SlideCache(tmp_path / "c2", max_bytes=10**6).local_path(s3_store, "k.svs", digest, 6000)
     assert cache.local_path(s3_store, "k.svs", digest, size).stat().st_size == 5000
 
@@ -110,12 +111,13 @@ def test_missing_object_is_a_slide_error(s3_store: Store, tmp_path: Path):
         cache.local_path(s3_store, "missing.svs", "b" * 64, None)
 
 
-def test_object_without_checksum_is_filed_under_what_it_hashes_to(s3_store, tmp_path):
-    digest, _ = put(s3_store, "any.svs", b"inspect me")
+def test_object_without_checksum_is_cached_as_it_is(s3_store, tmp_path):
+    put(s3_store, "any.svs", b"inspect me")
     cache = SlideCache(tmp_path / "cache", max_bytes=KB)
     path = cache.local_path(s3_store, "any.svs", None, None)
-    assert path == tmp_path / "cache" / digest[:2] / digest
-    assert cache_files(cache) == [digest]
+    assert path.read_bytes() == b"inspect me"
+    assert cache_files(cache) == [path.name]
+    assert cache.local_path(s3_store, "any.svs", None, None) == path
 
 
 def test_leftovers_of_a_dead_download_are_cleaned_up(s3_store: Store, tmp_path: Path):
@@ -124,9 +126,9 @@ def test_leftovers_of_a_dead_download_are_cleaned_up(s3_store: Store, tmp_path: 
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"\0" * 90 * KB)  # reserved by a process that died
     digest, size = put(s3_store, "k", os.urandom(20 * KB))
-    cache.local_path(s3_store, "k", digest, size)
+    local = cache.local_path(s3_store, "k", digest, size)
     assert not stale.exists()
-    assert cache_files(cache) == [digest]
+    assert cache_files(cache) == [local.name]
 
 
 def _fetch(config, root: str, key: str, digest: str, size: int) -> tuple[str, int]:
@@ -141,7 +143,7 @@ def test_processes_asking_for_one_slide_share_one_download(s3_store: Store, tmp_
         results = pool.starmap(_fetch, [args] * 3)
     assert len(set(results)) == 1  # same path, same inode: the entry was never replaced
     cache = SlideCache(tmp_path / "cache", max_bytes=1)
-    assert cache_files(cache) == [digest]
+    assert cache_files(cache) == [Path(results[0][0]).name]
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-2"])

@@ -70,7 +70,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
         from smartccs.service import client
 
         token = client.resolve_token(args.token)
-    ref = upload_batch(args.dir, center=args.center, batch=args.batch, store=store)
+    ref = upload_batch(
+        args.dir, center=args.center, batch=args.batch, store=store, break_lease=args.break_lease
+    )
     print(f"committed {len(ref.manifest.slides)} slides to {store.uri(ref.prefix)}")
     if not args.submit:
         return 0
@@ -269,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="the center's service token (default: $CCS_TOKEN)")
     p.add_argument("--adapt", choices=("none", "smartccs", "tent"), help="with --submit")
     p.add_argument("--wait", action="store_true", help="with --submit: follow it to the end")
+    p.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take over the batch from an upload that is known to be dead, even if its lease "
+        "looks alive (another host's upload stops heartbeating after a minute anyway)",
+    )
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("token", help="a new service token for a center, and its config digest")

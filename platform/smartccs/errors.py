@@ -48,13 +48,13 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One line per problem, each naming the field path (``slides.2.sha256: ...``)."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(_printable(str(x)) for x in err["loc"]) or "(root)"
-        msg = _printable(err["msg"].removeprefix("Value error, "))
+        loc = ".".join(printable(str(x)) for x in err["loc"]) or "(root)"
+        msg = printable(err["msg"].removeprefix("Value error, "))
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """``text``, or its repr when it holds a newline or other control: field names come from
     the document being refused, and must not break the message onto a second line."""
     return text if text.isprintable() else repr(text)

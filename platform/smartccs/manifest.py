@@ -1,5 +1,6 @@
 """The batch manifest: what a center uploads beside its slides (DESIGN.md, Contracts)."""
 
+import codecs
 import json
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
@@ -17,9 +18,13 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lower-case
 
 
 class SlideEntry(BaseModel):
-    """One slide of a batch."""
+    """One slide of a batch.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict: ``"bytes": "123"``, ``"mpp": true`` or ``"mpp": "0.5"`` are refused, not coerced; a
+    client that writes numbers as strings has a bug that its checksums may share.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     slide_id: Id
     path: str = Field(description="path of the slide file relative to the batch folder")
@@ -52,7 +57,7 @@ class SlideEntry(BaseModel):
 class Manifest(BaseModel):
     """A batch of slides from one center; the unit of upload, screening and results."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     center: Id
@@ -82,7 +87,14 @@ class Manifest(BaseModel):
 
     @classmethod
     def loads(cls, data: bytes | str, source: str = MANIFEST_NAME) -> "Manifest":
-        """Parse and validate, naming ``source`` and the offending field on failure."""
+        """Parse and validate, naming ``source`` and the offending field on failure.
+
+        A UTF-8 byte order mark, which Windows editors write, is accepted and dropped.
+        """
+        if isinstance(data, bytes):
+            data = data.removeprefix(codecs.BOM_UTF8)
+        else:
+            data = data.removeprefix("\ufeff")
         try:
             return cls.model_validate_json(data)
         except ValidationError as exc:

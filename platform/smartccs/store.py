@@ -8,8 +8,10 @@ whole-object write and a create-if-absent write for commit markers.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import uuid
@@ -19,7 +21,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from smartccs.errors import StoreError
+from smartccs.checksums import CHUNK, sha256_stream
+from smartccs.errors import StoreError, printable
 from smartccs.faults import fault_point
 
 if TYPE_CHECKING:
@@ -101,6 +104,11 @@ class StoreConfig(BaseModel):
         return cls(uri=uri or os.environ.get("CCS_STORE") or DEFAULT_STORE_URI)
 
 
+S3_MAX_KEY_BYTES = 1024
+STAGING_OVERHEAD = len(".") + len(".tmp-") + 32
+"""Bytes :func:`_staging` adds to a file name."""
+LOCAL_MAX_NAME_BYTES = 255 - STAGING_OVERHEAD
+
 _STAGING_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 """Names :func:`_staging` gives."""
 
@@ -161,15 +169,51 @@ class Store:
         return scheme + self.path(*key)
 
     def key_of(self, uri_or_path: str) -> str:
-        """Inverse of :meth:`uri`/:meth:`path`: the key of a URI inside this store."""
-        p = urlparse(uri_or_path)
-        path = _join(p.netloc, p.path) if p.scheme in ("s3", "s3a") else p.path or uri_or_path
+        """Inverse of :meth:`uri`/:meth:`path`: the key of a URI inside this store.
+
+        Parsed by hand, not with ``urlparse``: a key may hold ``?`` or ``#``, which a URL parser
+        takes for a query or a fragment and cuts off.
+        """
+        scheme, sep, rest = uri_or_path.partition("://")
+        if not sep:
+            scheme, rest = "", uri_or_path
+        if scheme in ("s3", "s3a"):
+            path = _join(rest)
+        elif scheme in ("", "file"):
+            path = rest
+        else:
+            raise StoreError(f"{uri_or_path!r} is not inside store {self.uri()!r}")
         if self.protocol == "file":
             path = str(Path(path).resolve())
+        return self._relative(path, uri_or_path)
+
+    def _relative(self, fs_path: str, shown: str) -> str:
         root = self.root
-        if path != root and not path.startswith(root.rstrip("/") + "/"):
-            raise StoreError(f"{uri_or_path!r} is not inside store {self.uri()!r}")
-        return path[len(root) :].strip("/")
+        if fs_path != root and not fs_path.startswith(root.rstrip("/") + "/"):
+            raise StoreError(f"{shown!r} is not inside store {self.uri()!r}")
+        return fs_path[len(root) :].strip("/")
+
+    def check_key(self, key: str) -> None:
+        """Refuse, before any write, a key this store could not hold with its staging name.
+
+        A local store writes ``.<name>.tmp-<32 hex>`` beside each object, so a name may use at
+        most ``NAME_MAX - STAGING_OVERHEAD`` bytes; S3 allows 1024 bytes in a whole key.
+        """
+        if self.protocol == "s3":
+            size = len(self.path(key).partition("/")[2].encode())
+            if size > S3_MAX_KEY_BYTES:
+                raise StoreError(
+                    f"{printable(key)}: the key is {size} bytes, S3 allows {S3_MAX_KEY_BYTES}"
+                )
+            return
+        for part in key.split("/"):
+            size = len(part.encode())
+            if size > LOCAL_MAX_NAME_BYTES:
+                raise StoreError(
+                    f"{printable(key)}: the name {printable(part[:40])}... is {size} bytes; a "
+                    f"local store allows {LOCAL_MAX_NAME_BYTES} (its file system's 255 less the "
+                    f"staging suffix)"
+                )
 
     # --- filesystems ------------------------------------------------------------------------
     @functools.cached_property
@@ -247,6 +291,36 @@ class Store:
         except FileNotFoundError:
             raise StoreError(f"{self.uri(*key)} does not exist") from None
 
+    def read_bytes_or_none(self, *key: str) -> bytes | None:
+        """The object's bytes, or None if it does not exist (for leases and markers)."""
+        self._fresh(self.path(*key))
+        try:
+            return self.read_bytes(*key)
+        except StoreError:
+            return None
+
+    def sha256(self, key: str) -> str:
+        """sha256 of an object's content: S3's own full-object SHA-256 checksum where the
+        uploader had S3 compute one (no read), else hashed from a streamed read."""
+        if self.protocol == "s3":
+            bucket, _, obj = self.path(key).partition("/")
+            try:
+                head = self._s3_client.head_object(Bucket=bucket, Key=obj, ChecksumMode="ENABLED")
+            except self._s3_client.exceptions.ClientError as exc:
+                raise StoreError(f"{self.uri(key)}: {exc}") from None
+            value = head.get("ChecksumSHA256") or ""
+            if (
+                value
+                and "-" not in value
+                and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+            ):
+                return base64.b64decode(value).hex()
+        try:
+            with self.open_input(key) as f:
+                return sha256_stream(f)
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri(key)} does not exist") from None
+
     def list(self, *prefix: str) -> list[str]:
         """Keys of every object under ``prefix`` (recursive), relative to the store root."""
         base = self._fresh(self.path(*prefix))
@@ -254,7 +328,7 @@ class Store:
             found = self.fs.find(base)
         except FileNotFoundError:
             return []
-        return sorted(self.key_of(self._as_uri(p)) for p in found)
+        return sorted(self._relative(p, p) for p in found)
 
     def _fresh(self, path: str) -> str:
         """Drop s3fs's cached listing of ``path``: other processes write to the store (a
@@ -302,20 +376,43 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def put_file(self, local_path: str | Path, key: str) -> None:
-        """Copy a local file to ``key`` atomically (multipart on S3 completes all-or-nothing)."""
+    def put_file(self, local_path: str | Path, key: str) -> str:
+        """Copy a local file to ``key`` atomically; the sha256 of the bytes that were sent.
+
+        The hash is taken from the very chunks written, so a caller comparing it with the
+        checksum it validated knows the object holds those bytes, even if the file changed
+        since. Locally a staging file is renamed into place; on S3 a multipart upload completes
+        all-or-nothing and is aborted on any error.
+        """
         path = self.path(key)
+        digest = hashlib.sha256()
         if self.protocol == "s3":
-            self.fs.put_file(str(local_path), path)
-            return
+            with open(local_path, "rb") as src:
+                dst = self.fs.open(path, "wb")
+                try:
+                    while chunk := src.read(CHUNK):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                except BaseException:
+                    dst.discard()  # abort: no object, not even a truncated one
+                    raise
+                dst.close()
+            self.fs.invalidate_cache(path)
+            return digest.hexdigest()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = _staging(path)
         try:
-            self.fs.cp_file(str(local_path), tmp)
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        return digest.hexdigest()
 
     def remove_staging(self, *prefix: str) -> list[str]:
         """Delete the staging files that writers killed mid-write left under ``prefix``; the
@@ -376,6 +473,3 @@ class Store:
         path = self.path(*prefix)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
-
-    def _as_uri(self, fs_path: str) -> str:
-        return ("s3://" if self.protocol == "s3" else "") + fs_path

@@ -7,7 +7,10 @@ never a partial batch in the store.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -15,7 +18,15 @@ from tqdm.auto import tqdm
 from smartccs import layout
 from smartccs.batches import UPLOAD_LEASE, BatchRef, UploadLease, commit_batch, is_committed
 from smartccs.checksums import sha256_file
-from smartccs.errors import AlreadyCommittedError, CCSError, InvalidIdError, ManifestError
+from smartccs.errors import (
+    AlreadyCommittedError,
+    CCSError,
+    InvalidIdError,
+    ManifestError,
+    StoreError,
+    printable,
+)
+from smartccs.faults import fault_point
 from smartccs.ids import validate_id
 from smartccs.manifest import MANIFEST_NAME, Manifest, SlideEntry
 from smartccs.store import Store
@@ -50,15 +61,16 @@ def prepare_batch(
         given = Manifest.loads(manifest_path.read_bytes(), str(manifest_path))
         candidates = [(s, s.slide_id, s.path) for s in given.slides]
     else:
-        files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-        if not files:
+        files, unreadable = _folder_files(root)
+        problems += unreadable
+        if not files and not unreadable:
             raise UploadError(f"{directory}: no slide files and no {MANIFEST_NAME}")
         for p in files:
             stem = p.name.split(".", 1)[0]
             try:
                 candidates.append((None, validate_id(stem, "slide id"), p.name))
             except InvalidIdError as exc:
-                problems.append(f"{p.name}: {exc}")
+                problems.append(f"{printable(p.name)}: {exc}")
         ids = [sid for _, sid, _ in candidates]
         problems += [
             f"slide id {sid!r} is used by more than one file"
@@ -71,18 +83,23 @@ def prepare_batch(
     )
     for given_entry, slide_id, rel in bar:
         path = root / rel
-        if not path.is_file():
-            problems.append(f"{rel}: listed in {MANIFEST_NAME} but not found")
+        missing = _not_a_file(path)
+        if missing:
+            problems.append(f"{rel}: listed in {MANIFEST_NAME} but {missing}")
             continue
-        size = path.stat().st_size
+        before = _identity(path)
+        size = before[0]
         try:
             mpp = given_entry.mpp if given_entry else None
             with open_slide(path, mpp_override=mpp, name=rel) as slide:
                 info = slide.info
+            digest = sha256_file(path)
         except CCSError as exc:
             problems.append(str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}")
             continue
-        digest = sha256_file(path)
+        if _identity(path) != before:
+            problems.append(f"{rel}: changed while it was being validated; upload again")
+            continue
         if given_entry is not None:
             if given_entry.sha256 != digest:
                 problems.append(f"{rel}: sha256 does not match {MANIFEST_NAME}")
@@ -121,20 +138,41 @@ def prepare_batch(
 
 
 def upload_batch(
-    directory: str | Path, *, center: str, batch: str, store: Store, progress: bool = True
+    directory: str | Path,
+    *,
+    center: str,
+    batch: str,
+    store: Store,
+    progress: bool = True,
+    break_lease: bool = False,
 ) -> BatchRef:
-    """Validate, copy and commit a batch; refuses to touch a batch that is already committed."""
+    """Validate, copy and commit a batch; never touches a batch that is already committed.
+
+    Two uploads of one batch race for its lease; the commit state is checked again once the
+    lease is held, so an upload that validated while another one committed stops there, and
+    only objects of an uncommitted batch are ever removed.
+    """
     if is_committed(store, center, batch):
-        raise AlreadyCommittedError(
-            f"{store.uri(layout.incoming(center, batch))} is already committed; "
-            "batches are never overwritten, upload under a new batch id"
-        )
+        raise _already_committed(store, center, batch)
     manifest, root = prepare_batch(directory, center, batch, progress=progress)
     prefix = layout.incoming(center, batch)
+    too_long = []
+    for s in manifest.slides:
+        try:
+            store.check_key(f"{prefix}/{s.path}")
+        except StoreError as exc:
+            too_long.append(str(exc))
+    if too_long:
+        raise UploadError(
+            f"{len(too_long)} problem(s) in {directory}, nothing uploaded:\n" + "\n".join(too_long)
+        )
     total = sum(s.bytes for s in manifest.slides)
-    with UploadLease(store, center, batch):
+    with UploadLease(store, center, batch, break_lease=break_lease) as lease:
+        if is_committed(store, center, batch):  # committed by another upload while we validated
+            raise _already_committed(store, center, batch)
         stale = [k for k in store.list(prefix) if not k.endswith(f"/{UPLOAD_LEASE}")]
         if stale:
+            lease.check()
             log.info("removing %d objects left by an unfinished upload of %s", len(stale), prefix)
             for key in stale:
                 store.delete(key)
@@ -146,8 +184,63 @@ def upload_batch(
             disable=None if progress else True,  # None: only on a terminal
         ) as bar:
             for s in manifest.slides:
-                store.put_file(root / s.path, f"{prefix}/{s.path}")
+                key = f"{prefix}/{s.path}"
+                sent = store.put_file(root / s.path, key)
+                fault_point("upload.copy", key)
+                if sent != s.sha256:
+                    raise UploadError(
+                        f"{s.path}: changed after it was validated (the bytes sent hash to "
+                        f"{sent[:12]}..., validation saw {s.sha256[:12]}...); nothing committed, "
+                        "upload again once the file is final"
+                    )
                 bar.update(s.bytes)
-        ref = commit_batch(store, manifest)
+        lease.check()
+        ref = commit_batch(store, manifest, verify_checksums=False)  # hashed as sent, above
     log.info("committed %s: %d slides, %d bytes", store.uri(prefix), len(manifest.slides), total)
     return ref
+
+
+def _already_committed(store: Store, center: str, batch: str) -> AlreadyCommittedError:
+    return AlreadyCommittedError(
+        f"{store.uri(layout.incoming(center, batch))} is already committed; batches are never "
+        "overwritten, upload under a new batch id"
+    )
+
+
+def _folder_files(root: Path) -> tuple[list[Path], list[str]]:
+    """The visible top-level files of an upload folder, and a problem per broken link.
+
+    A symlink to a readable file, inside the folder or not, is followed: its content is
+    uploaded under the link's name (a center may link slides from a scanner's share). A
+    dangling link or a loop is a problem: batches are immutable, so a slide silently left out
+    could never be added. Sub-folders are not slides and are skipped.
+    """
+    files, problems = [], []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        missing = _not_a_file(p)
+        if missing is None:
+            files.append(p)
+        elif p.is_symlink():
+            problems.append(f"{printable(p.name)}: {missing}")
+    return files, problems
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` is not a readable regular file (following links), or None."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if path.is_symlink():
+            return f"is a dangling symlink (to {printable(os.readlink(path))})"
+        return "not found"
+    return None if stat.S_ISREG(st.st_mode) else "is not a regular file"
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    """(size, mtime, inode): if any moves during validation, what was checked is not the file."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino

@@ -1,10 +1,14 @@
 """A bounded local copy of slides that live in S3, shared by every process on a machine.
 
 OpenSlide reads local files only, so a slide in an S3 store is downloaded once per machine
-into ``<root>/<sha256[:2]>/<sha256>`` and reused by every worker there. The manifest's sha256
-is the key: content-addressed entries are never stale, and the checksum is verified while the
-bytes stream in, so a corrupt or substituted upload fails with its key named instead of being
-screened. The total size is bounded; the least recently used entries are evicted first.
+into ``<root>/<id[:2]>/<id>`` and reused by every worker there. The entry's id names the
+object itself: its URI, the ETag S3 gave the version read (a HEAD per lookup) and the sha256
+the manifest claims. A claimed hash alone is not a key: a center that stores other bytes
+under a manifest claiming another center's sha256 would be handed that center's slide on a
+hit, and a hit would tell it that slide was screened here. So a center only ever hits entries
+made from its own object, and every entry was verified against the manifest's sha256 while
+its bytes streamed in: a corrupt or substituted upload fails with its key named instead of
+being screened. The total size is bounded; the least recently used entries are evicted first.
 
 Concurrency across processes uses ``fcntl`` locks: one per entry (a second process asking
 for the same slide waits for the first download instead of starting another) and one for
@@ -85,24 +89,28 @@ class SlideCache:
 
         ``sha256`` and ``size`` come from the manifest. A local store's file is returned in
         place (no copy; its size is checked, hashing a slide on every open would cost more
-        than reading it). Without a ``sha256`` (inspecting an arbitrary object) the download
-        is hashed and filed under what it hashes to, so it is not checked against anything.
+        than reading it). Without a ``sha256`` (inspecting an arbitrary object) the object's
+        bytes are cached as they are, checked against nothing.
         """
         uri = store.uri(key)
         if store.protocol == "file":
             return _local_file(Path(store.path(key)), uri, size)
         if sha256 is not None and not _SHA_RE.fullmatch(sha256):
             raise SlideError(f"{uri}: invalid sha256 {sha256!r} (64 lower-case hex digits)")
+        actual, etag = _remote_identity(store, key, uri)
         if size is None:
-            size = _remote_size(store, key, uri)
+            size = actual
+        elif actual != size:
+            raise SlideError(
+                f"{uri}: {actual} bytes in the store, the manifest says {size}: "
+                "the object changed or the manifest is wrong"
+            )
         if size > self.max_bytes:
             raise SlideError(
                 f"{uri}: {size / 2**30:.2f} GiB does not fit in the slide cache "
                 f"({self.max_bytes / 2**30:.2f} GiB at {self.root}); raise CCS_SLIDE_CACHE_GB"
             )
-        if sha256 is None:
-            return self._download_unknown(store, key, uri, size)
-        entry = self._entry(sha256)
+        entry = self._entry(_object_id(uri, etag, size, sha256))
         if self._hit(entry, size):
             return entry
         with self._locked(entry):
@@ -112,8 +120,8 @@ class SlideCache:
         return entry
 
     # --- entries ----------------------------------------------------------------------------
-    def _entry(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256
+    def _entry(self, name: str) -> Path:
+        return self.root / name[:2] / name
 
     @staticmethod
     def _hit(entry: Path, size: int) -> bool:
@@ -196,17 +204,6 @@ class SlideCache:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-
-    def _download_unknown(self, store: Store, key: str, uri: str, size: int) -> Path:
-        """Download to a private name, then file it under the sha256 it turns out to have."""
-        staging = self._entry("0" * 64).with_name(f"unknown-{uuid.uuid4().hex}")
-        with self._locked(staging):
-            got = self._download(store, key, uri, None, size, staging)
-            entry = self._entry(got)
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            with self._locked(entry):
-                os.replace(staging, entry)
-        return entry
 
     # --- eviction ---------------------------------------------------------------------------
     def _evict(self, incoming: int) -> None:
@@ -296,8 +293,20 @@ def _local_file(path: Path, uri: str, size: int | None) -> Path:
     return path
 
 
-def _remote_size(store: Store, key: str, uri: str) -> int:
+def _remote_identity(store: Store, key: str, uri: str) -> tuple[int, str]:
+    """(size, ETag) of the object as it is now: a fresh HEAD, never s3fs's cached listing."""
+    path = store.path(key)
+    store.fs.invalidate_cache(path)
     try:
-        return int(store.fs.info(store.path(key))["size"])
+        info = store.fs.info(path)
     except FileNotFoundError:
         raise SlideError(f"{uri}: not found in the store") from None
+    etag = str(info.get("ETag") or info.get("etag") or "")
+    if not etag:
+        raise SlideError(f"{uri}: the store gave no ETag, so a cached copy cannot be tied to it")
+    return int(info["size"]), etag
+
+
+def _object_id(uri: str, etag: str, size: int, sha256: str | None) -> str:
+    """The cache entry's name: one object version, as read, verified against one claim."""
+    return hashlib.sha256(f"{uri}\n{etag}\n{size}\n{sha256 or ''}".encode()).hexdigest()
