@@ -1,9 +1,13 @@
-"""Connecting to Ray the same way from the CLI, the jobs and the tests."""
+"""Connecting to Ray the same way from the CLI, the jobs and the tests, and checking that a
+run's actors and tasks can all be placed on it before the run starts."""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
+
+from smartccs.errors import CCSError
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +36,128 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         runtime_env={"env_vars": env},
         configure_logging=False,
     )
+
+
+class ClusterTooSmallError(CCSError):
+    """A run whose actors and tasks cannot all be placed at once: Ray would start what fits and
+    wait for the rest for ever, so the run stops before it starts, saying which settings."""
+
+
+class Demand(NamedTuple):
+    """``count`` actors or tasks of one kind that must be placed at once, ``one`` each."""
+
+    label: str  # the settings behind it, as a user would change them
+    one: dict[str, float]
+    count: int = 1
+
+
+_KINDS = ("CPU", "GPU")
+_EPS = 1e-9
+
+
+def cluster_nodes(units: int) -> tuple[list[dict[str, float]], bool] | None:
+    """Each node's CPUs and GPUs a run can count on, and whether they come from the autoscaler.
+
+    With an autoscaler config (``ray up``, KubeRay) the nodes are every node group at its
+    ``max_count`` (up to ``units`` of each: no run places more), so a cluster that scales from
+    zero or has not finished starting is judged on what it can become, not on what it has;
+    None when a group has no upper bound, as then anything may fit, or when the config cannot be
+    read. Without one, the alive nodes: a local Ray or a fixed cluster gains none on its own.
+    """
+    import ray
+
+    try:
+        from ray._private.state import state  # what Ray Data and Train read it with (2.60)
+
+        config = state.get_cluster_config()
+    except Exception as exc:  # a private API: if it moves, never fail a run on a guess
+        log.warning("cannot tell whether the cluster autoscales (%s): not checked", exc)
+        return None
+    if config is not None and config.node_group_configs:
+        nodes = []
+        for group in config.node_group_configs:
+            shape = {k: float(group.resources.get(k, 0)) for k in _KINDS}
+            if group.max_count == 0 or not any(shape.values()):
+                continue
+            if group.max_count < 0:
+                return None
+            nodes += [dict(shape) for _ in range(min(group.max_count, units))]
+        return nodes, True
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return [{k: float(r.get(k, 0.0)) for k in _KINDS} for r in alive], False
+
+
+def _fits(one: dict[str, float], free: dict[str, float]) -> bool:
+    return all(one.get(k, 0.0) <= free.get(k, 0.0) + _EPS for k in _KINDS)
+
+
+def unplaced(demands: list[Demand], nodes: list[dict[str, float]]) -> Demand | None:
+    """The first demand that first-fit, largest first, cannot place on ``nodes``; None if all
+    fit. Ray packs actors and tasks much the same way, one node at a time."""
+    free = [dict(n) for n in nodes]
+    units = [d for d in demands for _ in range(d.count)]
+    for d in sorted(units, key=lambda d: tuple(-d.one.get(k, 0.0) for k in reversed(_KINDS))):
+        node = next((f for f in free if _fits(d.one, f)), None)
+        if node is None:
+            return d
+        for k in _KINDS:
+            node[k] = node.get(k, 0.0) - d.one.get(k, 0.0)
+    return None
+
+
+def _n(amount: float, kind: str) -> str:
+    return f"{amount:g} {kind}" + ("" if amount == 1 else "s")
+
+
+def _amount(resources: dict[str, float]) -> str:
+    return " and ".join(_n(resources.get(k, 0.0), k) for k in _KINDS if resources.get(k))
+
+
+def placement_error(
+    what: str, demands: list[Demand], nodes: list[dict[str, float]], hint: str, autoscaled: bool
+) -> str | None:
+    """Why ``demands`` cannot all run at once on ``nodes``, in one line ending in ``hint``; None
+    when they can."""
+    short = unplaced(demands, nodes)
+    if short is None:
+        return None
+    has = "can grow to" if autoscaled else "has"
+    if not any(_fits(short.one, n) for n in nodes):
+        biggest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in _KINDS}
+        return (
+            f"{what}: one of {short.label} needs {_amount(short.one)} on one node but the "
+            f"nodes the cluster {has} hold at most {_amount(biggest) or 'none'} each; {hint}"
+        )
+    need = {k: sum(d.one.get(k, 0.0) * d.count for d in demands) for k in _KINDS}
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in _KINDS}
+    parts = ", ".join(d.label for d in demands)
+    over = [k for k in _KINDS if need[k] > total[k] + _EPS]
+    if over:
+        k = over[0]
+        return (
+            f"{what} needs {_n(need[k], k)} at once ({parts}) but the cluster {has} "
+            f"{_n(total[k], k)}; {hint}"
+        )
+    return (
+        f"{what} needs {_amount(need)} at once ({parts}): the cluster {has} that much in all, "
+        f"but split over its nodes not every actor and task fits; {hint}"
+    )
+
+
+def check_placement(what: str, demands: list[Demand], hint: str) -> None:
+    """Raise :class:`ClusterTooSmallError` when ``demands`` cannot all be placed at once on the
+    cluster (see :func:`cluster_nodes` for which nodes count; Ray is started the doors' way if
+    it is not yet). Only this run's own demands are weighed: other jobs holding resources make
+    it wait, as they release them, which is not a hang."""
+    import ray
+
+    if not ray.is_initialized():
+        init_ray()
+    found = cluster_nodes(sum(d.count for d in demands))
+    if found is None:
+        log.debug("%s: the autoscaler has an unbounded node group, nothing to check", what)
+        return
+    nodes, autoscaled = found
+    message = placement_error(what, demands, nodes, hint, autoscaled)
+    if message:
+        raise ClusterTooSmallError(message)

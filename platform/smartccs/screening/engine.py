@@ -32,6 +32,7 @@ from smartccs.batches import BatchRef
 from smartccs.data.tiles import StreamConfig, plan_stream, slide_rows, tile_stream
 from smartccs.ids import Id
 from smartccs.models.artifacts import load_card
+from smartccs.raycluster import MIN_LOCAL_CPUS, Demand, check_placement
 from smartccs.results.tables import ResultCommit, write_batch_results
 from smartccs.screening.bags import SlideBag, SlideKey, iter_bags
 from smartccs.screening.cells import CellConfig, CellScorer, ModelRef, encoder_ref
@@ -70,6 +71,34 @@ def embedding_dim(store: Store, detector: ModelRef) -> int:
         return int(build_from(load_card(store, enc.name, enc.version).architecture).num_features)
 
 
+def check_resources(stream: StreamConfig, pool: ScorerPool) -> None:
+    """Fail at once, naming the settings, when the cluster cannot hold the scorer pool (and in
+    split mode one reader) and still run a planning task beside them.
+
+    Ray Data starts every actor of a pool first: were they to take every CPU, planning would
+    wait for ever, with no error and no progress. An autoscaled cluster is judged on what its
+    config lets it grow to (``raycluster.cluster_nodes``), a fixed or local one on its nodes.
+    """
+    one = f"scorers.cpus={pool.cpus:g}"
+    one = f"({one}, scorers.gpus={pool.gpus:g})" if pool.gpus else one
+    label = f"scorers.actors={pool.actors} x {one}"
+    demands = [Demand(label, {"CPU": pool.cpus, "GPU": pool.gpus}, pool.actors)]
+    lower = "scorers.actors or scorers.cpus" + ("/gpus" if pool.gpus else "")
+    if not pool.fused:  # Ray Data starts one reader at least
+        reader = f"a reader of stream.reader_cpus={stream.reader_cpus:g}"
+        demands.append(Demand(reader, {"CPU": stream.reader_cpus}))
+        lower += " or stream.reader_cpus"
+    planner = f"stream.planner_cpus={stream.planner_cpus:g} for planning"
+    demands.append(Demand(planner, {"CPU": stream.planner_cpus}))
+    more = "CPUs or GPUs" if pool.gpus else "logical CPUs"
+    check_placement(
+        "screening",
+        demands,
+        f"lower {lower}, or give Ray more {more} (the CLI doors start a local Ray with at "
+        f"least {MIN_LOCAL_CPUS} CPUs)",
+    )
+
+
 def cell_stream(
     store: Store,
     rows: list[dict[str, Any]],
@@ -88,6 +117,7 @@ def cell_stream(
     """
     import ray
 
+    check_resources(stream, pool)
     tiling = load_card(store, detector.name, detector.version).tiling
     if tiling != stream.tiling:
         log.info("tiling from detector %s/%s: %s", detector.name, detector.version, tiling)
@@ -265,6 +295,7 @@ def screen_batches(
     batches adapt in order, each starting from the state the one before it left.
     """
     refs = list(refs)
+    check_resources(cfg.stream, cfg.scorers)  # before adaptation's tasks, which wait the same
     run_id = run_id or new_run_id()
     # resolves 'latest' once; classifier.ref is the pinned version
     ref = ModelRef(name=cfg.classifier_model, version=cfg.classifier_version)
