@@ -38,6 +38,7 @@ from service_setup import BATCH, bench_cohort, screening_config, serve_app, uplo
 from smartccs.raycluster import init_ray
 from smartccs.screening.job import ScreenJobConfig, run_screen_job
 from smartccs.service.auth import new_token
+from smartccs.service.client import absolute
 from smartccs.store import Store
 
 
@@ -91,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=len(centers)) as pool:
             t0 = time.perf_counter()
             first = list(pool.map(post, centers))
-            pending = {c: body["status_url"] for c, (_, body) in zip(centers, first, strict=True)}
+            pending = {
+                c: absolute(base, body["status_url"])
+                for c, (_, body) in zip(centers, first, strict=True)
+            }
             while pending:
                 for c, status_url in list(pending.items()):
                     auth = {"Authorization": f"Bearer {tokens[c][0]}"}

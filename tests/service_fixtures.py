@@ -33,16 +33,18 @@ def free_port() -> int:
 @contextmanager
 def run_app(args: dict) -> Iterator[str]:
     """serve.app's application with these arguments on the shared Ray, at a free port of
-    127.0.0.1; yields its base URL and shuts Serve down after."""
+    127.0.0.1; yields its base URL and shuts Serve down after. The base URL is the app's
+    ``public_url`` unless ``args`` names one (set in ``args``, so a test can read it)."""
     from ray import serve
 
     from smartccs.service.app import build
 
     port = free_port()
+    base = args.setdefault("public_url", f"http://127.0.0.1:{port}")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(args), name="smartccs", route_prefix="/")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield base
     finally:
         serve.shutdown()
 

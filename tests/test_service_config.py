@@ -43,3 +43,15 @@ def test_the_serve_door_builds_the_application():
 
     args = _serve_configs()["serve/config.yaml"]["applications"][0]["args"]
     assert isinstance(build(args), Application)
+
+
+def test_a_client_resolves_the_services_root_paths_on_the_url_it_called():
+    from smartccs.service.client import absolute
+
+    assert absolute("http://127.0.0.1:8000/", "/v1/batches/b-1") == (
+        "http://127.0.0.1:8000/v1/batches/b-1"
+    )
+    assert absolute("https://x.org/ccs", "/v1/batches/b-1") == "https://x.org/ccs/v1/batches/b-1"
+    assert absolute("http://a", "https://public.org/v1/batches/b-1") == (
+        "https://public.org/v1/batches/b-1"
+    )

@@ -17,14 +17,17 @@ from pathlib import Path
 import pytest
 import requests
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 
 from smartccs import layout
 from smartccs.batches import commit_batch
 from smartccs.checksums import sha256_file
 from smartccs.errors import CCSError
 from smartccs.manifest import Manifest, SlideEntry
-from smartccs.service.api import MAX_BODY_BYTES, create_app
+from smartccs.results.tables import PART_NAME
+from smartccs.service.api import BATCHES, MAX_BODY_BYTES, create_app
 from smartccs.service.auth import TokenBook, new_token, token_digest
+from smartccs.service.config import ServiceConfig
 from smartccs.service.records import batch_id
 
 pytestmark = [
@@ -275,3 +278,192 @@ def test_only_digests_are_kept_and_no_token_is_stored_or_logged(service, screene
         headers=_auth(tokens[screened_b["center"]]),
     )
     assert r.status_code == 200
+
+
+# --- issue 25, item 7: what an error answer may hold, and where URLs come from -------------
+NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
+"""Numbers Python's json module reads (NaN and Infinity are not JSON; 1e400 overflows to inf)
+and no JSON encoder may write back."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} in an answer")
+
+
+def _strict_json(text: str):
+    """``text`` as RFC 8259 JSON: a NaN, an Infinity or an overflowing number is an error."""
+
+    def number(s: str) -> float:
+        if abs(value := float(s)) == float("inf"):
+            raise ValueError(f"{s} in an answer")
+        return value
+
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=number)
+
+
+def _ingress_logs() -> dict[Path, int]:
+    """The Ingress replicas' log files on the shared Ray, with their current sizes."""
+    import ray._private.worker as ray_worker
+
+    serve_logs = Path(ray_worker._global_node.get_logs_dir_path()) / "serve"
+    return {p: p.stat().st_size for p in serve_logs.glob("replica_*Ingress*.log")}
+
+
+def _logged_since(marks: dict[Path, int], access: str, count: int) -> str:
+    """What the Ingress replicas logged after ``marks``, once ``count`` access lines
+    ``access`` (method, route and status: ``"GET /v1/batches/{bid}/results 409"``) are in it,
+    so that what the requests logged is there and read."""
+    deadline = time.monotonic() + 15
+    while True:
+        text = ""
+        for path in _ingress_logs():
+            with path.open("rb") as f:
+                f.seek(marks.get(path, 0))
+                text += f.read().decode(errors="replace")
+        if text.count(f" {access} ") >= count or time.monotonic() > deadline:
+            assert text.count(f" {access} ") >= count, (access, count, text[-3000:])
+            return text
+
+
+def _assert_no_store(store, text: str) -> None:
+    """No store URI, bucket or key prefix in an answer."""
+    bucket = store.config.uri.split("/")[2]
+    for secret in (store.config.uri, bucket, "incoming/", "results/", "runs/service", "s3://"):
+        assert secret not in text, (secret, text)
+
+
+def test_non_finite_numbers_in_any_body_are_422_naming_the_field_without_a_traceback(
+    service, screened_b
+):
+    """Every route that takes a body, found by walking the app, is sent NaN, +-Infinity and
+    +-1e400 in each field (and nested in an unknown one): each is a 422 whose ``loc`` names the
+    field, the answer is strict JSON without the value, and the Ingress logs no traceback."""
+    base, _, tokens, dirs, _ = service
+    center = sorted(dirs)[0]
+    routes = [
+        (method, route.path)
+        for route in create_app().routes
+        if isinstance(route, APIRoute) and route.body_field is not None
+        for method in sorted(route.methods)
+    ]
+    assert ("POST", "/v1/batches") in routes
+    marks, sent = _ingress_logs(), 0
+    for method, path in routes:
+        url = base + path.replace("{bid}", screened_b["bid"])
+        for field, wrap, loc in [
+            ("center", "{}", ["center"]),
+            ("batch", "{}", ["batch"]),
+            ("adapt", "{}", ["adapt"]),
+            ("weight", '[1, {{"x": {}}}]', ["weight", 1, "x"]),
+        ]:
+            for number in NON_FINITE:
+                raw = json.dumps({"center": center, "batch": "b1", field: "@"})
+                raw = raw.replace('"@"', wrap.format(number))
+                r = requests.request(
+                    method,
+                    url,
+                    data=raw,
+                    headers=_auth(tokens[center]) | {"content-type": "application/json"},
+                )
+                assert r.status_code == 422, (path, raw, r.status_code, r.text[:300])
+                [problem] = _strict_json(r.text)["detail"]
+                assert problem["loc"] == ["body", *loc], (raw, problem)
+                assert "input" not in problem, problem
+                sent += 1
+    logged = _logged_since(marks, f"{method} {path} 422", sent // len(routes))
+    assert "Traceback" not in logged, logged[-3000:]
+
+
+def test_results_that_do_not_match_their_commit_are_409_saying_what_to_do(service, screened_b):
+    """A done batch whose committed slides file was changed after its commit, is missing, or
+    whose results were retracted: a 409 (the stored state conflicts with the batch's record)
+    that says to ask the operator, showing nothing of the store, with no traceback logged."""
+    base, store, tokens, _, _ = service
+    b, bid = screened_b["center"], screened_b["bid"]
+    url, auth = f"{base}/v1/batches/{bid}/results", _auth(tokens[b])
+    prefix = layout.results("slides", b, BATCH)
+    part, marker = f"{prefix}/{PART_NAME}", f"{prefix}/{layout.COMMIT_MARKER}"
+    saved = {key: store.read_bytes(key) for key in (part, marker)}
+    marks = _ingress_logs()
+    answers = {}
+    try:
+        store.write_bytes(part, saved[part][:-1] + b"\0")
+        answers["changed"] = requests.get(url, headers=auth)
+        store.delete(part)
+        answers["missing"] = requests.get(url, headers=auth)
+        store.delete(marker)
+        answers["retracted"] = requests.get(url, headers=auth)
+    finally:
+        for key, data in saved.items():
+            store.write_bytes(key, data)
+    for what, r in answers.items():
+        assert r.status_code == 409, (what, r.status_code, r.text[:300])
+        detail = r.json()["detail"]
+        assert bid in detail and "operator" in detail, (what, detail)
+        _assert_no_store(store, r.text)
+    logged = _logged_since(marks, "GET /v1/batches/{bid}/results 409", len(answers))
+    assert "Traceback" not in logged, logged[-3000:]
+    assert requests.get(url, headers=auth).status_code == 200, "restored, it reads again"
+
+
+def test_error_answers_name_what_is_missing_never_the_store(service, screened_b):
+    """404s (a batch never uploaded, an unknown id), 403s and 401s say what is wrong in words;
+    none shows the store's URI, bucket or any key."""
+    base, store, tokens, dirs, _ = service
+    a = sorted(dirs)[0]
+    bid = screened_b["bid"]
+    not_uploaded = requests.post(
+        f"{base}/v1/batches",
+        json={"center": a, "batch": "never-uploaded"},
+        headers=_auth(tokens[a]),
+    )
+    assert not_uploaded.status_code == 404, not_uploaded.text
+    detail = not_uploaded.json()["detail"]
+    assert "never-uploaded" in detail and "not committed" in detail and "ccs upload" in detail
+    answers = [
+        not_uploaded,
+        requests.get(f"{base}/v1/batches/b-{'0' * 20}", headers=_auth(tokens[a])),
+        requests.get(f"{base}/v1/batches/b-{'0' * 20}/results", headers=_auth(tokens[a])),
+        requests.get(f"{base}/v1/batches/{bid}/results", headers=_auth(tokens[a])),
+        requests.get(f"{base}/v1/batches/{bid}"),
+    ]
+    assert [r.status_code for r in answers] == [404, 404, 404, 403, 401]
+    for r in answers:
+        _assert_no_store(store, r.text)
+
+
+@pytest.mark.parametrize(
+    "spoof",
+    [
+        {"Host": "evil.example"},
+        {"Host": "evil.example:8443", "X-Forwarded-Proto": "https"},
+        {"X-Forwarded-Host": "evil.example", "Forwarded": "host=evil.example;proto=https"},
+    ],
+)
+def test_status_urls_come_from_the_config_never_the_request_headers(
+    service, screened_b, spoof: dict[str, str]
+):
+    """The submit answer's URLs are built from ``public_url`` (the fixture sets it to the
+    app's address): a client's Host or forwarding headers cannot point them elsewhere."""
+    base, _, tokens, _, _ = service
+    b, bid = screened_b["center"], screened_b["bid"]
+    r = requests.post(
+        f"{base}/v1/batches", json={"center": b, "batch": BATCH}, headers=_auth(tokens[b]) | spoof
+    )
+    assert r.status_code == 200, r.text  # submitted before: the same batch
+    sub = r.json()
+    assert sub["status_url"] == f"{base}/v1/batches/{bid}", sub
+    assert sub["results_url"] == f"{base}/v1/batches/{bid}/results", sub
+    assert requests.get(sub["status_url"], headers=_auth(tokens[b])).json()["batch_id"] == bid
+
+
+def test_without_a_public_url_the_urls_are_paths_from_the_services_root():
+    """Unset, ``public_url`` gives paths a client resolves against the URL it called; set, it
+    is the base, path prefix included, and a base with a query or credentials is refused."""
+    bid = batch_id("c1", "b1")
+    assert ServiceConfig().public(f"{BATCHES}/{bid}") == f"/v1/batches/{bid}"
+    cfg = ServiceConfig(public_url="https://screening.example.org/ccs/")
+    assert cfg.public(f"{BATCHES}/{bid}") == f"https://screening.example.org/ccs/v1/batches/{bid}"
+    for bad in ("https://x.org/?a=1", "https://u:p@x.org", "https://x.org/#f", "ftp://x.org"):
+        with pytest.raises(ValidationError, match="public_url"):
+            ServiceConfig(public_url=bad)

@@ -2,29 +2,42 @@
 
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>``; the token names a
 center, which may submit and read only its own batches. Bodies are pydantic models, so a bad
-one is a 422 naming the field.
+one is a 422 naming the field. No answer names the store or a key in it: a center knows its
+batches by center, batch and batch id, and the store's layout is the operator's business.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import time
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.adaptation.config import Method
 from smartccs.batches import is_committed
 from smartccs.ids import Id
-from smartccs.results.tables import read_table
+from smartccs.results.tables import ResultsError, read_table
 from smartccs.service.auth import TokenBook
 from smartccs.service.config import ServiceConfig
-from smartccs.service.records import BatchQueue, BatchRecord, batch_id
+from smartccs.service.records import BatchQueue, BatchRecord, batch_id, is_batch_id
 from smartccs.service.worker import service_store
 
+log = logging.getLogger(__name__)
+
 API_VERSION = "v1"
+BATCHES = f"/{API_VERSION}/batches"
+"""The batches' routes: ``BATCHES`` (submit), ``BATCHES/<id>`` (status), ``.../results``."""
+
+RETRY_AFTER_S = 60
+"""What a 503 asks a client to wait before it tries again."""
 
 MAX_BODY_BYTES = 64 * 1024
 """Request bodies above this are refused (413) before they are parsed: a submission is a few
@@ -45,8 +58,85 @@ class Submitted(BaseModel):
     batch_id: str
     state: str
     new: bool
-    status_url: str
-    results_url: str
+    status_url: str = Field(
+        description="the config's public_url + /v1/batches/<id>; the path alone without one"
+    )
+    results_url: str = Field(description="status_url + /results")
+
+
+NOT_FINITE = "finite_number"
+"""The 422 ``type`` of a non-finite number in a body (pydantic's own name for the problem)."""
+
+
+_NON_FINITE = object()
+
+
+def _finite_or_marked(text: str) -> float | object:
+    value = float(text)
+    return value if math.isfinite(value) else _NON_FINITE
+
+
+def _non_finite_at(value: Any) -> list[str | int] | None:
+    """Where the first marked number is in a decoded document (depth first, in order)."""
+    stack: list[tuple[Any, list[str | int]]] = [(value, [])]
+    while stack:
+        node, path = stack.pop()
+        if node is _NON_FINITE:
+            return path
+        if isinstance(node, dict):
+            children = list(node.items())
+        elif isinstance(node, list):
+            children = list(enumerate(node))
+        else:
+            continue
+        stack.extend((child, [*path, key]) for key, child in reversed(children))
+    return None
+
+
+def finite_json(body: bytes) -> Any:
+    """``body`` decoded as RFC 8259 JSON, or a 422 naming where a non-finite number is.
+
+    Python's json module also reads ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON) and
+    turns ``1e400`` into inf; such a value reaching a model's error would be echoed in the
+    422, whose encoding refuses it (a 500 and a traceback). Refused here, at decoding, it
+    never reaches a model. Raised as an HTTPException: FastAPI passes those on from the
+    body's decoding, in the shape of its own validation errors, without the value.
+    """
+    value = json.loads(body, parse_constant=lambda _: _NON_FINITE, parse_float=_finite_or_marked)
+    where = _non_finite_at(value)
+    if where is not None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [
+                {
+                    "type": NOT_FINITE,
+                    "loc": ["body", *where],
+                    "msg": "Input should be a finite number: NaN, Infinity and numbers "
+                    "beyond the float range are not JSON",
+                }
+            ],
+        )
+    return value
+
+
+class _FiniteJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = finite_json(await self.body())
+        return self._json
+
+
+class FiniteJSONRoute(APIRoute):
+    """Every route of the app decodes its JSON body with :func:`finite_json`: set once on the
+    router, so a route added later is covered too."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def finite(request: Request) -> Response:
+            return await handler(_FiniteJSONRequest(request.scope, request.receive))
+
+        return finite
 
 
 class BatchStatus(BatchRecord):
@@ -99,14 +189,49 @@ CenterOf = Annotated[str, Depends(_center)]
 
 def _own(service: Service, bid: str, center: str) -> BatchRecord:
     record = service.queue.find(bid)
-    if record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {bid!r}")
+    if record is None:  # a malformed id is not echoed: it is the caller's, not a batch's
+        known = f"no batch {bid}" if is_batch_id(bid) else "no batch with this id"
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"{known} (ids are as POST {BATCHES} answers them)"
+        )
     if record.center != center:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"batch {bid!r} is not {center}'s")
     return record
 
 
+def _results(service: Service, record: BatchRecord) -> list[dict[str, Any]]:
+    """A done batch's committed slide rows, or an answer that says what to do.
+
+    409 when the store no longer holds what the batch's run published (the file changed or
+    went missing after its commit, or the results were retracted): the stored state conflicts
+    with the record, and waiting will not mend it. 503 when the store cannot be read now.
+    The cause, with its store URI, goes to the operator's log, never to the caller."""
+    bid, why = record.batch_id, "no committed results"
+    try:
+        table = read_table(service.store, "slides", centers=[record.center], batches=[record.batch])
+        rows = table.to_pylist()  # the partition's committed rows: one run, never a mix
+    except ResultsError as exc:
+        rows, why = [], str(exc)
+    except OSError as exc:
+        log.warning("batch %s: the store could not be read: %s", bid, exc)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"the results of batch {bid} cannot be read just now: retry in a minute",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
+    if not rows:  # a batch has one row per slide, and at least one slide
+        log.warning("batch %s is done, but: %s", bid, why)
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"batch {bid} is done, but its stored results no longer match the run that "
+            "published them (changed, removed or retracted since): ask the platform operator "
+            "to re-run the batch (resubmitting it will not help)",
+        )
+    return rows
+
+
 def create_app() -> FastAPI:
+    """The API; its routes read their service from :func:`bind_service`."""
     app = FastAPI(
         title="SmartCCS adaptive screening",
         version="1",
@@ -114,14 +239,15 @@ def create_app() -> FastAPI:
         "Results on synthetic data say nothing clinical.",
         max_body_size=MAX_BODY_BYTES,
     )
+    app.router.route_class = FiniteJSONRoute  # before any route is added
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         service = _service()
         return {"status": "ok", "centers": len(service.tokens)}  # no store URI: unauthenticated
 
-    @app.post(f"/{API_VERSION}/batches", status_code=202, response_model=Submitted)
-    def submit(body: SubmitBatch, request: Request, center: CenterOf):
+    @app.post(BATCHES, status_code=202, response_model=Submitted)
+    def submit(body: SubmitBatch, center: CenterOf):
         service = _service()
         if body.center != center:
             raise HTTPException(
@@ -130,8 +256,8 @@ def create_app() -> FastAPI:
         if not is_committed(service.store, body.center, body.batch):
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
-                f"batch {body.center}/{body.batch} is not committed in {service.store.uri()} "
-                "(upload it with `ccs upload` first)",
+                f"batch {body.batch!r} of center {body.center!r} is not committed: upload "
+                "and commit it first (`ccs upload`)",
             )
         adapt = body.adapt or service.cfg.screening.adapt.method
         bid = batch_id(body.center, body.batch)
@@ -144,7 +270,7 @@ def create_app() -> FastAPI:
             new = True
         if new:
             service.wake()
-        base = str(request.url_for("batch_status", bid=bid))
+        base = service.cfg.public(f"{BATCHES}/{bid}")  # never from the request's Host
         out = Submitted(
             batch_id=bid,
             state=record.state,
@@ -154,7 +280,7 @@ def create_app() -> FastAPI:
         )
         return JSONResponse(out.model_dump(), status_code=202 if new else 200)
 
-    @app.get(f"/{API_VERSION}/batches/{{bid}}", response_model=BatchStatus)
+    @app.get(f"{BATCHES}/{{bid}}", response_model=BatchStatus)
     def batch_status(bid: str, center: CenterOf):
         record = _own(_service(), bid, center)
         return BatchStatus(
@@ -163,7 +289,7 @@ def create_app() -> FastAPI:
             slides_done=sum(s.status != "pending" for s in record.slides),
         )
 
-    @app.get(f"/{API_VERSION}/batches/{{bid}}/results")
+    @app.get(f"{BATCHES}/{{bid}}/results")
     def batch_results(bid: str, center: CenterOf):
         service = _service()
         record = _own(service, bid, center)
@@ -172,9 +298,8 @@ def create_app() -> FastAPI:
                 status.HTTP_409_CONFLICT, f"batch {bid} is {record.state}, results come when done"
             )
         t0 = time.perf_counter()
-        table = read_table(service.store, "slides", centers=[record.center], batches=[record.batch])
-        rows = table.to_pylist()  # the partition's committed rows: one run, never a mix
-        run_id = rows[0]["run_id"] if rows else record.run_id
+        rows = _results(service, record)
+        run_id = rows[0]["run_id"]
         return {
             "batch_id": bid,
             "center": record.center,

@@ -39,11 +39,21 @@ def _call(method: str, url: str, token: str, **kwargs: Any) -> dict[str, Any]:
 
 
 def submit(url: str, center: str, batch: str, token: str | None = None, adapt: str | None = None):
-    """Register a committed batch with the service; the 202 (or 200, already known) body."""
+    """Register a committed batch with the service; the 202 (or 200, already known) body,
+    its URLs made absolute on ``url``."""
     body: dict[str, Any] = {"center": center, "batch": batch}
     if adapt:
         body["adapt"] = adapt
-    return _call("POST", f"{url.rstrip('/')}/v1/batches", resolve_token(token), json=body)
+    answer = _call("POST", f"{url.rstrip('/')}/v1/batches", resolve_token(token), json=body)
+    for name in ("status_url", "results_url"):
+        answer[name] = absolute(url, answer[name])
+    return answer
+
+
+def absolute(service_url: str, given: str) -> str:
+    """A URL the service handed out, on the service URL the client called: a service without
+    a configured ``public_url`` hands out paths from its root (``/v1/batches/<id>``)."""
+    return f"{service_url.rstrip('/')}{given}" if given.startswith("/") else given
 
 
 def wait(status_url: str, token: str | None = None, timeout_s: float = 3600, poll_s: float = 2):

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 
 from smartccs.adaptation.config import AdaptConfig
 from smartccs.screening.engine import ScreeningConfig
 from smartccs.store import StoreConfig
 
 
+def _bare_base(url: HttpUrl) -> HttpUrl:
+    """A base URL must be only that: a query, fragment or credentials would end up in every
+    URL the service hands out."""
+    if url.query or url.fragment or url.username or url.password:
+        raise ValueError("must be scheme://host[:port][/path]: no query, fragment or credentials")
+    return url
+
+
+PublicUrl = Annotated[HttpUrl, AfterValidator(_bare_base)]
+
+
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    public_url: PublicUrl | None = Field(
+        default=None,
+        description="the service's address as its clients reach it, with any path prefix the "
+        "ingress in front of Serve adds (e.g. https://screening.example.org/ccs); the URLs the "
+        "API hands out (status_url, results_url) are built on it. null: they are paths from the "
+        "service's root (/v1/batches/<id>), which a client resolves against the URL it called. "
+        "Never taken from a request's Host or forwarding headers: any client sets those",
+    )
 
     store: StoreConfig | None = Field(default=None, description="null: $CCS_STORE")
     screening: ScreeningConfig = ScreeningConfig(adapt=AdaptConfig(method="smartccs"))
@@ -35,3 +57,8 @@ class ServiceConfig(BaseModel):
     centers_per_replica: int = Field(
         default=8, ge=1, description="adapted centers an adapter replica holds (LRU)"
     )
+
+    def public(self, path: str) -> str:
+        """The URL a client is given for ``path`` (``/v1/...``): on ``public_url`` when set,
+        else the path alone."""
+        return (str(self.public_url).rstrip("/") if self.public_url else "") + path
