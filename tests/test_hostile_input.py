@@ -437,7 +437,7 @@ SCREEN_REASONS = {
     "text-as-svs": "not a whole-slide image format",
     "no-mpp": "no microns-per-pixel in the file",
     "wrong-sum": "sha256 mismatch: the manifest says ffffffffffff...",
-    "emptied": "only 0 bytes in the object, expected",
+    "emptied": "0 bytes in the store, the manifest says",
 }
 
 
