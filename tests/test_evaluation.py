@@ -29,6 +29,7 @@ from smartccs.evaluation.report import (
 from smartccs.evaluation.truth import TruthError, slide_truth, truth_from_file
 from smartccs.labels import SlideBoxes
 from smartccs.manifest import Manifest
+from smartccs.metrics.classification import wilson_ci
 from smartccs.results.schema import CELLS, SLIDES, grade_column
 from smartccs.slide.reader import open_slide
 from smartccs.store import Store
@@ -261,6 +262,65 @@ def test_detection_ap_is_one_for_kept_cells_that_match_the_labelled_boxes():
     assert strict.group("A").detection.report.ap["HSIL"] == 0.0
 
 
+def test_sensitivity_specificity_cis_and_the_roc_read_at_target_sensitivities():
+    from pydantic import ValidationError
+
+    slides, truth = two_centers()
+    ev = evaluate(slides, cells_table(), truth, None, CFG)
+    a, o = ev.group("A").binary, ev.overall.binary
+    assert (a.sensitivity_ci_low, a.sensitivity_ci_high) == wilson_ci(3, 3)  # 3 of 3 caught
+    assert (o.specificity_ci_low, o.specificity_ci_high) == wilson_ci(4, 5)  # b1 (0.6) is FP
+    assert o.specificity_ci_low < 0.8 < o.specificity_ci_high
+    # every positive outranks every NILM slide: on its own ROC, 0.90 and 0.95 cost no NILM
+    # slide, although the stored threshold (0.5) calls b1 positive
+    assert [(x.sensitivity, x.specificity) for x in o.specificity_at] == [(0.9, 1.0), (0.95, 1.0)]
+    ev = evaluate(slides, cells_table(), truth, None, CFG.model_copy(update={"alpha": 0.5}))
+    low, high = ev.overall.binary.specificity_ci_low, ev.overall.binary.specificity_ci_high
+    assert wilson_ci(4, 5)[0] < low < high < wilson_ci(4, 5)[1]  # 50% CI inside the 95% one
+    one = EvaluationConfig(n_boot=50, sensitivity_targets=(0.5,))
+    assert len(evaluate(slides, cells_table(), truth, None, one).overall.binary.specificity_at) == 1
+    with pytest.raises(ValidationError):
+        EvaluationConfig(sensitivity_targets=(0.0,))
+
+
+def test_report_shows_cis_the_roc_readings_and_the_validation_operating_point(
+    local_store: Store, tmp_path: Path
+):
+    from toy_models import TOY_ENCODER, TOY_TILING
+
+    from smartccs.evaluation.run import stored_operating_point
+    from smartccs.metrics.operating_point import operating_point
+    from smartccs.models.artifacts import ModelCard, save_model
+
+    op = operating_point([1, 1, 1, 0, 0, 0], [0.9, 0.6, 0.3, 0.5, 0.2, 0.1], 0.90)
+    card = ModelCard(
+        name="classifier", architecture=TOY_ENCODER, task="classifier", tiling=TOY_TILING,
+        head={"threshold": op.threshold, "operating_point": op.model_dump(mode="json")},
+        synthetic=True,
+    )  # fmt: skip
+    version = save_model(local_store, card, {})
+    assert stored_operating_point(local_store, f"classifier/{version}") == op
+    assert stored_operating_point(local_store, "classifier/v1") is None  # not in this store
+    assert stored_operating_point(local_store, None) is None
+
+    slides, truth = two_centers()
+    ev = evaluate(slides, cells_table(), truth, None, CFG)
+    ev = ev.model_copy(update={"model": ev.model.model_copy(update={"operating_point": op})})
+    files = write_report(ev, tmp_path / "out", progress=False)
+    md = files.markdown.read_text()
+    assert "| specificity at sensitivity 0.90 | specificity at sensitivity 0.95 |" in md
+    assert "95% Wilson score" in md and "read off each group's own ROC" in md
+    lo, hi = (f"{v:.3f}" for v in wilson_ci(4, 5))
+    assert f"| 0.800 ({lo}-{hi}) | 1.000 | 1.000 |" in md  # overall: specificity, then ROC
+    assert "chosen on 6 validation slides (3 abnormal) for sensitivity >= 0.90" in md
+    assert "Not resolved: only 3 abnormal validation slides" in md
+    saved = Evaluation.model_validate_json(files.metrics.read_text())
+    assert saved.model.operating_point == op and saved.overall.binary == ev.overall.binary
+    ev = ev.model_copy(update={"model": ev.model.model_copy(update={"operating_point": None})})
+    md = write_report(ev, tmp_path / "old", progress=False).markdown.read_text()
+    assert "does not say how its threshold was chosen" in md
+
+
 # --- truth -----------------------------------------------------------------------------------
 
 
@@ -346,6 +406,29 @@ def test_slide_figures_on_a_real_synthetic_slide(tiny_cohort: Path, tmp_path: Pa
         assert _png_size(none)[0] > 100
 
 
+def test_a_heatmap_on_a_report_wide_scale_shows_a_sparse_slide_cold(
+    tiny_cohort: Path, tmp_path: Path
+):
+    """On its own scale one weak cell is as hot as a cluster; on a shared one it is faint."""
+    from smartccs.evaluation.figures import heatmap_density
+
+    path, cells = _synth_slide(tiny_cohort)
+    with open_slide(path) as slide:
+        own_peak = float(heatmap_density(slide, cells)[0].max())
+        warm = {}
+        for name, some, vmax in (
+            ("colour bar alone", 0, None),
+            ("own", 1, None),
+            ("shared", 1, 20 * own_peak),
+        ):
+            png = slide_heatmap(slide, cells.slice(0, some), tmp_path / "h.png", vmax=vmax)
+            with Image.open(png) as im:
+                rgb = np.asarray(im.convert("RGB")).astype(int)
+            warm[name] = int(((rgb[..., 0] - rgb[..., 2]) > 80).sum())
+    base = warm["colour bar alone"]
+    assert warm["shared"] - base < (warm["own"] - base) / 3, warm
+
+
 def test_write_report_writes_md_html_json_and_linked_figures(tiny_cohort: Path, tmp_path: Path):
     path, gt_cells = _synth_slide(tiny_cohort)
     slides, truth = two_centers()
@@ -381,7 +464,8 @@ def test_write_report_writes_md_html_json_and_linked_figures(tiny_cohort: Path, 
         max_slides=4,
         progress=False,
     )
-    assert opened == ["a1", "a2", "a3", "b1"]
+    # each slide is opened twice: its size for the report's one colour scale, then to draw
+    assert opened == ["a1", "a2", "a3", "b1"] * 2
     out = tmp_path / "out"
     for p in (files.markdown, files.html, files.metrics, files.roc, files.confusion):
         assert p.is_file() and p.parent == out

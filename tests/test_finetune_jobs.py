@@ -16,17 +16,25 @@ import torch
 import yaml
 
 from smartccs.adaptation.stain import REFERENCE_KEY
+from smartccs.batches import resolve_batches
 from smartccs.data.tiles import StreamConfig
 from smartccs.errors import CCSError
 from smartccs.labels import LabelsError, has_cell_labels, load_cell_labels, put_cell_labels
+from smartccs.metrics.operating_point import OperatingPoint, operating_point
 from smartccs.models.artifacts import ModelCard, load_model, save_model
 from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
 from smartccs.models.encoder import build_from
 from smartccs.models.mil import MILConfig, MILHead
-from smartccs.splits import SplitConfig
+from smartccs.screening.slides import predict
+from smartccs.splits import SplitConfig, split_rows
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import GRADES
-from smartccs.train.classifier import ClassifierConfig, train_classifier
+from smartccs.train.classifier import (
+    ClassifierConfig,
+    _operating_point,
+    load_bags,
+    train_classifier,
+)
 from smartccs.train.detector import DetectorConfig, finetune_detector, score_detector
 from smartccs.upload import upload_batch
 
@@ -160,6 +168,22 @@ def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Stor
     bags = annotated_store.list("runs", "toy-classifier")
     assert any("/bags-detector-" in k for k in bags), "screened bags are kept for a resume"
 
+    # the stored threshold is the one reaching the target sensitivity on the validation slides:
+    # recomputed here from the kept bags, the split and the saved head (never the test slides)
+    op = OperatingPoint.model_validate(card.head["operating_point"])
+    assert op == result.operating_point and op.threshold == card.head["threshold"]
+    assert op.target_sensitivity == cfg.target_sensitivity == 0.90
+    assert card.metrics["val_sensitivity"] == op.sensitivity >= 0.90
+    kept = load_bags(annotated_store, next(k for k in bags if "/bags-detector-" in k))
+    refs = resolve_batches(annotated_store, [])
+    grade = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
+    val = [(r["center"], r["batch"], r["slide_id"]) for r in split_rows(refs, SPLIT)["val"]]
+    val = [k for k in val if kept[k].ok]
+    scores = 1 - predict(head, [kept[k] for k in val])[:, 0]
+    assert op == operating_point([grade[k] != "NILM" for k in val], scores, 0.90)
+    assert op.n_slides == len(val)
+    assert op.resolved == (op.n_pos >= 10) and (op.note is None) == op.resolved
+
 
 @pytest.mark.parametrize(
     "name", ["detector-demo", "classifier-demo", "detector-prod", "classifier-prod"]
@@ -168,7 +192,14 @@ def test_demo_configs_validate(name: str):
     model = DetectorConfig if name.startswith("detector") else ClassifierConfig
     raw = yaml.safe_load((REPO / f"jobs/configs/{name}.yaml").read_text())
     cfg = model.model_validate(raw)
+    if model is ClassifierConfig:  # the screening operating point, chosen on validation
+        assert cfg.target_sensitivity == 0.90
     if name.endswith("-demo"):  # fits a 2-core machine
         assert cfg.scaling.cpus_per_worker <= 1 and not cfg.scaling.use_gpu
     else:
         assert cfg.scaling.use_gpu and cfg.store.uri.startswith("s3://")
+
+
+def test_a_validation_split_without_abnormal_slides_cannot_choose_a_threshold():
+    with pytest.raises(CCSError, match="validation slides.*needs both classes.*split.val"):
+        _operating_point(np.array([False, False]), np.array([0.2, 0.4]), 0.9)

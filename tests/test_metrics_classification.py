@@ -22,8 +22,11 @@ from smartccs.metrics.classification import (
     roc_auc,
     roc_curve,
     sensitivity_specificity,
+    specificity_at_sensitivity,
+    wilson_ci,
     within_group_auc_diff,
 )
+from smartccs.metrics.operating_point import min_positives, operating_point
 
 
 @st.composite
@@ -193,6 +196,86 @@ def test_choose_threshold_rejects_min_sensitivity_outside_unit_interval(bad):
         choose_threshold([0, 1], [0.1, 0.9], min_sensitivity=bad)
 
 
+def test_specificity_at_sensitivity_hand_computed():
+    y = [1, 1, 1, 1, 0, 0, 0, 0]
+    s = [0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1]
+    # ROC points (threshold: TP, FP): .9: 1,0  .8: 2,0  .7: 2,1  .6: 3,1  .4: 3,2  .3: 4,2 ...
+    assert specificity_at_sensitivity(y, s, 0.25) == 1.0
+    assert specificity_at_sensitivity(y, s, 0.5) == 1.0  # 2 of 4 caught, no NILM above 0.8
+    assert specificity_at_sensitivity(y, s, 0.75) == 0.75  # at 0.6: 0.7 is the one FP
+    assert specificity_at_sensitivity(y, s, 0.90) == 0.5  # all 4 (at 0.3): 0.7, 0.4 above it
+    assert specificity_at_sensitivity(y, s, 0.95) == 0.5
+    assert specificity_at_sensitivity(y, s, 1.0) == 0.5
+
+
+def test_specificity_at_sensitivity_moves_tied_scores_together():
+    # the positive at 0.5 ties a negative: catching it calls that negative positive too
+    assert specificity_at_sensitivity([1, 0, 1, 0], [0.9, 0.5, 0.5, 0.1], 0.9) == 0.5
+    assert specificity_at_sensitivity([1, 0, 1, 0], [0.9, 0.5, 0.5, 0.1], 0.5) == 1.0
+
+
+@given(labelled_scores(), st.sampled_from([0.1, 0.5, 0.8, 0.9, 0.95, 1.0]))
+def test_specificity_at_sensitivity_is_the_best_of_every_threshold_reaching_it(data, target):
+    y, s = data
+    spec = specificity_at_sensitivity(y, s, target)
+    reaching = [c for c in np.unique(s) if sensitivity_specificity(y, s, c)[0] >= target]
+    assert spec == max(sensitivity_specificity(y, s, c)[1] for c in reaching)
+    t = choose_threshold(y, s, min_sensitivity=target)  # the threshold that achieves it
+    assert spec == sensitivity_specificity(y, s, t)[1]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_specificity_at_sensitivity_rejects_a_target_outside_unit_interval(bad):
+    with pytest.raises(ValueError, match="target must be in"):
+        specificity_at_sensitivity([0, 1], [0.1, 0.9], bad)
+
+
+def test_wilson_ci_hand_computed_and_never_zero_width_at_0_or_1():
+    assert wilson_ci(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    z2 = 1.959964**2
+    assert wilson_ci(6, 6) == pytest.approx((1 / (1 + z2 / 6), 1.0), abs=1e-6)  # 0.610-1
+    assert wilson_ci(0, 6) == pytest.approx((0.0, 1 - 1 / (1 + z2 / 6)), abs=1e-6)
+    low, high = wilson_ci(8, 10, alpha=0.5)
+    assert 0.4902 < low < 0.8 < high < 0.9433  # a lower level, a narrower interval
+    for bad in ((11, 10), (-1, 10), (1, 0), (1.5, 10)):
+        with pytest.raises(ValueError):
+            wilson_ci(*bad)
+
+
+# --- the operating point chosen on validation slides ----------------------------------------
+
+
+def test_min_positives_is_where_a_target_first_allows_one_miss():
+    assert [min_positives(t) for t in (0.5, 0.8, 0.9, 0.95, 1.0)] == [2, 5, 10, 20, 1]
+
+
+def test_operating_point_reaches_the_target_sensitivity_on_the_slides_it_is_given():
+    # 10 abnormal validation slides: 0.90 allows missing one, the lowest-scored (0.15)
+    pos = [0.95, 0.9, 0.85, 0.8, 0.7, 0.65, 0.6, 0.5, 0.4, 0.15]
+    neg = [0.75, 0.45, 0.3, 0.2, 0.1, 0.05]
+    y, s = [1] * 10 + [0] * 6, pos + neg
+    op = operating_point(y, s, 0.90)
+    assert op.threshold == 0.4 and (op.sensitivity, op.specificity) == (0.9, 4 / 6)
+    assert (op.n_slides, op.n_pos, op.n_neg, op.target_sensitivity) == (16, 10, 6, 0.9)
+    assert op.resolved and op.note is None
+    assert (op.sensitivity_ci_low, op.sensitivity_ci_high) == wilson_ci(9, 10)
+    assert (op.specificity_ci_low, op.specificity_ci_high) == wilson_ci(4, 6)
+    # a higher target moves the threshold down to the last positive
+    op95 = operating_point(y, s, 0.95)
+    assert op95.threshold == 0.15 and op95.sensitivity == 1.0 and op95.specificity == 2 / 6
+    assert not op95.resolved and "needs 20" in op95.note
+
+
+def test_operating_point_with_too_few_positives_says_the_target_is_not_resolved():
+    op = operating_point([1, 1, 1, 0, 0, 0], [0.9, 0.6, 0.3, 0.5, 0.2, 0.1], 0.90)
+    assert op.threshold == 0.3 and op.sensitivity == 1.0  # the lowest abnormal score
+    assert not op.resolved
+    assert "only 3 abnormal validation slides" in op.note and "needs 10" in op.note
+    assert op.sensitivity_ci_low < 0.5  # 3 of 3 says little
+    with pytest.raises(ValueError, match="needs both classes"):
+        operating_point([1, 1], [0.3, 0.4], 0.9)
+
+
 # --- bootstrap -----------------------------------------------------------------------------
 
 
@@ -310,6 +393,12 @@ def test_binary_report_fields_agree_with_the_individual_functions():
     assert (r.sensitivity, r.specificity) == sensitivity_specificity(y, s, 0.5)
     assert (r.n_pos, r.n_neg, r.threshold, r.ci_level) == (40, 60, 0.5, 0.95)
     assert r.auc_ci_low <= r.auc <= r.auc_ci_high
+    tp, tn = round(r.sensitivity * 40), round(r.specificity * 60)
+    assert (r.sensitivity_ci_low, r.sensitivity_ci_high) == wilson_ci(tp, 40)
+    assert (r.specificity_ci_low, r.specificity_ci_high) == wilson_ci(tn, 60)
+    assert [(x.sensitivity, x.specificity) for x in r.specificity_at] == [
+        (t, specificity_at_sensitivity(y, s, t)) for t in (0.90, 0.95)
+    ]
 
 
 def test_binary_report_is_frozen_and_round_trips_through_json():

@@ -80,6 +80,48 @@ def test_generated_batches_are_made_and_uploaded_once_with_their_labels(tmp_path
     assert generated_batches(store, out, [], 1, "tiny", 3, "holdout") == []
 
 
+def test_ablation_table_has_the_operating_point_with_cis_and_the_roc_readings(tmp_path: Path):
+    from test_evaluation import CFG, cells_table, two_centers
+
+    from smartccs.evaluation.report import evaluate
+    from smartccs.metrics.classification import wilson_ci
+    from smartccs.metrics.operating_point import operating_point
+    from smartccs.study.ablation import (
+        HEADER,
+        ablation_rows,
+        format_table,
+        operating_points,
+        write_ablation,
+    )
+
+    slides, truth = two_centers()
+    ev = evaluate(slides, cells_table(), truth, None, CFG)
+    op = operating_point([1, 1, 1, 0, 0, 0], [0.9, 0.6, 0.3, 0.5, 0.2, 0.1], 0.90)
+    with_op = ev.model_copy(update={"model": ev.model.model_copy(update={"operating_point": op})})
+    arms = StudyConfig().arms
+    evals = {a.name: dict.fromkeys(("internal", "external"), with_op) for a in arms}
+    evals["base"] = dict.fromkeys(("internal", "external"), ev)  # a card without one
+    rows = ablation_rows(arms, evals)
+    overall = rows[0]
+    assert (overall.kind, overall.group, overall.arm) == ("internal", "overall", "Base")
+    assert (overall.sensitivity, overall.specificity) == (1.0, 0.8)  # at the stored 0.5
+    assert overall.specificity_ci == wilson_ci(4, 5)
+    assert overall.specificity_at == {"0.90": 1.0, "0.95": 1.0}  # off the ROC: b1 ranks last
+    assert HEADER[-4:] == ("sens. (95% CI)", "spec. (95% CI)", "spec@sens.90", "spec@sens.95")
+    lo, hi = wilson_ci(4, 5)
+    line = format_table(rows).splitlines()[2].split()
+    assert line[-6:] == ["1.00", "(0.44-1.00)", "0.80", f"({lo:.2f}-{hi:.2f})", "1.00", "1.00"]
+    assert "Wilson" in format_table(rows)
+    words = operating_points(arms, evals)
+    assert words["Base"] == "not recorded in the classifier's card"
+    assert words["w/ P"].startswith("threshold 0.3 chosen on 6 validation slides (3 abnormal)")
+    assert "not resolved: only 3 abnormal validation slides" in words["w/ P&A"]
+    write_ablation(tmp_path, arms, evals, rows, {"classifier thresholds (validation)": words})
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| spec@sens.90 | spec@sens.95 |" in md and "Wilson" in md
+    assert "chosen on 6 validation slides" in (tmp_path / "index.html").read_text()
+
+
 def _trained_state(store: Store) -> StudyState:
     """What a study whose training stages finished holds: models per init (toy weights)."""
     state = StudyState()
@@ -153,6 +195,7 @@ def test_study_screens_every_arm_in_its_own_store_and_reports_the_ablation(
             assert (report.parent / arm.name / kind / "report.html").is_file()
     saved = json.loads((report.parent / "ablation.json").read_text())
     assert len(saved["rows"]) == len(result.rows)
+    assert "spec@sens.90" in result.table and "Base: not recorded" in result.table  # toy cards
 
     # a re-run of the same study resumes: nothing is screened again, the table is the same
     runs = {a.name: result.state.screened[a.name] for a in cfg.arms}

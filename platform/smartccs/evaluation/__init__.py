@@ -1,8 +1,9 @@
 """Evaluation of screening results against ground truth (docs/evaluation.md).
 
 ``truth`` (slide grades from manifests or a file), ``report`` (the metrics, on in-memory Arrow
-tables), ``figures`` (PNG figures), ``render`` (the report folder) and ``run`` (the entry
-point that reads the committed result tables: :func:`run_evaluation`).
+tables; ``tables`` checks its inputs, ``detection`` scores the kept cells), ``figures`` (PNG
+figures), ``render`` (the report folder) and ``run`` (the entry point that reads the committed
+result tables: :func:`run_evaluation`).
 """
 
 from smartccs.evaluation.report import (

@@ -24,7 +24,7 @@ from smartccs.slide.foreground import slide_at_mpp
 from smartccs.slide.reader import Slide
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
-__all__ = ["cell_gallery", "confusion_figure", "roc_figure", "slide_heatmap"]
+__all__ = ["cell_gallery", "confusion_figure", "heatmap_density", "roc_figure", "slide_heatmap"]
 
 DPI = 100
 MIN_THUMB_PX = 512
@@ -189,6 +189,30 @@ def cell_density(
     return _gaussian_blur(hist, sigma_px)
 
 
+def _heatmap_grid(slide: Slide, mpp: float) -> tuple[float, int, int]:
+    """The heatmap's µm/px (see ``MIN_THUMB_PX``) and its (h, w), as ``slide_at_mpp`` makes it."""
+    info = slide.info
+    longest_um = max(info.width, info.height) * info.mpp
+    mpp = max(min(mpp, longest_um / MIN_THUMB_PX), longest_um / MAX_THUMB_PX, info.mpp)
+    return (
+        mpp,
+        max(1, math.ceil(info.height * info.mpp / mpp)),
+        max(1, math.ceil(info.width * info.mpp / mpp)),
+    )
+
+
+def heatmap_density(
+    slide: Slide, cells: pa.Table, mpp: float = 12.0, sigma_um: float = 80.0
+) -> tuple[np.ndarray, float]:
+    """Score-weighted abnormal cells per mm² on the heatmap's grid, and the grid's µm/px."""
+    mpp, h, w = _heatmap_grid(slide, mpp)
+    boxes, scores = _boxes(cells)
+    px_area_mm2 = (mpp / 1000.0) ** 2
+    return cell_density(
+        (h, w), boxes, scores, slide.info.mpp / mpp, sigma_um / mpp
+    ) / px_area_mm2, mpp
+
+
 def slide_heatmap(
     slide: Slide,
     cells: pa.Table,
@@ -196,21 +220,24 @@ def slide_heatmap(
     mpp: float = 12.0,
     sigma_um: float = 80.0,
     title: str | None = None,
+    vmax: float | None = None,
+    scale_note: str = "",
 ) -> Path:
     """A thumbnail of the slide at about ``mpp`` µm/px (see ``MIN_THUMB_PX``) with the density
     of its kept abnormal cells over it: a score-weighted histogram of the ``cells`` rows' box
     centres (level-0 ``x0, y0, x1, y1``, ``score``), Gaussian-smoothed (``sigma_um``), drawn as
     a colormap whose opacity grows with the density, and a colourbar in score-weighted cells
-    per mm²."""
-    info = slide.info
-    longest_um = max(info.width, info.height) * info.mpp
-    mpp = max(min(mpp, longest_um / MIN_THUMB_PX), longest_um / MAX_THUMB_PX, info.mpp)
+    per mm².
+
+    ``vmax`` fixes the top of the colour scale, so a report draws every slide on one scale and
+    a NILM slide with a few weak detections looks cold beside an HSIL one; without it the
+    slide's own peak is the top, and a heatmap says where, not how much."""
+    density, mpp = heatmap_density(slide, cells, mpp, sigma_um)
     thumb = slide_at_mpp(slide, mpp)
     h, w = thumb.shape[:2]
-    boxes, scores = _boxes(cells)
-    px_area_mm2 = (mpp / 1000.0) ** 2
-    density = cell_density((h, w), boxes, scores, info.mpp / mpp, sigma_um / mpp) / px_area_mm2
-    vmax = float(density.max()) if density.size and density.max() > 0 else 1.0
+    n_cells = cells.num_rows
+    if vmax is None or vmax <= 0:
+        vmax = float(density.max()) if density.size and density.max() > 0 else 1.0
     norm = Normalize(0.0, vmax)
     cmap = colormaps["inferno"]
     overlay = cmap(norm(density))
@@ -226,13 +253,13 @@ def slide_heatmap(
     ax.imshow(overlay, extent=extent, interpolation="bilinear")
     ax.set_xlabel("mm")
     ax.set_ylabel("mm")
-    ax.set_title(title or f"{slide.name}: {len(scores)} kept abnormal cells", fontsize=10)
+    ax.set_title(title or f"{slide.name}: {n_cells} kept abnormal cells", fontsize=10)
     fig.colorbar(
         ScalarMappable(norm=norm, cmap=cmap),
         ax=ax,
         fraction=0.046,
         pad=0.04,
-        label="abnormal cells / mm² (score-weighted)",
+        label="abnormal cells / mm² (score-weighted)" + (f"\n{scale_note}" if scale_note else ""),
     )
     return _save(fig, path)
 

@@ -20,46 +20,23 @@ from __future__ import annotations
 import html
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
-from tqdm.auto import tqdm
 
-from smartccs.errors import CCSError
-from smartccs.evaluation.figures import cell_gallery, confusion_figure, roc_figure, slide_heatmap
-from smartccs.evaluation.report import DETECTION_NOTE, NEGATIVE_GRADE, Evaluation, GroupResult
-from smartccs.slide.reader import Slide
+from smartccs.evaluation.figures import confusion_figure, roc_figure
+from smartccs.evaluation.report import DETECTION_NOTE, Evaluation, GroupResult, ModelInfo
+from smartccs.evaluation.slide_figures import SlideFigure, SlideOpener, choose_slides, slide_figures
+from smartccs.metrics.classification import BinaryReport
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ReportFiles", "SlideFigure", "choose_slides", "write_report"]
-
-SlideOpener = Callable[[str, str, str], Slide]
-"""``(center, batch, slide_id) -> Slide``; the report closes what it opens."""
-
-
-class SlideFigure(BaseModel):
-    """One slide of the report's slide list, with its figures' paths relative to the report."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    center: str
-    batch: str
-    slide_id: str
-    truth: str | None
-    status: str
-    score: float | None
-    predicted_grade: str | None
-    n_cells: int
-    heatmap: str | None = None
-    cells: str | None = None
-    error: str | None = None
 
 
 class ReportFiles(BaseModel):
@@ -74,24 +51,6 @@ class ReportFiles(BaseModel):
     roc: Path
     confusion: Path
     slides: list[SlideFigure]
-
-
-def choose_slides(outcomes: pa.Table, max_slides: int) -> list[int]:
-    """Row indexes of ``outcomes`` (``slide_outcomes``) to draw: scored slides only, every
-    truth-positive one first, then the rest, each part by descending score; at most
-    ``max_slides``."""
-    if max_slides <= 0 or outcomes.num_rows == 0:
-        return []
-    truth = outcomes["truth"].to_pylist()
-    score = outcomes["score"].to_pylist()
-    rows = [i for i, s in enumerate(score) if s is not None and math.isfinite(s)]
-    positive = [i for i in rows if truth[i] not in (None, NEGATIVE_GRADE)]
-    rest = [i for i in rows if truth[i] in (None, NEGATIVE_GRADE)]
-
-    def by_score(idx: list[int]) -> list[int]:
-        return sorted(idx, key=lambda i: (-score[i], i))
-
-    return (by_score(positive) + by_score(rest))[:max_slides]
 
 
 # --- a tiny document model, rendered to Markdown and HTML ----------------------------------
@@ -191,7 +150,27 @@ def _f(v: float | None, digits: int = 3) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def _screening_row(g: GroupResult) -> list[Cell]:
+def _rate(b: BinaryReport | None, which: str) -> str:
+    """``0.917 (0.646-0.985)``: a sensitivity or specificity with its CI."""
+    if b is None:
+        return "—"
+    v, low, high = (getattr(b, f"{which}{end}") for end in ("", "_ci_low", "_ci_high"))
+    return f"{v:.3f} ({low:.3f}-{high:.3f})"
+
+
+def _specificity_at(b: BinaryReport | None, targets: Sequence[float]) -> list[Cell]:
+    at = {x.sensitivity: x.specificity for x in b.specificity_at} if b else {}
+    return [_f(at.get(t)) for t in targets]
+
+
+def _operating_point(m: ModelInfo) -> str:
+    op = m.operating_point
+    if op is None:
+        return "The model's card does not say how its threshold was chosen."
+    return f"Operating point: {op.describe()}." + (f" Not resolved: {op.note}." if op.note else "")
+
+
+def _screening_row(g: GroupResult, targets: Sequence[float]) -> list[Cell]:
     b = g.binary
     auc = f"{b.auc:.3f} ({b.auc_ci_low:.3f}-{b.auc_ci_high:.3f})" if b is not None else "—"
     return [
@@ -201,11 +180,13 @@ def _screening_row(g: GroupResult) -> list[Cell]:
         str(g.n_scored),
         f"{g.n_inadequate} ({g.n_inadequate_positive})",
         f"{g.n_failed} ({g.n_failed_positive})",
+        f"{g.n_rejected} ({g.n_rejected_positive})",
         str(g.n_without_truth),
         str(g.n_not_in_results),
         auc,
-        _f(b.sensitivity) if b else "—",
-        _f(b.specificity) if b else "—",
+        _rate(b, "sensitivity"),
+        _rate(b, "specificity"),
+        *_specificity_at(b, targets),
         g.binary_reason or "",
     ]
 
@@ -228,6 +209,7 @@ def _detection_rows(ev: Evaluation) -> list[list[Cell]]:
 def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> list[_Block]:
     m = ev.model
     level = round((1 - ev.config.alpha) * 100)
+    targets = ev.config.sensitivity_targets
     b: list[_Block] = [_Block("h1", "Smart-CCS screening evaluation")]
     b.append(
         _Block(
@@ -243,9 +225,10 @@ def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> li
             f"Models: classifier {m.classifier or '—'}, detector {m.detector or '—'}, "
             f"encoder {m.encoder or '—'}; operating threshold {_f(m.threshold, 4)} (stored with "
             f"the model). AUC CI: {level}% stratified bootstrap, {ev.config.n_boot} resamples, "
-            f"seed {ev.config.seed}.",
+            f"seed {ev.config.seed}; sensitivity and specificity CIs: {level}% Wilson score.",
         )
     )
+    b.append(_Block("p", _operating_point(m)))
     b.append(_Block("h2", "Slide-level screening (abnormal vs NILM)"))
     b.append(
         _Block(
@@ -257,14 +240,24 @@ def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> li
                 "scored",
                 "inadequate (abn.)",
                 "failed (abn.)",
+                "rejected (abn.)",
                 "no truth",
                 "not in results",
                 f"AUC ({level}% CI)",
-                "sensitivity",
-                "specificity",
+                f"sensitivity ({level}% CI)",
+                f"specificity ({level}% CI)",
+                *(f"specificity at sensitivity {t:.2f}" for t in targets),
                 "note",
             ],
-            rows=[_screening_row(g) for g in ev.groups],
+            rows=[_screening_row(g, targets) for g in ev.groups],
+        )
+    )
+    b.append(
+        _Block(
+            "p",
+            "Sensitivity and specificity are at the stored threshold. Specificity at sensitivity "
+            "s is read off each group's own ROC (the highest specificity of a point reaching s): "
+            "what the ranking allows with a threshold tuned on these slides, for comparison.",
         )
     )
     b.append(_Block("img", "roc.png", items=["ROC curves"]))
@@ -338,79 +331,6 @@ def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> li
     return b
 
 
-# --- per-slide figures ------------------------------------------------------------------------
-
-
-def _slide_figures(
-    outcomes: pa.Table,
-    cells: pa.Table | None,
-    open_slide: SlideOpener | None,
-    out_dir: Path,
-    max_slides: int,
-    heatmap_mpp: float,
-    per_class: int,
-    crop_um: float,
-    progress: bool,
-) -> list[SlideFigure]:
-    chosen = choose_slides(outcomes, max_slides)
-    rows = outcomes.to_pylist()
-    keys = None
-    if cells is not None and cells.num_rows:
-        keys = pc.binary_join_element_wise(
-            cells["center"].cast(pa.string()),
-            cells["batch"].cast(pa.string()),
-            cells["slide_id"].cast(pa.string()),
-            "/",
-        )
-    figures: list[SlideFigure] = []
-    for i in tqdm(chosen, desc="slide figures", unit="slide", disable=not progress):
-        r = rows[i]
-        c, b, s = r["center"], r["batch"], r["slide_id"]
-        if keys is not None and cells is not None:
-            slide_cells = cells.filter(pc.equal(keys, f"{c}/{b}/{s}"))
-        else:
-            slide_cells = pa.table(
-                {
-                    "cell_class": pa.array([], pa.string()),
-                    "score": pa.array([], pa.float32()),
-                    **{k: pa.array([], pa.float64()) for k in ("x0", "y0", "x1", "y1")},
-                }
-            )
-        base = dict(
-            center=c,
-            batch=b,
-            slide_id=s,
-            truth=r["truth"],
-            status=r["status"],
-            score=r["score"],
-            predicted_grade=r["predicted_grade"],
-            n_cells=slide_cells.num_rows,
-        )
-        if open_slide is None:
-            figures.append(SlideFigure(**base, error="no slide access"))
-            continue
-        rel = f"slides/{c}/{b}/{s}"
-        try:
-            with open_slide(c, b, s) as slide:
-                title = f"{c}/{b}/{s}: truth {r['truth'] or '—'}, score {_f(r['score'])}"
-                slide_heatmap(
-                    slide, slide_cells, out_dir / f"{rel}-heatmap.png", mpp=heatmap_mpp, title=title
-                )
-                cell_gallery(
-                    slide,
-                    slide_cells,
-                    out_dir / f"{rel}-cells.png",
-                    per_class=per_class,
-                    crop_um=crop_um,
-                )
-        except CCSError as exc:
-            log.warning("no figures for %s/%s/%s: %s", c, b, s, exc)
-            figures.append(SlideFigure(**base, error=str(exc).splitlines()[0]))
-            continue
-        figures.append(SlideFigure(**base, heatmap=f"{rel}-heatmap.png", cells=f"{rel}-cells.png"))
-    return figures
-
-
 def write_report(
     evaluation: Evaluation,
     out_dir: str | Path,
@@ -445,7 +365,7 @@ def write_report(
     if outcomes is not None:
         score = outcomes["score"].to_numpy(zero_copy_only=False)
         n_candidates = int(np.isfinite(score.astype(np.float64)).sum()) if len(score) else 0
-        figures = _slide_figures(
+        figures = slide_figures(
             outcomes,
             cells,
             open_slide,

@@ -14,10 +14,15 @@ Rules (also written into every report, see :data:`RULES`):
   specificity.
 * ``inadequate`` slides are scored: the metrics are computed over screened + inadequate slides,
   and the inadequate ones are counted separately (and how many were abnormal).
+* ``rejected`` slides (not a cytology preparation) are like failed ones: no score, counted
+  with how many were abnormal, never in the metrics and never a negative.
 * The threshold is the ``threshold`` column the screening job stored with the model; it must be
   one value. Results of several classifiers (or detectors), or one classifier with several
   thresholds, are refused with an error asking to filter by center/batch: a pooled AUC of two
   models describes neither.
+* At that threshold, sensitivity and specificity come with Wilson score CIs; besides, the
+  specificity at each of ``sensitivity_targets`` (0.90, 0.95) is read off the group's own ROC
+  (the best a threshold tuned on these slides could do, for comparison, not an operating point).
 * Slides of the results without ground truth are counted (``n_without_truth``), not evaluated;
   truth slides of the evaluated batches with no row in the results are counted too
   (``n_not_in_results``).
@@ -35,14 +40,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from smartccs.errors import CCSError
+from smartccs.evaluation.detection import (
+    DETECTION_NOTE,
+    CellRows,
+    DetectionResult,
+    detection_result,
+)
+from smartccs.evaluation.tables import EvaluationError, Key
+from smartccs.evaluation.tables import column as _col
+from smartccs.evaluation.tables import key_name as _key_name
+from smartccs.evaluation.tables import one_value as _one_value
+from smartccs.evaluation.tables import require as _require
+from smartccs.evaluation.tables import truth_map as _truth_map
 from smartccs.labels import SlideBoxes
 from smartccs.metrics.classification import (
     BinaryReport,
@@ -50,15 +65,16 @@ from smartccs.metrics.classification import (
     confusion_matrix,
     roc_curve,
 )
-from smartccs.metrics.detection import Boxes, DetectionReport, detection_report
+from smartccs.metrics.operating_point import OperatingPoint
 from smartccs.results.schema import (
     PROB_COLUMNS,
     SLIDE_STATUSES,
     STATUS_FAILED,
     STATUS_INADEQUATE,
+    STATUS_REJECTED,
     STATUS_SCREENED,
 )
-from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES
+from smartccs.taxonomy import GRADES
 
 __all__ = [
     "RULES",
@@ -77,19 +93,19 @@ __all__ = [
 OVERALL = "overall"
 NEGATIVE_GRADE = "NILM"
 
-DETECTION_NOTE = (
-    "AP of the kept cells: the cells table holds the top-K abnormal cells per class of each "
-    "slide, so recall is capped by K; this is not the detector's AP over all its detections."
-)
-
 RULES: tuple[str, ...] = (
     "Positive = ground-truth grade other than NILM; predicted positive = score >= threshold "
     "(score = 1 - P(NILM)).",
     "Failed slides have no score: they are counted (and how many were abnormal), not scored.",
     "Inadequate slides are scored: metrics are over screened + inadequate slides, with the "
     "inadequate ones counted separately.",
+    "Rejected slides (not a cytology preparation) are counted like failed ones, never scored "
+    "and never negative.",
     "The threshold is the one stored with the model in the slides table (one value per "
     "model; several classifiers in one evaluation are refused).",
+    "Sensitivity and specificity at that threshold have Wilson score CIs; 'specificity at "
+    "sensitivity s' is read off the group's own ROC: the highest specificity of any point whose "
+    "sensitivity is >= s (what a threshold tuned on these slides would give, for comparison).",
     "Slides without ground truth are counted, not evaluated.",
     "Confusion matrix: scored slides, true grade (rows) by predicted grade (columns).",
     "Detection: kept cells (top-K per class) against annotated abnormal cells, level-0 boxes, "
@@ -106,13 +122,10 @@ SLIDE_COLUMNS = (
     "predicted_grade",
     "classifier",
 )
-CELL_COLUMNS = ("center", "batch", "slide_id", "cell_class", "score", "x0", "y0", "x1", "y1")
-
-Key = tuple[str, str, str]
-
-
-class EvaluationError(CCSError):
-    """Results that cannot be evaluated as asked: mixed models, missing columns, bad rows."""
+_FILTER_HINT = (
+    "evaluate one model at a time: select its results with --center/--batch (or the "
+    "centers/batches arguments)"
+)
 
 
 class EvaluationConfig(BaseModel):
@@ -124,6 +137,9 @@ class EvaluationConfig(BaseModel):
     seed: int = Field(default=0, description="bootstrap seed: the same seed, the same CI")
     alpha: float = Field(default=0.05, gt=0.0, lt=1.0, description="CI level is 1 - alpha")
     iou: float = Field(default=0.5, gt=0.0, le=1.0, description="box IoU for a detection match")
+    sensitivity_targets: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = Field(
+        default=(0.90, 0.95), description="report the ROC's specificity at these sensitivities"
+    )
 
 
 class RocCurve(BaseModel):
@@ -149,16 +165,6 @@ class ConfusionMatrix(BaseModel):
     n: int = Field(ge=0)
 
 
-class DetectionResult(BaseModel):
-    """Per-class AP of the kept cells on a group's annotated, scored slides."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="null")
-
-    n_slides: int = Field(ge=1, description="scored slides with cell annotations")
-    report: DetectionReport
-    note: str = DETECTION_NOTE
-
-
 class GroupResult(BaseModel):
     """One group of slides: ``overall`` or one center."""
 
@@ -172,6 +178,8 @@ class GroupResult(BaseModel):
     n_inadequate_positive: int = Field(ge=0)
     n_failed: int = Field(ge=0, description="no score; not in the metrics")
     n_failed_positive: int = Field(ge=0)
+    n_rejected: int = Field(default=0, ge=0, description="not cytology; not in the metrics")
+    n_rejected_positive: int = Field(default=0, ge=0)
     n_without_truth: int = Field(ge=0, description="results slides with no ground truth")
     n_not_in_results: int = Field(ge=0, description="truth slides of these batches not screened")
     binary: BinaryReport | None = None
@@ -191,6 +199,9 @@ class ModelInfo(BaseModel):
     detector: str | None = None
     encoder: str | None = None
     threshold: float | None = None
+    operating_point: OperatingPoint | None = Field(
+        default=None, description="how the classifier's card says its threshold was chosen"
+    )
 
 
 class Evaluation(BaseModel):
@@ -220,54 +231,6 @@ class Evaluation(BaseModel):
 
 
 # --- inputs -------------------------------------------------------------------------------
-
-
-def _require(table: pa.Table, columns: tuple[str, ...], what: str) -> None:
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise EvaluationError(
-            f"the {what} table has no column {missing[0]!r} (it has: "
-            f"{', '.join(table.column_names) or 'none'})"
-        )
-
-
-def _col(table: pa.Table, name: str) -> list[Any]:
-    if name not in table.column_names:
-        return [None] * table.num_rows
-    return table[name].to_pylist()
-
-
-def _key_name(key: Key) -> str:
-    return "/".join(key)
-
-
-def _truth_map(truth: pa.Table) -> dict[Key, str]:
-    _require(truth, ("center", "batch", "slide_id", "grade"), "truth")
-    out: dict[Key, str] = {}
-    for c, b, s, g in zip(
-        *(_col(truth, n) for n in ("center", "batch", "slide_id", "grade")), strict=True
-    ):
-        key = (str(c), str(b), str(s))
-        if g not in GRADES:
-            raise EvaluationError(f"truth for {_key_name(key)}: grade {g!r} is not one of GRADES")
-        if key in out and out[key] != g:
-            raise EvaluationError(f"truth for {_key_name(key)}: two grades, {out[key]} and {g}")
-        out[key] = g
-    return out
-
-
-def _one_value(values: list[Any], what: str, hint: str) -> Any:
-    distinct = sorted({v for v in values if v is not None}, key=str)
-    if len(distinct) > 1:
-        shown = ", ".join(str(v) for v in distinct[:5])
-        raise EvaluationError(f"the results hold several {what} ({shown}): {hint}")
-    return distinct[0] if distinct else None
-
-
-_FILTER_HINT = (
-    "evaluate one model at a time: select its results with --center/--batch (or the "
-    "centers/batches arguments)"
-)
 
 
 class _Slides:
@@ -387,7 +350,15 @@ def _binary(
             "specificity need both classes",
         )
     assert threshold is not None
-    rep = binary_report(y, scores, threshold, n_boot=cfg.n_boot, seed=cfg.seed, alpha=cfg.alpha)
+    rep = binary_report(
+        y,
+        scores,
+        threshold,
+        n_boot=cfg.n_boot,
+        seed=cfg.seed,
+        alpha=cfg.alpha,
+        sensitivity_targets=cfg.sensitivity_targets,
+    )
     fpr, tpr, _ = roc_curve(y, scores)
     roc = RocCurve(
         fpr=fpr.tolist(),
@@ -398,75 +369,6 @@ def _binary(
         operating_tpr=rep.sensitivity,
     )
     return rep, roc, None
-
-
-class _Cells:
-    """The cells table's rows as Boxes over slide keys ``center/batch/slide_id``."""
-
-    def __init__(self, cells: pa.Table):
-        _require(cells, CELL_COLUMNS, "cells")
-        ids = pc.binary_join_element_wise(
-            cells["center"].cast(pa.string()),
-            cells["batch"].cast(pa.string()),
-            cells["slide_id"].cast(pa.string()),
-            "/",
-        )
-        self.ids = ids
-        labels = pc.index_in(cells["cell_class"], value_set=pa.array(ABNORMAL_CLASSES))
-        if labels.null_count:
-            row = pc.index(pc.is_null(labels), True).as_py()
-            raise EvaluationError(
-                f"the cells table's row {row} has cell_class {cells['cell_class'][row].as_py()!r}, "
-                f"not one of {', '.join(ABNORMAL_CLASSES)}"
-            )
-        self.labels = labels.to_numpy(zero_copy_only=False).astype(np.int64)
-        self.boxes = np.stack(
-            [cells[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in CELL_COLUMNS[5:]],
-            axis=1,
-        ).reshape(-1, 4)
-        self.scores = cells["score"].to_numpy(zero_copy_only=False).astype(np.float64)
-
-    def for_slides(self, names: set[str]) -> Boxes:
-        selected = pc.is_in(self.ids, value_set=pa.array(sorted(names), pa.string()))
-        mask = selected.to_numpy(zero_copy_only=False).astype(bool)
-        ids = np.asarray(pc.filter(self.ids, selected).to_pylist(), dtype=str)
-        return Boxes(ids, self.boxes[mask], self.labels[mask], self.scores[mask])
-
-
-def _truth_boxes(cell_truth: Mapping[Key, SlideBoxes], keys: list[Key]) -> Boxes:
-    ids: list[str] = []
-    boxes: list[np.ndarray] = []
-    labels: list[int] = []
-    index = {c: i for i, c in enumerate(ABNORMAL_CLASSES)}
-    for key in keys:
-        sb = cell_truth[key]
-        classes = np.asarray(sb.classes, dtype=object)
-        keep = np.fromiter((c in index for c in classes), dtype=bool, count=len(classes))
-        if not keep.any():
-            continue
-        boxes.append(np.asarray(sb.boxes, dtype=np.float64).reshape(-1, 4)[keep])
-        labels.extend(index[c] for c in classes[keep])
-        ids.extend([_key_name(key)] * int(keep.sum()))
-    if not ids:
-        return Boxes(np.array([], dtype=str), np.zeros((0, 4)), np.array([], dtype=np.int64))
-    return Boxes(np.array(ids, dtype=str), np.concatenate(boxes), np.array(labels))
-
-
-def _detection(
-    cells: _Cells,
-    cell_truth: Mapping[Key, SlideBoxes] | None,
-    scored_keys: list[Key],
-    cfg: EvaluationConfig,
-) -> tuple[DetectionResult | None, str | None]:
-    if not cell_truth:
-        return None, "no cell annotations (labels/<center>/<batch>/cells.parquet)"
-    keys = [k for k in scored_keys if k in cell_truth]
-    if not keys:
-        return None, "none of the scored slides has cell annotations"
-    pred = cells.for_slides({_key_name(k) for k in keys})
-    gt = _truth_boxes(cell_truth, keys)
-    rep = detection_report(pred, gt, ABNORMAL_CLASSES, cfg.iou)
-    return DetectionResult(n_slides=len(keys), report=rep), None
 
 
 def evaluate(
@@ -488,7 +390,7 @@ def evaluate(
     cfg = cfg or EvaluationConfig()
     s = _Slides(slides)
     t = _truth_map(truth)
-    c = _Cells(cells)
+    c = CellRows(cells)
     threshold = s.model.threshold
     partitions = sorted({(k[0], k[1]) for k in s.keys})
     in_results = set(s.keys)
@@ -502,6 +404,7 @@ def evaluate(
         scored = [i for i in with_truth if s.scored[i]]
         inadequate = [i for i in with_truth if s.status[i] == STATUS_INADEQUATE]
         failed = [i for i in with_truth if s.status[i] == STATUS_FAILED]
+        rejected = [i for i in with_truth if s.status[i] == STATUS_REJECTED]
         group_parts = {p for p in partitions if name == OVERALL or p[0] == name}
         not_in_results = sum(1 for k in t if (k[0], k[1]) in group_parts and k not in in_results)
 
@@ -511,7 +414,8 @@ def evaluate(
         cm = confusion_matrix(
             [t[s.keys[i]] for i in scored], [s.predicted[i] for i in scored], GRADES
         )
-        det, det_reason = _detection(c, cell_truth, [s.keys[i] for i in idx if s.scored[i]], cfg)
+        scored_keys = [s.keys[i] for i in idx if s.scored[i]]
+        det, det_reason = detection_result(c, cell_truth, scored_keys, cfg.iou)
         groups.append(
             GroupResult(
                 name=name,
@@ -522,6 +426,8 @@ def evaluate(
                 n_inadequate_positive=sum(1 for i in inadequate if i in positive),
                 n_failed=len(failed),
                 n_failed_positive=sum(1 for i in failed if i in positive),
+                n_rejected=len(rejected),
+                n_rejected_positive=sum(1 for i in rejected if i in positive),
                 n_without_truth=len(idx) - len(with_truth),
                 n_not_in_results=not_in_results,
                 binary=rep,

@@ -15,7 +15,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.batches import BatchRef, load_batch
-from smartccs.errors import SlideError
+from smartccs.errors import CCSError, SlideError
 from smartccs.evaluation.render import SlideOpener, write_report
 from smartccs.evaluation.report import (
     Evaluation,
@@ -26,6 +26,8 @@ from smartccs.evaluation.report import (
 )
 from smartccs.evaluation.truth import TruthError, slide_truth, truth_from_file
 from smartccs.labels import SlideBoxes, has_cell_labels, load_cell_labels
+from smartccs.metrics.operating_point import OperatingPoint
+from smartccs.models.artifacts import load_card
 from smartccs.results.tables import read_table
 from smartccs.slide.cache import SlideCache
 from smartccs.slide.reader import Slide, open_slide
@@ -109,6 +111,21 @@ def store_slide_opener(store: Store, cache: SlideCache | None = None) -> SlideOp
     return open_store_slide
 
 
+def stored_operating_point(store: Store, classifier: str | None) -> OperatingPoint | None:
+    """How the card of ``classifier`` (``name/version``, as the slides table names it) says
+    its threshold was chosen, so the report sets the validation figures beside the ones it
+    measures; None for a card from before operating points, or a model not in ``store``."""
+    if not classifier or "/" not in classifier:
+        return None
+    name, version = classifier.rsplit("/", 1)
+    try:
+        raw = load_card(store, name, version).head.get("operating_point")
+    except CCSError as exc:
+        log.info("no operating point for %s: %s", classifier, str(exc).splitlines()[0])
+        return None
+    return OperatingPoint.model_validate(raw) if raw else None
+
+
 def run_evaluation(
     store: Store,
     out_dir: str | Path,
@@ -149,8 +166,13 @@ def run_evaluation(
         )
     cell_truth = load_cell_truth(truth_store or store, partitions)
     evaluation = evaluate(slides, cells, truth, cell_truth, cfg)
+    op = stored_operating_point(store, evaluation.model.classifier)
     evaluation = evaluation.model_copy(
-        update={"results_uri": store.uri("results"), "truth_source": source}
+        update={
+            "results_uri": store.uri("results"),
+            "truth_source": source,
+            "model": evaluation.model.model_copy(update={"operating_point": op}),
+        }
     )
     write_report(
         evaluation,
@@ -173,12 +195,14 @@ def summary_line(evaluation: Evaluation, report: str | Path | None = None) -> st
         level = round(b.ci_level * 100)
         parts.append(
             f"AUC {b.auc:.3f} ({level}% CI {b.auc_ci_low:.3f}-{b.auc_ci_high:.3f}), "
-            f"sensitivity {b.sensitivity:.3f}, specificity {b.specificity:.3f} "
-            f"at threshold {b.threshold:.3g}"
+            f"sensitivity {b.sensitivity:.3f} ({b.sensitivity_ci_low:.2f}-"
+            f"{b.sensitivity_ci_high:.2f}), specificity {b.specificity:.3f} "
+            f"({b.specificity_ci_low:.2f}-{b.specificity_ci_high:.2f}) at threshold "
+            f"{b.threshold:.3g}"
         )
     else:
         parts.append(f"no AUC: {g.binary_reason}")
-    parts.append(f"{g.n_failed} failed, {g.n_inadequate} inadequate")
+    parts.append(f"{g.n_failed} failed, {g.n_rejected} rejected, {g.n_inadequate} inadequate")
     if report is not None:
         parts.append(f"report: {report}")
     return "evaluation: " + "; ".join(parts)

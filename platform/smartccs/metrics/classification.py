@@ -1,4 +1,5 @@
-"""Slide-level binary metrics: ROC, AUC with a bootstrap CI, sensitivity/specificity.
+"""Slide-level binary metrics: ROC, AUC with a bootstrap CI, sensitivity/specificity with
+Wilson CIs, and the specificity a screen reaches at a given sensitivity.
 
 Positive (label 1 / True) means abnormal: a slide that needs a cytologist's review. A slide is
 predicted positive when its score is ``>= threshold``. Every function validates its inputs and
@@ -9,6 +10,7 @@ metric in an evaluation report is worse than a crash.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "BinaryReport",
+    "SpecificityAt",
     "binary_report",
     "bootstrap_auc_ci",
     "choose_threshold",
@@ -23,6 +26,8 @@ __all__ = [
     "roc_auc",
     "roc_curve",
     "sensitivity_specificity",
+    "specificity_at_sensitivity",
+    "wilson_ci",
 ]
 
 
@@ -159,6 +164,49 @@ def choose_threshold(
         return float(thresholds[int(np.argmax(tps / n_pos >= m))])
     # J = tps/n_pos - fps/n_neg, compared in integers so exact ties go to the highest threshold.
     return float(thresholds[int(np.argmax(tps * n_neg - fps * n_pos))])
+
+
+def specificity_at_sensitivity(y_true: ArrayLike, scores: ArrayLike, target: float) -> float:
+    """The highest specificity among the ROC points whose sensitivity is ``>= target``.
+
+    Screening is judged at a fixed sensitivity (how many abnormal slides a screen may miss),
+    so this reads off the ROC how many NILM slides a threshold catching that share of the
+    abnormal ones would clear. It is a property of the ranking alone, on the slides given (no
+    threshold is carried over): the threshold achieving it is ``choose_threshold(...,
+    min_sensitivity=target)`` on the same slides. Sensitivity 1 is always reached (at the
+    lowest score), so the result is defined for every target in ``(0, 1]``.
+    """
+    y, s = _inputs(y_true, scores)
+    n_pos, n_neg = _need_both_classes(y, "specificity_at_sensitivity")
+    t = float(target)
+    if not 0.0 < t <= 1.0:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    fps, tps, _ = _roc_counts(y, s)
+    ok = tps / n_pos >= t  # the same float comparison choose_threshold makes
+    return float((n_neg - fps[ok].min()) / n_neg)  # tn / n_neg, as sensitivity_specificity
+
+
+def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score ``(1 - alpha)`` interval of a proportion ``successes / n``.
+
+    Sensitivity and specificity are proportions over few slides and often 0 or 1 exactly; a
+    percentile bootstrap (or the Wald interval) then collapses to a width of zero, claiming a
+    certainty 6 slides cannot give. Wilson's interval stays honest there (6 of 6: 0.61-1.00)
+    and is the usual one for diagnostic accuracy.
+    """
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n}")
+    if int(successes) != successes or not 0 <= successes <= n:
+        raise ValueError(f"successes must be an integer in [0, n={n}], got {successes}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
+    p, z2 = successes / n, z * z / n
+    centre = (p + z2 / 2.0) / (1.0 + z2)
+    half = z / (1.0 + z2) * float(np.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n)))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 _MAX_CHUNK_ELEMENTS = 4_000_000
@@ -331,6 +379,15 @@ def confusion_matrix(
     return np.bincount(ti * k + pi, minlength=k * k).reshape(k, k)
 
 
+class SpecificityAt(BaseModel):
+    """Specificity read off the ROC at a target sensitivity (:func:`specificity_at_sensitivity`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sensitivity: float = Field(gt=0.0, le=1.0, description="the target sensitivity")
+    specificity: float = Field(ge=0.0, le=1.0)
+
+
 class BinaryReport(BaseModel):
     """Slide-level screening performance at one operating threshold."""
 
@@ -341,7 +398,14 @@ class BinaryReport(BaseModel):
     auc_ci_high: float = Field(ge=0.0, le=1.0)
     ci_level: float = Field(gt=0.0, lt=1.0, description="e.g. 0.95 for a 95% bootstrap CI")
     sensitivity: float = Field(ge=0.0, le=1.0)
+    sensitivity_ci_low: float = Field(ge=0.0, le=1.0, description="Wilson score interval")
+    sensitivity_ci_high: float = Field(ge=0.0, le=1.0)
     specificity: float = Field(ge=0.0, le=1.0)
+    specificity_ci_low: float = Field(ge=0.0, le=1.0, description="Wilson score interval")
+    specificity_ci_high: float = Field(ge=0.0, le=1.0)
+    specificity_at: list[SpecificityAt] = Field(
+        default_factory=list, description="read off the ROC at target sensitivities"
+    )
     threshold: float = Field(description="score >= threshold is predicted abnormal")
     n_pos: int = Field(ge=1)
     n_neg: int = Field(ge=1)
@@ -355,21 +419,33 @@ def binary_report(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    sensitivity_targets: Sequence[float] = (0.90, 0.95),
 ) -> BinaryReport:
-    """AUC with its stratified-bootstrap CI, and sensitivity/specificity at ``threshold``
-    (which should come from :func:`choose_threshold` on validation data)."""
+    """AUC with its stratified-bootstrap CI, sensitivity/specificity at ``threshold`` (which
+    should come from :func:`choose_threshold` on validation data) with Wilson CIs, and the
+    specificity at each of ``sensitivity_targets`` read off this data's ROC."""
     y, s = _inputs(y_true, scores)
     n_pos, n_neg = _need_both_classes(y, "binary_report")
     threshold = _threshold(threshold)
     low, high = bootstrap_auc_ci(y, s, n_boot=n_boot, alpha=alpha, seed=seed)
-    sens, spec = sensitivity_specificity(y, s, threshold)
+    pred = s >= threshold
+    tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
+    sens_ci, spec_ci = wilson_ci(tp, n_pos, alpha), wilson_ci(tn, n_neg, alpha)
     return BinaryReport(
         auc=roc_auc(y, s),
         auc_ci_low=low,
         auc_ci_high=high,
         ci_level=1.0 - alpha,
-        sensitivity=sens,
-        specificity=spec,
+        sensitivity=tp / n_pos,
+        sensitivity_ci_low=sens_ci[0],
+        sensitivity_ci_high=sens_ci[1],
+        specificity=tn / n_neg,
+        specificity_ci_low=spec_ci[0],
+        specificity_ci_high=spec_ci[1],
+        specificity_at=[
+            SpecificityAt(sensitivity=t, specificity=specificity_at_sensitivity(y, s, t))
+            for t in sensitivity_targets
+        ],
         threshold=threshold,
         n_pos=n_pos,
         n_neg=n_neg,

@@ -20,10 +20,13 @@ PARTITION_COLUMNS = ("center", "batch")
 STATUS_SCREENED = "screened"
 STATUS_INADEQUATE = "inadequate"
 STATUS_FAILED = "failed"
-SLIDE_STATUSES = (STATUS_SCREENED, STATUS_INADEQUATE, STATUS_FAILED)
+STATUS_REJECTED = "rejected"
+SLIDE_STATUSES = (STATUS_SCREENED, STATUS_INADEQUATE, STATUS_FAILED, STATUS_REJECTED)
 """``screened``: scored. ``inadequate``: scored, but too few squamous cells for a reliable
 call (Bethesda adequacy), so the score must not be read as negative. ``failed``: no score;
-``error`` says why (unreadable file, no mpp, no foreground, every tile failed)."""
+``error`` says why (unreadable file, no mpp, every tile failed). ``rejected``: not a cervical
+cytology preparation (blank glass, a tissue section, almost no cells: ``slide.specimen``),
+so never scored and never negative; ``error`` says what was measured."""
 
 
 def grade_column(grade: str) -> str:

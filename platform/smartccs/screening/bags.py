@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from smartccs.data.tiles import NO_TILE, STATUS_OK
+from smartccs.results.schema import STATUS_REJECTED
 from smartccs.screening.cells import AUG_EMBEDDING, SECONDS, TILE_ROW
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
@@ -48,6 +49,7 @@ class SlideBag:
     blur: float = float("nan")
     seconds: float = float("nan")  # worker compute spent on the slide (read, detect, embed)
     aug_embeddings: np.ndarray | None = None  # (6, K, D): the same cells' augmented view (TTA)
+    rejected: bool = False  # not a cytology preparation (slide.specimen): ``error`` says why
 
     @property
     def key(self) -> SlideKey:
@@ -77,6 +79,7 @@ class _Acc:
         self.mpp = float("nan")
         self.seconds = 0.0
         self.errors: list[str] = []
+        self.rejected = False  # the planner found no cytology preparation on the glass
 
     @property
     def complete(self) -> bool:
@@ -96,6 +99,7 @@ class _Acc:
         index = int(b["tile_index"][i])
         if index == NO_TILE:  # the slide could not be planned: its only row
             self.planned = True
+            self.rejected = str(b["status"][i]) == STATUS_REJECTED
             self.errors.append(str(b["error"][i]))
             return 1
         cells = self.pending.pop(index, [])
@@ -156,6 +160,7 @@ class _Acc:
             blur=self.blur_sum / self.qc_n if self.qc_n else float("nan"),
             seconds=self.seconds,
             aug_embeddings=emb[..., self.dim :] if emb.shape[-1] > self.dim else None,
+            rejected=self.rejected,
         )
 
 

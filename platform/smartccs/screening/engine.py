@@ -33,6 +33,7 @@ from smartccs.data.tiles import StreamConfig, plan_stream, slide_rows, tile_stre
 from smartccs.ids import Id
 from smartccs.models.artifacts import load_card
 from smartccs.raycluster import MIN_LOCAL_CPUS, Demand, check_placement
+from smartccs.results.schema import STATUS_REJECTED
 from smartccs.results.tables import ResultCommit, write_batch_results
 from smartccs.screening.bags import SlideBag, SlideKey, iter_bags
 from smartccs.screening.cells import CellConfig, CellScorer, ModelRef, encoder_ref
@@ -206,6 +207,7 @@ class BatchOutcome(BaseModel):
     cells: int
     commit: ResultCommit
     adaptation: str | None = None
+    rejected: int = 0  # not cytology (slide.specimen): neither scored nor negative
 
 
 def new_run_id() -> str:
@@ -246,20 +248,22 @@ def _publish(
         screened=status.count("screened"),
         inadequate=status.count("inadequate"),
         failed=status.count("failed"),
+        rejected=status.count(STATUS_REJECTED),
         positive=sum(bool(v) for v in slides.column("positive").to_pylist()),
         cells=cells.num_rows,
         commit=commit,
         adaptation=adaptation,
     )
     log.info(
-        "published %s/%s: %d slides (%d screened, %d inadequate, %d failed), %d positive, "
-        "%d cells, run %s",
+        "published %s/%s: %d slides (%d screened, %d inadequate, %d failed, %d rejected), "
+        "%d positive, %d cells, run %s",
         ref.center,
         ref.batch,
         outcome.slides,
         outcome.screened,
         outcome.inadequate,
         outcome.failed,
+        outcome.rejected,
         outcome.positive,
         outcome.cells,
         run_id,

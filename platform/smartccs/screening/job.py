@@ -107,10 +107,12 @@ def summary_line(result: ScreenJobResult) -> str:
     pos = sum(b.positive for b in result.batches)
     failed = sum(b.failed for b in result.batches)
     inadequate = sum(b.inadequate for b in result.batches)
+    rejected = sum(b.rejected for b in result.batches)
     adapted = sorted({b.adaptation for b in result.batches if b.adaptation})
     how = f", adapted ({', '.join(adapted)})" if adapted else ""
     return (
         f"run {result.run_id}{how}: {n} slides in {len(result.batches)} batches screened "
-        f"({pos} positive, {inadequate} inadequate, {failed} failed); tables under "
+        f"({pos} positive, {inadequate} inadequate, {failed} failed, {rejected} rejected as "
+        "not cytology); tables under "
         f"{result.store.rstrip('/')}/results/"
     )

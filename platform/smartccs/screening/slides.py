@@ -30,6 +30,7 @@ from smartccs.results.schema import (
     SLIDES,
     STATUS_FAILED,
     STATUS_INADEQUATE,
+    STATUS_REJECTED,
     STATUS_SCREENED,
 )
 from smartccs.screening.bags import SlideBag
@@ -122,9 +123,12 @@ def slides_table(
     adaptation: str | None = None,
     screened_at: datetime | None = None,
 ) -> pa.Table:
-    """The ``slides`` rows of one batch: scored slides, and failed ones with their reason.
+    """The ``slides`` rows of one batch: scored slides, and failed or rejected ones with their
+    reason.
 
-    ``probs`` holds one row per bag (ignored for slides that read no tile).
+    ``probs`` holds one row per bag (ignored for slides that read no tile: failed, and rejected
+    ones, which the planner found not to be cytology and so have no tile, probability, score
+    or ``positive``).
     """
     when = screened_at or datetime.now(UTC)
     cols: dict[str, list] = {f.name: [] for f in SLIDES}
@@ -133,6 +137,8 @@ def slides_table(
         squamous = estimated_squamous(bag)
         adequate = bool(read and squamous >= adequacy.min_squamous)
         status = STATUS_FAILED if not read else STATUS_SCREENED if adequate else STATUS_INADEQUATE
+        if bag.rejected:  # not cytology: no tile was read, so no score, never a negative
+            status = STATUS_REJECTED
         error = bag.error
         if read and bag.tiles_failed:
             error = f"{bag.tiles_failed} of {bag.n_tiles} tiles failed: {bag.error}"

@@ -38,7 +38,8 @@ def is_batch_id(value: str) -> bool:
 
 class SlideProgress(BaseModel):
     slide_id: str
-    status: Literal["pending", "scored", "failed"] = "pending"
+    status: Literal["pending", "scored", "failed", "rejected"] = "pending"
+    """``rejected``: not a cytology preparation (blank, tissue, almost no cells): no score."""
     error: str | None = None
 
 

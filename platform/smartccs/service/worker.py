@@ -129,7 +129,7 @@ class Worker:
 
             def on_slide(bag: SlideBag) -> None:
                 entry = by_id[bag.slide_id]
-                entry.status = "scored" if bag.ok else "failed"
+                entry.status = "rejected" if bag.rejected else "scored" if bag.ok else "failed"
                 entry.error = bag.error or None
                 self._try_save(record)
 
@@ -143,10 +143,8 @@ class Worker:
             )
             record.state, record.run_id = "done", outcome.run_id
             record.adaptation = outcome.adaptation
-            record.summary = {
-                k: getattr(outcome, k)
-                for k in ("slides", "screened", "inadequate", "failed", "positive", "cells")
-            }
+            keys = ("slides", "screened", "inadequate", "failed", "rejected", "positive", "cells")
+            record.summary = {k: getattr(outcome, k) for k in keys}
         except Exception as exc:
             log.exception("%s: batch %s/%s failed", self.name, record.center, record.batch)
             record.state, record.error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]

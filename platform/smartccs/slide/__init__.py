@@ -1,8 +1,8 @@
 """Whole-slide images: open with a known pixel size, find the cells, tile at a fixed µm scale.
 
 ``reader`` (OpenSlide, mpp, one-line errors), ``cache`` (local copies of S3 slides),
-``foreground`` (where the cells are), ``tiling`` (the µm grid and the read hot path), ``qc``
-(per-tile quality) and ``inspect`` (``ccs inspect``).
+``foreground`` (where the cells are), ``specimen`` (is it cytology at all), ``tiling`` (the µm
+grid and the read hot path), ``qc`` (per-tile quality) and ``inspect`` (``ccs inspect``).
 """
 
 from smartccs.slide.cache import SlideCache
@@ -10,6 +10,7 @@ from smartccs.slide.foreground import ForegroundConfig, ForegroundMask, foregrou
 from smartccs.slide.inspect import SlideReport, format_report, inspect_slide
 from smartccs.slide.qc import TileQC, tile_qc
 from smartccs.slide.reader import Slide, SlideInfo, open_slide
+from smartccs.slide.specimen import Specimen, assess_specimen
 from smartccs.slide.tiling import TilePlan, TileSpec, TilingConfig, plan_tiles, read_tile
 
 __all__ = [
@@ -19,10 +20,12 @@ __all__ = [
     "SlideCache",
     "SlideInfo",
     "SlideReport",
+    "Specimen",
     "TilePlan",
     "TileQC",
     "TileSpec",
     "TilingConfig",
+    "assess_specimen",
     "foreground_mask",
     "format_report",
     "inspect_slide",

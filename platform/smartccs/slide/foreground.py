@@ -72,6 +72,9 @@ class ForegroundMask:
     mpp: float
     saturation_threshold: float
     od_threshold: float
+    stained: np.ndarray | None = None
+    """The pixels that passed the test themselves, before ``dilate_um``: what the specimen
+    guard measures (the dilation merges neighbouring cells into one object)."""
 
     @property
     def fraction(self) -> float:
@@ -99,14 +102,15 @@ def foreground_from_rgb(
     sat, od = pixel_features(rgb)
     s_thr = _threshold(sat, config, config.saturation_floor, config.saturation_ceiling)
     od_thr = _threshold(od, config, config.od_floor, config.od_ceiling)
-    mask = (sat > s_thr) | (od > od_thr)
+    stained = (sat > s_thr) | (od > od_thr)
+    mask = stained
     radius = round(config.dilate_um / mpp)
     if radius > 0 and mask.any():
         grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(
             ImageFilter.MaxFilter(2 * radius + 1)
         )
         mask = np.asarray(grown) > 0
-    return ForegroundMask(mask, mpp, s_thr, od_thr)
+    return ForegroundMask(mask, mpp, s_thr, od_thr, stained)
 
 
 def _threshold(values: np.ndarray, config: ForegroundConfig, floor: float, ceiling: float) -> float:

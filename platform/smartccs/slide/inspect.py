@@ -1,7 +1,8 @@
 """``ccs inspect``: what a slide file is and what screening would make of it, before a run.
 
 A center uploading a batch wants to know, per slide, that it opens, its pixel size (and
-where that came from), how much of it has cells, and how many tiles screening will read.
+where that came from), how much of it has cells, how many tiles screening will read, and
+whether it is a cytology preparation at all (``specimen``: screening rejects one that is not).
 The same functions open and tile the slide as the screening pipeline does, so what inspect
 says is what a run will do.
 """
@@ -15,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.errors import NoForegroundError, SlideError
 from smartccs.slide.cache import SlideCache
+from smartccs.slide.foreground import foreground_mask
 from smartccs.slide.reader import MppSource, open_slide
+from smartccs.slide.specimen import Specimen, assess_specimen
 from smartccs.slide.tiling import TilingConfig, TooCoarseError, plan_tiles
 from smartccs.store import Store, StoreConfig
 
@@ -40,6 +43,11 @@ class SlideReport(BaseModel):
     tiling: TilingConfig
     tiling_error: str | None = Field(
         default=None, description="why screening would fail this slide (no cells, too coarse)"
+    )
+    specimen: Specimen | None = Field(
+        default=None,
+        description="cytology or not_cytology (rejected, not screened), with its measurements; "
+        "None when the slide is too coarse to plan",
     )
 
 
@@ -66,11 +74,16 @@ def inspect_slide(
         fg_fraction: float | None = None
         tile_count: int | None = None
         error = None
+        specimen: Specimen | None = None
         try:
             plan = plan_tiles(slide, tiling)
             fg_fraction, tile_count = plan.foreground_fraction, len(plan.tiles)
+            specimen = plan.specimen
         except (NoForegroundError, TooCoarseError) as exc:
             error = str(exc).removeprefix(f"{name}: ")
+            if isinstance(exc, NoForegroundError):  # blank glass: measured all the same
+                fg = foreground_mask(slide, mask_mpp=tiling.mask_mpp, config=tiling.foreground)
+                specimen = assess_specimen(fg)
     return SlideReport(
         name=name,
         path=target if remote else str(path.resolve()),
@@ -89,6 +102,7 @@ def inspect_slide(
         tile_count=tile_count,
         tiling=tiling,
         tiling_error=error,
+        specimen=specimen,
     )
 
 
@@ -133,9 +147,21 @@ def format_report(report: SlideReport) -> str:
             "n/a" if r.foreground_fraction is None else f"{r.foreground_fraction:.1%} of the slide",
         ),
         ("tiles", tiles),
+        ("specimen", _specimen_line(r.specimen)),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _specimen_line(s: Specimen | None) -> str:
+    if s is None:
+        return "n/a"
+    if s.kind != "cytology":
+        return f"NOT CYTOLOGY, screening rejects it: {s.reason}"
+    return (
+        f"cytology: {s.stained_mm2:.3g} mm² stained on {s.glass_mm2:.3g} mm² of glass, "
+        f"{s.solid_fraction:.0%} of it solid over {s.solid_um:.0f} µm"
+    )
 
 
 def _human_bytes(n: int) -> str:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from smartccs.errors import NoForegroundError, TooCoarseError
 from smartccs.slide.foreground import DEFAULT_FOREGROUND, ForegroundConfig, foreground_mask
 from smartccs.slide.reader import Slide, SlideInfo, on_white, reduce_on_white, rgb_array
+from smartccs.slide.specimen import Specimen, assess_specimen
 
 MAX_UPSAMPLE = 0.10
 """A slide may be at most 10% coarser than ``target_mpp``: beyond that, tiles would be
@@ -91,11 +92,19 @@ class TilePlan(BaseModel):
     foreground_fraction: float = Field(description="fraction of the slide that is foreground")
     saturation_threshold: float = Field(description="this slide's glass/cell saturation cut")
     od_threshold: float = Field(description="this slide's glass/cell optical-density cut")
+    specimen: Specimen | None = Field(
+        default=None, description="whether the glass is cytology at all (slide.specimen)"
+    )
     tiles: list[TileSpec]
 
 
 def plan_tiles(slide: Slide, cfg: TilingConfig) -> TilePlan:
-    """Lay the µm grid over the slide and keep the tiles with enough foreground."""
+    """Lay the µm grid over the slide and keep the tiles with enough foreground.
+
+    The plan's ``specimen`` says whether the glass is a cytology preparation at all; planning
+    does not act on it (the tile stream and ``ccs inspect`` do). Blank glass raises
+    :class:`NoForegroundError`, as there is nothing to tile.
+    """
     info = slide.info
     if info.mpp > cfg.target_mpp * (1 + MAX_UPSAMPLE):
         raise TooCoarseError(
@@ -140,6 +149,7 @@ def plan_tiles(slide: Slide, cfg: TilingConfig) -> TilePlan:
         foreground_fraction=fg.fraction,
         saturation_threshold=fg.saturation_threshold,
         od_threshold=fg.od_threshold,
+        specimen=assess_specimen(fg),
         tiles=tiles,
     )
 

@@ -40,6 +40,7 @@ from smartccs.study.ablation import (
     AblationRow,
     ablation_rows,
     format_table,
+    operating_points,
     write_ablation,
 )
 from smartccs.study.cohort import StudyBatch, center_kinds, cut_batches, ensure_uploaded
@@ -303,18 +304,19 @@ def run_study(cfg: StudyConfig) -> StudyResult:
         evals = _evaluate(s, local)
         t0 = s.stage(7, "ablation table and report")
         rows = ablation_rows(cfg.arms, evals)
+        thresholds = operating_points(cfg.arms, evals)
         context = {
             "study": s.id,
             "store": s.store.uri(),
             "cohort": str(cfg.cohort_path()),
             "detector held-out abnormal mAP@0.5": s.state.detector_map,
             "classifier held-out AUC (internal)": s.state.classifier_auc,
+            "classifier thresholds (validation)": thresholds,
             "adaptation of w/ P&A": cfg.adapt,
             "stage seconds": s.state.seconds,
         }
         write_ablation(local, cfg.arms, evals, rows, context)
         report = _publish(s, local)
         s.done("report", t0)
-    return StudyResult(
-        study_id=s.id, report=report, rows=rows, table=format_table(rows), state=s.state
-    )
+    table = format_table(rows) + "".join(f"\n  {a}: {w}" for a, w in thresholds.items())
+    return StudyResult(study_id=s.id, report=report, rows=rows, table=table, state=s.state)

@@ -4,8 +4,10 @@
    stream, detector, crop and embed with the frozen encoder, top-K per class): one bag per slide,
    kept under ``runs/<run>/`` so a resumed run does not screen again.
 2. A TorchTrainer fits the MIL head on the training slides' bags against their manifest grades.
-3. The operating threshold on the slide score (1 - P(NILM)) is chosen on the validation slides;
-   AUC with a bootstrap CI, sensitivity and specificity are measured on the test slides.
+3. The operating threshold on the slide score (1 - P(NILM)) is chosen on the validation slides
+   for ``target_sensitivity`` and stored with what it reached there (``operating_point`` in the
+   card's head); AUC with a bootstrap CI, sensitivity and specificity are measured on the test
+   slides.
 4. The prototype bank for test-time adaptation is built: per grade, the mean cell embedding of
    the most confident training slides. It is saved with the head as ``models/classifier/<v>``.
 """
@@ -25,12 +27,8 @@ from smartccs.batches import manifests_sha256, resolve_batches
 from smartccs.data.tiles import StreamConfig
 from smartccs.errors import CCSError
 from smartccs.ids import Id
-from smartccs.metrics.classification import (
-    BinaryReport,
-    binary_report,
-    choose_threshold,
-    confusion_matrix,
-)
+from smartccs.metrics.classification import BinaryReport, binary_report, confusion_matrix
+from smartccs.metrics.operating_point import OperatingPoint, operating_point
 from smartccs.models.artifacts import ModelCard, config_sha256, load_card, save_model
 from smartccs.models.mil import MILConfig, MILHead, abnormal_logit, pooled_embedding
 from smartccs.screening.bags import SlideBag
@@ -74,8 +72,12 @@ class ClassifierConfig(RunFields):
         "grade the grade loss alone barely shapes that one decision",
     )
     prototype_slides: int = Field(default=100, ge=1, description="per grade, most confident")
-    min_sensitivity: float | None = Field(
-        default=None, gt=0, le=1, description="threshold reaching this on validation; else Youden"
+    target_sensitivity: float = Field(
+        default=0.90,
+        gt=0,
+        le=1,
+        description="the stored threshold is the highest one reaching this sensitivity on the "
+        "validation slides: screening is judged on the abnormal slides it catches first",
     )
     n_boot: int = Field(default=1000, ge=100)
 
@@ -87,6 +89,7 @@ class ClassifierResult(BaseModel):
     step: int
     test: BinaryReport
     threshold: float
+    operating_point: OperatingPoint = Field(description="chosen on the validation slides")
     confusion: list[list[int]]
 
 
@@ -240,6 +243,21 @@ def prototype_bank(
     return bank
 
 
+def _operating_point(y: np.ndarray, scores: np.ndarray, target: float) -> OperatingPoint:
+    """The threshold for ``target`` sensitivity on the validation slides, logged."""
+    try:
+        op = operating_point(y, scores, target)
+    except ValueError as exc:
+        raise CCSError(
+            f"cannot choose the threshold on the validation slides: {exc}; give the validation "
+            "split abnormal and NILM slides (split.val, or more graded slides)"
+        ) from None
+    log.info("%s", op.describe())
+    if op.note:
+        log.warning("target sensitivity not resolved: %s", op.note)
+    return op
+
+
 def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     """Screen the slides into bags, fit the head, pick the threshold, measure, save."""
     store = Store(cfg.store)
@@ -279,10 +297,8 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     head.load_state_dict(fitted.state["model"])
     probs = {name: predict(head, b) for name, (b, _) in part.items()}
     is_abnormal = {name: np.asarray(g) != 0 for name, (_, g) in part.items()}
-    val_scores = 1 - probs["val"][:, 0]
-    threshold = choose_threshold(
-        is_abnormal["val"], val_scores, min_sensitivity=cfg.min_sensitivity
-    )
+    op = _operating_point(is_abnormal["val"], 1 - probs["val"][:, 0], cfg.target_sensitivity)
+    threshold = op.threshold
     test = binary_report(
         is_abnormal["test"], 1 - probs["test"][:, 0], threshold, n_boot=cfg.n_boot, seed=cfg.seed
     )
@@ -315,6 +331,7 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
             "encoder": enc.model_dump(),
             "dim": dim,
             "threshold": threshold,
+            "operating_point": op.model_dump(mode="json"),
         },
         tiling=det_card.tiling,
         normalization=enc_card.normalization,
@@ -328,6 +345,9 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
             "test_sensitivity": test.sensitivity,
             "test_specificity": test.specificity,
             "threshold": threshold,
+            "target_sensitivity": op.target_sensitivity,
+            "val_sensitivity": op.sensitivity,
+            "val_specificity": op.specificity,
             "test_slides": float(test.n_pos + test.n_neg),
             "steps": float(fitted.state["step"]),
         },
@@ -340,5 +360,6 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
         step=int(fitted.state["step"]),
         test=test,
         threshold=threshold,
+        operating_point=op,
         confusion=confusion.tolist(),
     )
