@@ -31,7 +31,7 @@ from smartccs.screening.job import ScreenJobConfig, run_screen_job
 from smartccs.service.config import ServiceConfig
 from smartccs.service.records import BatchQueue, BatchRecord, batch_id
 from smartccs.service.worker import Worker
-from smartccs.slide.cache import SlideCache
+from smartccs.slide.cache import SlideCache, default_root
 from smartccs.store import S3Options, Store, StoreConfig
 from smartccs.upload import upload_batch
 
@@ -235,7 +235,7 @@ def test_full_slide_cache_evicts_instead_of_failing(store: Store, clean, centers
     sizes = [s.bytes for s in load_batch(store, center, "b1").manifest.slides]
     budget = max(sizes) * 3 // 2
     cfg = toy_screening(tmp_path)
-    cache = SlideCache(cfg.stream.cache_dir, budget)
+    cache = SlideCache(cfg.stream.cache_dir or default_root(), budget)
     old = []
     for i in range(3):  # a long-running node's cache: full, least recently used first
         data = os.urandom(budget // 3)

@@ -52,11 +52,13 @@ class StreamConfig(BaseModel):
     planner_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per planning task")
     batch_size: int = Field(default=16, ge=1, description="tiles per reader call")
     open_slides: int = Field(default=2, ge=1, description="slide handles kept open per actor")
-    cache_dir: str = Field(
-        default_factory=default_root, description="local slide cache ($CCS_SLIDE_CACHE)"
+    cache_dir: str | None = Field(
+        default=None,
+        description="local slide cache; null: each node's own $CCS_SLIDE_CACHE (default "
+        "~/.cache/smartccs/slides), read on the node, not on the driver",
     )
-    cache_max_bytes: int = Field(
-        default_factory=default_max_bytes, gt=0, description="slide cache bound"
+    cache_max_bytes: int | None = Field(
+        default=None, gt=0, description="slide cache bound; null: the node's $CCS_SLIDE_CACHE_GB"
     )
 
 
@@ -82,7 +84,9 @@ class _SlideHandles:
 
     def __init__(self, store_config: StoreConfig, cfg: StreamConfig):
         self.store = Store(store_config)
-        self.cache = SlideCache(Path(cfg.cache_dir), cfg.cache_max_bytes)
+        self.cache = SlideCache(  # resolved here, on the node that holds the cache
+            Path(cfg.cache_dir or default_root()), cfg.cache_max_bytes or default_max_bytes()
+        )
         self.capacity = cfg.open_slides
         self._open: OrderedDict[str, Slide] = OrderedDict()
 
@@ -122,6 +126,7 @@ def _tile_row(row: dict[str, Any], spec: TileSpec | None, n_tiles: int, **extra)
             "level": spec.level if spec else NO_TILE,
             "fg_fraction": float(spec.fg_fraction) if spec else float("nan"),
             "slide_mpp": float("nan"),
+            "slide_area_mm2": float("nan"),
             "sat_threshold": float("nan"),
             "od_threshold": float("nan"),
             "status": STATUS_OK,
@@ -163,6 +168,8 @@ def plan_slide(row: dict[str, Any], *, store_config: StoreConfig, cfg: StreamCon
     n = len(plan.tiles)
     slide = {
         "slide_mpp": float(plan.info.mpp),
+        # the scanned glass, which adequacy's minimum is pro-rated to (screening.adequacy)
+        "slide_area_mm2": plan.info.width * plan.info.height * plan.info.mpp**2 / 1e6,
         "sat_threshold": float(plan.saturation_threshold),
         "od_threshold": float(plan.od_threshold),
     }
