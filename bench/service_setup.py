@@ -52,7 +52,7 @@ def screening_config(model: ModelRef) -> ScreeningConfig:
         classifier_model=model.name,
         stream=StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25),
         scorers=ScorerPool(actors=1, cpus=1.0),
-        adequacy=AdequacyConfig(min_squamous=50),
+        adequacy=AdequacyConfig(min_squamous=5000),
     )
 
 

@@ -13,6 +13,8 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from smartccs import layout
@@ -21,18 +23,22 @@ from smartccs.checksums import sha256_file
 from smartccs.data.tiles import slide_rows
 from smartccs.errors import CCSError
 from smartccs.manifest import Manifest, SlideEntry
+from smartccs.models.detector import SQUAMOUS_KINDS
 from smartccs.results.tables import read_commit, read_table
+from smartccs.screening.adequacy import count_squamous
 from smartccs.screening.bags import BagCollector
 from smartccs.screening.cells import ModelRef
 from smartccs.screening.engine import cell_stream, embedding_dim
 from smartccs.screening.job import ScreenJobConfig, resolve, run_screen_job
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier
+from smartccs.slide.reader import open_slide
+from smartccs.slide.tiling import plan_tiles, read_tile
 from smartccs.store import Store, StoreConfig
 from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cli import run_ccs
-from toy_models import save_toy_models, toy_screening
+from toy_models import TOY_TILING, save_toy_models, toy_screening
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -160,7 +166,26 @@ def test_too_few_squamous_cells_is_inadequate_not_negative(cohort_store: Store, 
     good = next(r for k, r in rows.items() if k != "broken")
     assert good["status"] == "inadequate" and good["adequate"] is False
     assert good["score"] is not None and "squamous" in good["error"]
+    assert "pro-rated to the 1 mm² scanned" in good["error"], "a tiny slide is 1 mm x 1 mm"
     assert rows["broken"]["status"] == "failed"
+
+
+def test_the_squamous_estimate_is_the_pixel_count_of_the_slide_s_tiles(
+    cohort_store: Store, tiny_cohort: Path, first_run
+):
+    """The row's ``n_squamous`` is ``count_squamous`` over the tiles the engine read (on the
+    detector's grid), whatever the model, and it tracks the generator's ground truth."""
+    rows = [r for r in read_table(cohort_store, "slides").to_pylist() if r["center"] != "c9"]
+    assert len(rows) == 4
+    for row in rows:
+        folder = tiny_cohort / row["center"]
+        slide = open_slide(next((folder / "slides").glob(f"{row['slide_id']}.*")))
+        tiles = [read_tile(slide, t, TOY_TILING) for t in plan_tiles(slide, TOY_TILING).tiles]
+        assert row["n_squamous"] == int(count_squamous(np.stack(tiles), 1.0).sum()) > 0
+        truth = pq.read_table(folder / "ground_truth" / "slides.parquet").to_pylist()
+        t = next(sum(r[f"n_{k}"] for k in SQUAMOUS_KINDS) for r in truth
+                 if r["slide_id"] == row["slide_id"])  # fmt: skip
+        assert abs(row["n_squamous"] - t) <= 0.5 * t, (row["slide_id"], row["n_squamous"], t)
 
 
 def _scorer_actors(dashboard: str) -> dict[str, int]:

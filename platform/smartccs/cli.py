@@ -356,7 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="classifier 'name[/version]' or its URI")
     p.add_argument("--store", default=None, help="store URI (default: the URIs' root, $CCS_STORE)")
     p.add_argument("--run-id", default=None, help="name the run (default: a new id)")
-    p.add_argument("--min-squamous", type=int, default=None, help="adequacy minimum (Bethesda)")
+    p.add_argument(
+        "--min-squamous",
+        type=int,
+        default=None,
+        help="adequacy minimum for a whole 20 mm preparation (Bethesda: 5000), pro-rated to "
+        "the scanned area",
+    )
     p.add_argument(
         "--adapt",
         choices=("none", "smartccs", "tent"),

@@ -2,7 +2,8 @@
 
 Cell rows stream out of the ``CellScorer`` pool in any order across tiles; this keeps, per slide
 and class, only the K best so far (memory: slides in flight x 6 x K embeddings, whatever the
-slide size), and counts tiles, failed tiles, normal squamous cells and QC for the slide row.
+slide size), and counts tiles, failed tiles, squamous nuclei (``screening.adequacy``) and QC
+for the slide row.
 
 A tile's cells always arrive just before its summary row (``class_index = TILE_ROW``), so cells
 wait for that row before they count: a tile delivered twice (a retried task after a worker was
@@ -45,6 +46,7 @@ class SlideBag:
     errors: list[str] = field(default_factory=list)
     tiles_failed: int = 0
     slide_mpp: float = float("nan")
+    slide_area_mm2: float = float("nan")  # the scanned glass: adequacy pro-rates its minimum
     background_fraction: float = float("nan")
     blur: float = float("nan")
     seconds: float = float("nan")  # worker compute spent on the slide (read, detect, embed)
@@ -76,7 +78,7 @@ class _Acc:
         self.pending: dict[int, list[tuple[int, np.ndarray, float, np.ndarray]]] = {}
         self.bg_sum = self.blur_sum = 0.0
         self.qc_n = 0
-        self.mpp = float("nan")
+        self.mpp = self.area_mm2 = float("nan")
         self.seconds = 0.0
         self.errors: list[str] = []
         self.rejected = False  # the planner found no cytology preparation on the glass
@@ -109,6 +111,8 @@ class _Acc:
         self.n_tiles, self.planned = int(b["n_tiles"][i]), True
         if "slide_mpp" in b:
             self.mpp = float(b["slide_mpp"][i])
+        if "slide_area_mm2" in b:
+            self.area_mm2 = float(b["slide_area_mm2"][i])
         if SECONDS in b and np.isfinite(b[SECONDS][i]):
             self.seconds += float(b[SECONDS][i])
         if b["status"][i] == STATUS_OK:
@@ -156,6 +160,7 @@ class _Acc:
             errors=errors,
             tiles_failed=self.failed + max(missing, 0),
             slide_mpp=self.mpp,
+            slide_area_mm2=self.area_mm2,
             background_fraction=self.bg_sum / self.qc_n if self.qc_n else float("nan"),
             blur=self.blur_sum / self.qc_n if self.qc_n else float("nan"),
             seconds=self.seconds,

@@ -5,8 +5,9 @@ reading runs on its own actors), runs the detector on them, keeps each tile's be
 detections, cuts a fixed-size crop (in µm) around each from the tile it already holds, and
 embeds the crops with the frozen pretrained encoder. Only detections and embeddings leave the
 actor, never pixels, so nothing downstream needs to reopen a slide. Every tile also yields one
-summary row (``class_index = TILE_ROW``: its normal squamous count for adequacy, or its error),
-so a slide whose tiles all failed still reaches the results.
+summary row (``class_index = TILE_ROW``: its squamous nuclei, counted from the pixels for
+adequacy by ``screening.adequacy``, or its error), so a slide whose tiles all failed still
+reaches the results.
 """
 
 from __future__ import annotations
@@ -23,14 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from smartccs.data.tiles import STATUS_OK, StreamConfig, TileReader
 from smartccs.faults import fault_point
 from smartccs.models.artifacts import ModelCard, load_model
-from smartccs.models.detector import (
-    DETECTION_CLASSES,
-    NORMAL_SQUAMOUS,
-    build_detector,
-    normalize,
-    preprocess,
-)
+from smartccs.models.detector import build_detector, normalize, preprocess
 from smartccs.models.encoder import build_from, input_size
+from smartccs.screening.adequacy import count_squamous
 from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import ABNORMAL_CLASSES
@@ -41,8 +37,9 @@ TILE_ROW = -1
 """``class_index`` of a tile's summary row."""
 
 SLIDE_COLUMNS = ("center", "batch", "slide_id", "n_tiles")
-QC_COLUMNS = ("slide_mpp", "background_fraction", "blur")
-"""Copied from the tile row onto its summary row only (NaN on cell rows)."""
+QC_COLUMNS = ("slide_mpp", "background_fraction", "blur", "slide_area_mm2")
+"""Copied from the tile row onto its summary row only (NaN on cell rows, and where a tile row
+lacks one)."""
 AUG_EMBEDDING = "embedding_aug"
 """With ``views=2``: each cell's embedding under a random flip and 90° rotation of its crop,
 the augmented view test-time adaptation contrasts with (zeros on summary rows)."""
@@ -62,7 +59,11 @@ class CellConfig(BaseModel):
     )
     cells_per_tile: int = Field(default=8, ge=1, description="abnormal detections kept per tile")
     squamous_score: float = Field(
-        default=0.5, gt=0, lt=1, description="score above which a squamous detection is counted"
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="unused: adequacy counts nuclei from the pixels (screening.adequacy), as "
+        "detector scores are not calibrated; kept so that classifier cards carrying it load",
     )
 
 
@@ -156,7 +157,6 @@ class CellScorer:
         self.crop_px = max(8, round(cells.crop_um / self.card.tiling.target_mpp))
         self.embed_px = input_size(self.encoder)
         self.dim = int(self.encoder.num_features)
-        self.squamous = DETECTION_CLASSES.index(NORMAL_SQUAMOUS)
         self.n_abnormal = len(ABNORMAL_CLASSES)
 
     @torch.no_grad()
@@ -164,9 +164,14 @@ class CellScorer:
         t0 = time.perf_counter()
         if self.reader is not None:  # planned rows in: the pixels never leave this process
             batch = self.reader(batch)
+        ok = np.flatnonzero(batch["status"] == STATUS_OK)
+        tiling = self.card.tiling  # the count sees the tiles as read, before any calibration
+        n_squamous = count_squamous(
+            batch["image"][ok], tiling.target_mpp, overlap_px=tiling.overlap_px, device=self.device
+        )
+        squamous = dict(zip(ok.tolist(), n_squamous.tolist(), strict=True))
         if self.stain is not None:  # before detection and crops alike: the whole model sees it
             batch = batch | {"image": calibrate(batch["image"], self.stain)}
-        ok = np.flatnonzero(batch["status"] == STATUS_OK)
         detections = []
         if len(ok):
             x = preprocess(batch["image"][ok], self.input_px, self.card.normalization)
@@ -177,13 +182,9 @@ class CellScorer:
         scale = self.tile_px / self.input_px
         # pass 1: each tile's best abnormal cells and their crops
         kept: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
-        squamous: dict[int, int] = {}
         crops: list[torch.Tensor] = []
         for i, det in by_tile.items():
             labels, scores = det.labels.cpu(), det.scores.cpu()
-            squamous[i] = int(
-                ((labels == self.squamous) & (scores >= self.cells.squamous_score)).sum()
-            )
             abnormal = torch.nonzero(labels < self.n_abnormal).squeeze(1)
             keep = abnormal[scores[abnormal].argsort(descending=True)]
             keep = keep[: self.cells.cells_per_tile]
@@ -217,7 +218,7 @@ class CellScorer:
                         0, _NO_QC,
                     )  # fmt: skip
                     emb_rows.append(tile_emb[j])
-            qc = tuple(float(batch[k][i]) for k in QC_COLUMNS)
+            qc = tuple(float(batch[k][i]) if k in batch else float("nan") for k in QC_COLUMNS)
             status, error = str(batch["status"][i]), str(batch["error"][i])
             _append(
                 rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error,

@@ -5,10 +5,11 @@ how cells were cut, top-K, the operating threshold chosen on validation), so a s
 fully pinned by one classifier version.
 
 Adequacy follows the Bethesda System: a liquid-based preparation needs at least 5,000
-well-preserved squamous cells (conventional smears 8,000-12,000). The detector counts normal
-squamous cells on every tile it reads; when some tiles failed, the count is scaled up by the
-share that was read. Below the minimum a slide is still scored but marked ``inadequate``, so
-its score is never mistaken for a negative result.
+well-preserved squamous cells (conventional smears 8,000-12,000), pro-rated to the scanned part
+of the preparation spot (``screening.adequacy``). The cell scorer counts squamous nuclei on
+every tile it reads; when some tiles failed, the count is scaled up by the share that was read.
+Below the minimum a slide is still scored but marked ``inadequate``, so its score is never
+mistaken for a negative result.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from datetime import UTC, datetime
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.errors import CCSError
 from smartccs.models.artifacts import ModelCard, load_model
@@ -33,21 +33,11 @@ from smartccs.results.schema import (
     STATUS_REJECTED,
     STATUS_SCREENED,
 )
+from smartccs.screening.adequacy import AdequacyConfig, required_squamous
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import CellConfig, ModelRef
 from smartccs.store import Store
 from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES
-
-
-class AdequacyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_squamous: int = Field(
-        default=5000,
-        ge=0,
-        description="estimated well-preserved squamous cells a slide needs (Bethesda, "
-        "liquid-based; 8000 for conventional smears); 0 turns the check off",
-    )
 
 
 def bag_tensors(
@@ -103,10 +93,22 @@ class SlideClassifier:
 
 
 def estimated_squamous(bag: SlideBag) -> int:
-    """Squamous cells on the slide, scaled up for tiles that could not be read."""
+    """Squamous cells on the slide, scaled up for tiles that could not be read (a failed
+    tile is assumed to hold as many as the slide's read tiles do on average)."""
     if not bag.tiles_read:
         return 0
     return round(bag.n_squamous * max(bag.n_tiles, bag.tiles_read) / bag.tiles_read)
+
+
+def _prorated(adequacy: AdequacyConfig, bag: SlideBag) -> str:
+    """How the minimum was pro-rated, for the note of an inadequate slide."""
+    if not np.isfinite(bag.slide_area_mm2):
+        return ""
+    spot = f"{adequacy.preparation_diameter_mm:g} mm preparation"
+    if required_squamous(adequacy, bag.slide_area_mm2) >= adequacy.min_squamous:
+        return f" (the minimum for a whole {spot})"
+    scanned = f"{bag.slide_area_mm2:.3g} mm² scanned"
+    return f" ({adequacy.min_squamous} per {spot}, pro-rated to the {scanned})"
 
 
 def _version(ref: ModelRef) -> str:
@@ -135,7 +137,8 @@ def slides_table(
     for bag, p in zip(bags, probs, strict=True):
         read = bag.ok
         squamous = estimated_squamous(bag)
-        adequate = bool(read and squamous >= adequacy.min_squamous)
+        minimum = required_squamous(adequacy, bag.slide_area_mm2)
+        adequate = bool(read and squamous >= minimum)
         status = STATUS_FAILED if not read else STATUS_SCREENED if adequate else STATUS_INADEQUATE
         if bag.rejected:  # not cytology: no tile was read, so no score, never a negative
             status = STATUS_REJECTED
@@ -143,7 +146,8 @@ def slides_table(
         if read and bag.tiles_failed:
             error = f"{bag.tiles_failed} of {bag.n_tiles} tiles failed: {bag.error}"
         if status == STATUS_INADEQUATE:
-            note = f"about {squamous} squamous cells, fewer than {adequacy.min_squamous}"
+            note = f"about {squamous} squamous cells, fewer than {minimum}"
+            note += _prorated(adequacy, bag)
             error = f"{note}; {error}" if error else note
         score = float(1 - p[0]) if read else None
         values = {

@@ -29,14 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.slide.foreground import ForegroundMask
-
-BETHESDA_MIN_SQUAMOUS = 5000
-"""Well-preserved squamous cells an adequate liquid-based preparation holds (Bethesda 2014)."""
-
-PREPARATION_MM2 = math.pi * 10.0**2
-"""The largest liquid-based preparation: a ThinPrep spot, 20 mm across (SurePath: 13 mm). A
-scan smaller than that is held to the share of the minimum its area would carry, so the
-synthetic slides of a few mm and a whole-glass scan are measured alike."""
+from smartccs.taxonomy import BETHESDA_MIN_SQUAMOUS, preparation_share
 
 ALMOST_NONE = 0.10
 """A slide is "almost no cells" below a tenth of the Bethesda minimum for its area: an order
@@ -107,7 +100,7 @@ def assess_specimen(fg: ForegroundMask) -> Specimen:
     solid_mm2 = solid * px_mm2
     solid_fraction = solid / n_stained if n_stained else 0.0
     at_most = math.floor(area * 1e6 / SMALLEST_SQUAMOUS_UM2)
-    share = min(glass, PREPARATION_MM2) / PREPARATION_MM2
+    share = preparation_share(glass)
     floor = math.ceil(ALMOST_NONE * BETHESDA_MIN_SQUAMOUS * share)
     finding: Finding | None = None
     reason: str | None = None
