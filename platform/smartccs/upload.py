@@ -47,17 +47,13 @@ def _specimen(slide: Slide) -> Specimen | None:
     """What screening's specimen guard will make of the slide, measured on the same mask the
     planner reads; None when the slide opens but its pixels cannot be read (screening says
     why), so a warning never costs a center its upload."""
-    from smartccs.slide.foreground import foreground_mask
-    from smartccs.slide.specimen import assess_specimen
-    from smartccs.slide.tiling import TilingConfig
+    from smartccs.slide.tiling import TilingConfig, measure_specimen
 
-    cfg = TilingConfig()
     try:
-        fg = foreground_mask(slide, mask_mpp=cfg.mask_mpp, config=cfg.foreground)
+        return measure_specimen(slide, TilingConfig())
     except Exception as exc:  # unreadable pixels: the upload's checks are about the file
         log.debug("specimen not measured: %s", type(exc).__name__)
         return None
-    return assess_specimen(fg)
 
 
 def prepare_batch(
@@ -157,9 +153,7 @@ def prepare_batch(
             )
         )
     if problems:
-        raise UploadError(
-            f"{len(problems)} problem(s) in {directory}, nothing uploaded:\n" + "\n".join(problems)
-        )
+        raise _refused(directory, problems)
     try:
         manifest = Manifest(center=center, batch=batch, slides=entries)
     except ValueError as exc:
@@ -193,9 +187,7 @@ def upload_batch(
         except StoreError as exc:
             too_long.append(str(exc))
     if too_long:
-        raise UploadError(
-            f"{len(too_long)} problem(s) in {directory}, nothing uploaded:\n" + "\n".join(too_long)
-        )
+        raise _refused(directory, too_long)
     total = sum(s.bytes for s in manifest.slides)
     with UploadLease(store, center, batch, break_lease=break_lease) as lease:
         if is_committed(store, center, batch):  # committed by another upload while we validated
@@ -228,6 +220,13 @@ def upload_batch(
         ref = commit_batch(store, manifest, verify_checksums=False)  # hashed as sent, above
     log.info("committed %s: %d slides, %d bytes", store.uri(prefix), len(manifest.slides), total)
     return ref
+
+
+def _refused(directory: str | Path, problems: list[str]) -> UploadError:
+    """One error listing every problem: a center fixes the folder once, not file by file."""
+    return UploadError(
+        f"{len(problems)} problem(s) in {directory}, nothing uploaded:\n" + "\n".join(problems)
+    )
 
 
 def _already_committed(store: Store, center: str, batch: str) -> AlreadyCommittedError:

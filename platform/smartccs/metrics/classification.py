@@ -209,6 +209,26 @@ def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float
     return low, high
 
 
+def rates_at(
+    y: np.ndarray, s: np.ndarray, threshold: float, alpha: float = 0.05
+) -> dict[str, float]:
+    """Sensitivity and specificity of ``s >= threshold`` on boolean truth ``y`` (both classes
+    present), each with its Wilson interval, named as the report models name them."""
+    pred = s >= threshold
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
+    sens_ci, spec_ci = wilson_ci(tp, n_pos, alpha), wilson_ci(tn, n_neg, alpha)
+    return {
+        "sensitivity": tp / n_pos,
+        "sensitivity_ci_low": sens_ci[0],
+        "sensitivity_ci_high": sens_ci[1],
+        "specificity": tn / n_neg,
+        "specificity_ci_low": spec_ci[0],
+        "specificity_ci_high": spec_ci[1],
+    }
+
+
 _MAX_CHUNK_ELEMENTS = 4_000_000
 
 
@@ -428,20 +448,12 @@ def binary_report(
     n_pos, n_neg = _need_both_classes(y, "binary_report")
     threshold = _threshold(threshold)
     low, high = bootstrap_auc_ci(y, s, n_boot=n_boot, alpha=alpha, seed=seed)
-    pred = s >= threshold
-    tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
-    sens_ci, spec_ci = wilson_ci(tp, n_pos, alpha), wilson_ci(tn, n_neg, alpha)
     return BinaryReport(
         auc=roc_auc(y, s),
         auc_ci_low=low,
         auc_ci_high=high,
         ci_level=1.0 - alpha,
-        sensitivity=tp / n_pos,
-        sensitivity_ci_low=sens_ci[0],
-        sensitivity_ci_high=sens_ci[1],
-        specificity=tn / n_neg,
-        specificity_ci_low=spec_ci[0],
-        specificity_ci_high=spec_ci[1],
+        **rates_at(y, s, threshold, alpha),
         specificity_at=[
             SpecificityAt(sensitivity=t, specificity=specificity_at_sensitivity(y, s, t))
             for t in sensitivity_targets

@@ -19,7 +19,7 @@ import math
 from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field
 
-from smartccs.metrics.classification import _inputs, choose_threshold, wilson_ci
+from smartccs.metrics.classification import _inputs, choose_threshold, rates_at
 
 __all__ = ["OperatingPoint", "min_positives", "operating_point"]
 
@@ -71,11 +71,7 @@ def operating_point(
     need = min_positives(target_sensitivity)
     y, s = _inputs(y_true, scores)
     threshold = choose_threshold(y, s, min_sensitivity=target_sensitivity)
-    pred = s >= threshold
     n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
-    sens_ci, spec_ci = wilson_ci(tp, n_pos, alpha), wilson_ci(tn, n_neg, alpha)
     resolved = n_pos >= need
     note = None
     if not resolved:
@@ -87,16 +83,11 @@ def operating_point(
     return OperatingPoint(
         target_sensitivity=target_sensitivity,
         threshold=threshold,
-        sensitivity=tp / n_pos,
-        sensitivity_ci_low=sens_ci[0],
-        sensitivity_ci_high=sens_ci[1],
-        specificity=tn / n_neg,
-        specificity_ci_low=spec_ci[0],
-        specificity_ci_high=spec_ci[1],
+        **rates_at(y, s, threshold, alpha),
         ci_level=1.0 - alpha,
         n_slides=len(y),
         n_pos=n_pos,
-        n_neg=n_neg,
+        n_neg=len(y) - n_pos,
         resolved=resolved,
         note=note,
     )

@@ -40,10 +40,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from smartccs.slide.foreground import optical_density
 from smartccs.taxonomy import BETHESDA_MIN_SQUAMOUS, THINPREP_SPOT_MM, preparation_share
-
-_OD_LUT = -np.log10(np.maximum(np.arange(256), 1) / 255.0).astype(np.float32)
-"""Optical density (log10) of each 8-bit intensity: the foreground test's unit (mean of R, G, B)."""
 
 
 class SquamousCount(BaseModel):
@@ -269,9 +267,7 @@ def _excess_density(
     images: np.ndarray, mpp: float, cfg: SquamousCount, device: torch.device | str | None
 ) -> np.ndarray:
     """(N, H, W) optical density above its local background (a grey opening), smoothed."""
-    lut = _OD_LUT / 3
-    rgb = [np.take(lut, images[..., c]) for c in range(3)]  # a lookup per uint8, no log
-    od = torch.from_numpy(rgb[0] + rgb[1] + rgb[2])[:, None].to(device or "cpu")
+    od = torch.from_numpy(optical_density(images))[:, None].to(device or "cpu")
     excess = _gaussian(od - _opening(od, cfg.background_um / mpp), cfg.smooth_um / mpp)
     return excess[:, 0].cpu().numpy()
 

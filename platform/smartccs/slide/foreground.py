@@ -91,8 +91,14 @@ def pixel_features(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mx = np.maximum(np.maximum(r, g), b)
     mn = np.minimum(np.minimum(r, g), b)
     sat = (mx - mn) / np.maximum(mx, 1).astype(np.float32)
-    od = (np.take(_OD_LUT, r) + np.take(_OD_LUT, g) + np.take(_OD_LUT, b)) * np.float32(1 / 3)
-    return sat, od
+    return sat, optical_density(rgb)
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Optical density per pixel, the mean over R, G and B of uint8 ``rgb`` (..., 3): the unit
+    of the foreground test and of the adequacy count's nucleus density."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return (np.take(_OD_LUT, r) + np.take(_OD_LUT, g) + np.take(_OD_LUT, b)) * np.float32(1 / 3)
 
 
 def foreground_from_rgb(

@@ -16,10 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.errors import NoForegroundError, SlideError
 from smartccs.slide.cache import SlideCache
-from smartccs.slide.foreground import foreground_mask
 from smartccs.slide.reader import MppSource, open_slide
-from smartccs.slide.specimen import Specimen, assess_specimen
-from smartccs.slide.tiling import TilingConfig, TooCoarseError, plan_tiles
+from smartccs.slide.specimen import Specimen
+from smartccs.slide.tiling import TilingConfig, TooCoarseError, measure_specimen, plan_tiles
 from smartccs.store import Store, StoreConfig
 
 
@@ -82,8 +81,7 @@ def inspect_slide(
         except (NoForegroundError, TooCoarseError) as exc:
             error = str(exc).removeprefix(f"{name}: ")
             if isinstance(exc, NoForegroundError):  # blank glass: measured all the same
-                fg = foreground_mask(slide, mask_mpp=tiling.mask_mpp, config=tiling.foreground)
-                specimen = assess_specimen(fg)
+                specimen = measure_specimen(slide, tiling)
     return SlideReport(
         name=name,
         path=target if remote else str(path.resolve()),

@@ -98,6 +98,12 @@ class TilePlan(BaseModel):
     tiles: list[TileSpec]
 
 
+def measure_specimen(slide: Slide, cfg: TilingConfig) -> Specimen:
+    """What the specimen guard makes of ``slide``, on the mask :func:`plan_tiles` measures: for
+    a caller that wants the verdict without a plan (an upload, blank glass in ``ccs inspect``)."""
+    return assess_specimen(foreground_mask(slide, mask_mpp=cfg.mask_mpp, config=cfg.foreground))
+
+
 def plan_tiles(slide: Slide, cfg: TilingConfig) -> TilePlan:
     """Lay the µm grid over the slide and keep the tiles with enough foreground.
 
