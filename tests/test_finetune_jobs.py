@@ -26,16 +26,18 @@ from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detect
 from smartccs.models.encoder import build_from
 from smartccs.models.mil import MILConfig, MILHead
 from smartccs.screening.slides import predict
-from smartccs.splits import SplitConfig, split_rows
+from smartccs.splits import SplitConfig, assign_folds, split_rows
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import GRADES
 from smartccs.train.classifier import (
     ClassifierConfig,
     _operating_point,
+    fold_run,
     load_bags,
     train_classifier,
 )
 from smartccs.train.detector import DetectorConfig, finetune_detector, score_detector
+from smartccs.train.loop import finished_run
 from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -154,6 +156,7 @@ def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Stor
         run_name="toy-classifier", store=annotated_store.config, split=SPLIT,
         stream=_stream(tmp_path), mil=MILConfig(pooling="attention", hidden=16, top_k=5),
         batch_size=2, max_steps=4, checkpoint_every=2, n_boot=200, prototype_slides=2,
+        threshold_folds=2,
     )  # fmt: skip
     result = train_classifier(cfg)
     assert 0 <= result.test.auc <= 1 and result.test.n_pos + result.test.n_neg >= 2
@@ -168,20 +171,32 @@ def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Stor
     bags = annotated_store.list("runs", "toy-classifier")
     assert any("/bags-detector-" in k for k in bags), "screened bags are kept for a resume"
 
-    # the stored threshold is the one reaching the target sensitivity on the validation slides:
-    # recomputed here from the kept bags, the split and the saved head (never the test slides)
+    # the stored threshold is the one reaching the target sensitivity on out-of-fold scores:
+    # recomputed here from the kept bags, the split and each fold's head (never the test slides)
     op = OperatingPoint.model_validate(card.head["operating_point"])
     assert op == result.operating_point and op.threshold == card.head["threshold"]
     assert op.target_sensitivity == cfg.target_sensitivity == 0.90
+    assert op.chosen_on == "out-of-fold (2 folds)" and op.reference is not None
     assert card.metrics["val_sensitivity"] == op.sensitivity >= 0.90
     kept = load_bags(annotated_store, next(k for k in bags if "/bags-detector-" in k))
     refs = resolve_batches(annotated_store, [])
     grade = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
-    val = [(r["center"], r["batch"], r["slide_id"]) for r in split_rows(refs, SPLIT)["val"]]
-    val = [k for k in val if kept[k].ok]
-    scores = 1 - predict(head, [kept[k] for k in val])[:, 0]
-    assert op == operating_point([grade[k] != "NILM" for k in val], scores, 0.90)
-    assert op.n_slides == len(val)
+    parts = split_rows(refs, SPLIT)
+    pool = [(r["center"], r["batch"], r["slide_id"]) for r in parts["train"] + parts["val"]]
+    pool = [k for k in pool if kept[k].ok]
+    folds = assign_folds([(k, grade[k] != "NILM") for k in pool], 2, SPLIT.seed)
+    scores = np.zeros(len(pool))
+    for i in range(2):
+        fold_head = MILHead(card.head["dim"], MILConfig.model_validate(card.head["mil"]))
+        done = finished_run(annotated_store, fold_run(cfg, i))
+        assert done is not None, f"fold {i}'s head is a finished run of its own"
+        fold_head.load_state_dict(done.state["model"])
+        held = [j for j, k in enumerate(pool) if folds[k] == i]
+        scores[held] = 1 - predict(fold_head, [kept[pool[j]] for j in held])[:, 0]
+    assert op == operating_point(
+        [grade[k] != "NILM" for k in pool], scores, 0.90, chosen_on="out-of-fold (2 folds)"
+    )
+    assert op.n_slides == len(pool)
     assert op.resolved == (op.n_pos >= 10) and (op.note is None) == op.resolved
 
 

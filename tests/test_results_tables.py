@@ -433,5 +433,7 @@ def test_files_of_an_older_minor_version_read_with_nulls_for_new_columns(local_s
 
     major = commit.model_copy(update={"tables": tables, "schema_version": "2.0"})
     local_store.write_bytes(f"{prefix}/{layout.COMMIT_MARKER}", major.model_dump_json().encode())
-    with pytest.raises(ResultsError, match="holds schema 2.0; this smartccs reads 1.0"):
+    with pytest.raises(
+        ResultsError, match=f"holds schema 2.0; this smartccs reads {SCHEMA_VERSION}"
+    ):
         read_table(local_store, "slides")

@@ -23,7 +23,9 @@ from smartccs.checksums import sha256_file
 from smartccs.data.tiles import slide_rows
 from smartccs.errors import CCSError
 from smartccs.manifest import Manifest, SlideEntry
+from smartccs.metrics.operating_point import operating_point
 from smartccs.models.detector import SQUAMOUS_KINDS
+from smartccs.results.schema import THRESHOLD_CENTER
 from smartccs.results.tables import read_commit, read_table
 from smartccs.screening.adequacy import count_squamous
 from smartccs.screening.bags import BagCollector
@@ -31,6 +33,7 @@ from smartccs.screening.cells import ModelRef
 from smartccs.screening.engine import cell_stream, embedding_dim
 from smartccs.screening.job import ScreenJobConfig, resolve, run_screen_job
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier
+from smartccs.screening.threshold import ThresholdConfig, carried_threshold
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import plan_tiles, read_tile
 from smartccs.store import Store, StoreConfig
@@ -168,6 +171,40 @@ def test_too_few_squamous_cells_is_inadequate_not_negative(cohort_store: Store, 
     assert good["score"] is not None and "squamous" in good["error"]
     assert "pro-rated to the 1 mm² scanned" in good["error"], "a tiny slide is 1 mm x 1 mm"
     assert rows["broken"]["status"] == "failed"
+
+
+def test_each_batch_is_called_at_its_center_s_carried_threshold(tiny_cohort: Path, tmp_path):
+    # A classifier whose validation scores sat far from anything the toy head gives: the rows
+    # must carry the operating point to the center from the slides screened there, this batch's
+    # and the committed earlier batches' (never the batch being re-run), and say so.
+    store = Store(StoreConfig(uri=str(tmp_path / "store")))
+    folder = sorted(p.parent for p in tiny_cohort.glob("*/manifest.json"))[0]
+    for batch in ("b1", "b2"):
+        upload_batch(folder, center="c1", batch=batch, store=store, progress=False)
+    y = np.array([False] * 6 + [True] * 6)
+    op = operating_point(y, np.r_[np.linspace(0.01, 0.05, 6), np.linspace(0.1, 0.3, 6)], 0.9)
+    save_toy_models(store, threshold=op.threshold, operating_point=op)
+    screening = toy_screening(tmp_path).model_copy(
+        update={"threshold": ThresholdConfig(min_slides=2)}
+    )
+
+    def screen(batch: str) -> list[dict]:
+        cfg = ScreenJobConfig(store=store.config, batches=[f"c1/{batch}"], screening=screening)
+        run_screen_job(cfg)
+        return read_table(store, "slides", batches=[batch]).to_pylist()
+
+    first = screen("b1")
+    n = len(first)
+    second = screen("b2")
+    again = screen("b1")
+    for rows, slides, history in ((first, n, []), (second, 2 * n, first), (again, 2 * n, second)):
+        scores = [r["score"] for r in history + rows]
+        want = carried_threshold(op, op.threshold, scores, screening.threshold)
+        assert {r["threshold_source"] for r in rows} == {THRESHOLD_CENTER}
+        assert {r["threshold_slides"] for r in rows} == {slides}
+        assert [r["threshold"] for r in rows] == pytest.approx([want.value] * len(rows))
+        assert all(r["positive"] == (r["score"] >= r["threshold"]) for r in rows)
+    assert first[0]["threshold"] != pytest.approx(op.threshold), "carried, not the stored one"
 
 
 def test_the_squamous_estimate_is_the_pixel_count_of_the_slide_s_tiles(

@@ -11,6 +11,7 @@ import torch
 
 from smartccs.adaptation.stain import REFERENCE_KEY
 from smartccs.data.tiles import StreamConfig
+from smartccs.metrics.operating_point import OperatingPoint
 from smartccs.models.artifacts import Architecture, ModelCard, save_model
 from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
 from smartccs.models.encoder import build_from
@@ -38,6 +39,7 @@ def save_toy_models(
     threshold: float = 0.5,
     names: tuple[str, str, str] = ("encoder", "detector", "classifier"),
     stain_reference: StainReference | None = None,
+    operating_point: OperatingPoint | None = None,
 ) -> ModelRef:
     """Encoder, detector and classifier versions in ``store`` (under ``names``); returns the
     classifier's ref.
@@ -80,7 +82,8 @@ def save_toy_models(
             "encoder": {"name": enc_name, "version": enc_version},
             "dim": dim,
             "threshold": threshold,
-        },
+        }
+        | ({"operating_point": operating_point.model_dump(mode="json")} if operating_point else {}),
         tiling=TOY_TILING,
         synthetic=True,
     )

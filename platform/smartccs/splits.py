@@ -61,6 +61,27 @@ def assign_splits(
     return out
 
 
+def assign_folds(
+    keys: Iterable[tuple[SlideKey, bool]], k: int, seed: int = 0
+) -> dict[SlideKey, int]:
+    """(slide key, abnormal) -> fold in ``0..k-1``, dealt round-robin within each stratum
+    (center x normal/abnormal) in the same hashed order as :func:`assign_splits`, so every fold
+    gets its share of each center's abnormal and NILM slides."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    strata: dict[tuple[str, bool], list[SlideKey]] = defaultdict(list)
+    for key, abnormal in keys:
+        strata[(key[0], bool(abnormal))].append(key)
+    out: dict[SlideKey, int] = {}
+    offset = 0
+    for stratum in sorted(strata):
+        members = sorted(strata[stratum], key=lambda key: _rank(*key, seed))
+        for i, key in enumerate(members):
+            out[key] = (offset + i) % k
+        offset += len(members)  # the next stratum starts where this one left off: even folds
+    return out
+
+
 def split_rows(refs: list[BatchRef], cfg: SplitConfig) -> dict[Split, list[dict[str, Any]]]:
     """Slide rows (:func:`smartccs.data.tiles.slide_rows`) of the batches, by split."""
     from smartccs.data.tiles import slide_rows

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from smartccs.taxonomy import GRADES
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 TABLES = ("slides", "cells")
 PARTITION_COLUMNS = ("center", "batch")
 
@@ -27,6 +27,15 @@ call (Bethesda adequacy), so the score must not be read as negative. ``failed``:
 ``error`` says why (unreadable file, no mpp, every tile failed). ``rejected``: not a cervical
 cytology preparation (blank glass, a tissue section, almost no cells: ``slide.specimen``),
 so never scored and never negative; ``error`` says what was measured."""
+
+
+THRESHOLD_VALIDATION = "validation"
+THRESHOLD_CENTER = "center"
+THRESHOLD_SOURCES = (THRESHOLD_VALIDATION, THRESHOLD_CENTER)
+"""Where a slide's ``threshold`` came from. ``validation``: the one stored with the classifier,
+chosen on its validation slides. ``center``: that operating point carried to the slide's
+center through the score distribution of the unlabelled slides screened there
+(``screening.threshold``); ``threshold_slides`` says how many slides it was estimated from."""
 
 
 def grade_column(grade: str) -> str:
@@ -49,6 +58,16 @@ SLIDES = pa.schema(
         pa.field("predicted_grade", pa.string()),
         pa.field("threshold", pa.float32(), metadata={"doc": "operating point of the model"}),
         pa.field("positive", pa.bool_(), metadata={"doc": "score >= threshold"}),
+        pa.field(
+            "threshold_source",
+            pa.string(),
+            metadata={"doc": "validation (stored with the model) or center (carried there)"},
+        ),
+        pa.field(
+            "threshold_slides",
+            pa.int32(),
+            metadata={"doc": "center's unlabelled slides the threshold was carried with"},
+        ),
         pa.field("n_tiles", pa.int32(), metadata={"doc": "planned foreground tiles"}),
         pa.field("tiles_read", pa.int32()),
         pa.field("tiles_failed", pa.int32()),

@@ -38,6 +38,12 @@ from smartccs.results.tables import ResultCommit, write_batch_results
 from smartccs.screening.bags import SlideBag, SlideKey, iter_bags
 from smartccs.screening.cells import CellConfig, CellScorer, ModelRef, encoder_ref
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier, cells_table, slides_table
+from smartccs.screening.threshold import (
+    AppliedThreshold,
+    ThresholdConfig,
+    carried_threshold,
+    center_history,
+)
 from smartccs.stain import StainCalibration, merge_stats
 from smartccs.store import Store
 
@@ -189,6 +195,7 @@ class ScreeningConfig(BaseModel):
     scorers: ScorerPool = ScorerPool()
     adequacy: AdequacyConfig = AdequacyConfig()
     adapt: AdaptConfig = AdaptConfig()
+    threshold: ThresholdConfig = ThresholdConfig()
 
 
 class BatchOutcome(BaseModel):
@@ -219,6 +226,26 @@ def _manifest_order(ref: BatchRef, bags: Iterable[SlideBag]) -> list[SlideBag]:
     return sorted(bags, key=lambda b: order.get(b.slide_id, len(order)))
 
 
+def batch_threshold(
+    store: Store,
+    ref: BatchRef,
+    bags: list[SlideBag],
+    probs: np.ndarray,
+    adaptation: str | None,
+    classifier: SlideClassifier,
+    cfg: ThresholdConfig,
+) -> AppliedThreshold:
+    """The threshold this batch is called at: the classifier's operating point carried to the
+    center with every slide scored there so far, this batch's included (``screening.threshold``)."""
+    scores = [float(1 - p[0]) for bag, p in zip(bags, probs, strict=True) if bag.ok]
+    if cfg.carry == "center":
+        seen = center_history(store, ref.center, ref.batch, classifier.label, adaptation)
+        scores = [*seen.tolist(), *scores]
+    applied = carried_threshold(classifier.operating_point, classifier.threshold, scores, cfg)
+    log.info("%s/%s: %s", ref.center, ref.batch, applied.describe())
+    return applied
+
+
 def _publish(
     store: Store,
     ref: BatchRef,
@@ -229,6 +256,7 @@ def _publish(
     cfg: ScreeningConfig,
     run_id: str,
 ) -> BatchOutcome:
+    applied = batch_threshold(store, ref, bags, probs, adaptation, classifier, cfg.threshold)
     slides = slides_table(
         bags,
         probs,
@@ -236,6 +264,7 @@ def _publish(
         classifier=classifier,
         adequacy=cfg.adequacy,
         adaptation=adaptation,
+        threshold=applied,
     )
     cells = cells_table(bags, run_id=run_id)
     commit = write_batch_results(store, ref.center, ref.batch, run_id, slides, cells)

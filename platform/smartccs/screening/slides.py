@@ -1,8 +1,9 @@
 """From a slide's bag to its row: the MIL head's grades, the adequacy call, the table rows.
 
 The classifier artifact names everything the engine needs (its detector, the frozen encoder,
-how cells were cut, top-K, the operating threshold chosen on validation), so a screening run is
-fully pinned by one classifier version.
+how cells were cut, top-K, the operating point chosen on held-out slides), so a screening run is
+fully pinned by one classifier version. Each batch is called at the threshold
+``screening.threshold`` gives its center; the row says which and where it came from.
 
 Adequacy follows the Bethesda System: a liquid-based preparation needs at least 5,000
 well-preserved squamous cells (conventional smears 8,000-12,000), pro-rated to the scanned part
@@ -22,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from smartccs.errors import CCSError
+from smartccs.metrics.operating_point import OperatingPoint
 from smartccs.models.artifacts import ModelCard, load_model
 from smartccs.models.mil import MILConfig, MILHead
 from smartccs.results.schema import (
@@ -32,10 +34,12 @@ from smartccs.results.schema import (
     STATUS_INADEQUATE,
     STATUS_REJECTED,
     STATUS_SCREENED,
+    THRESHOLD_VALIDATION,
 )
 from smartccs.screening.adequacy import AdequacyConfig, required_squamous
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import CellConfig, ModelRef
+from smartccs.screening.threshold import AppliedThreshold
 from smartccs.store import Store
 from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES
 
@@ -83,6 +87,13 @@ class SlideClassifier:
         self.encoder = ModelRef.model_validate(card.head["encoder"])
         self.cells = CellConfig.model_validate(card.head["cells"])
         self.threshold = float(card.head["threshold"])
+        op = card.head.get("operating_point")
+        self.operating_point = OperatingPoint.model_validate(op) if op else None
+
+    @property
+    def label(self) -> str:
+        """The ``classifier`` column: name/version."""
+        return _version(self.ref)
 
     @property
     def top_k(self) -> int:
@@ -124,15 +135,18 @@ def slides_table(
     adequacy: AdequacyConfig,
     adaptation: str | None = None,
     screened_at: datetime | None = None,
+    threshold: AppliedThreshold | None = None,
 ) -> pa.Table:
     """The ``slides`` rows of one batch: scored slides, and failed or rejected ones with their
     reason.
 
     ``probs`` holds one row per bag (ignored for slides that read no tile: failed, and rejected
     ones, which the planner found not to be cytology and so have no tile, probability, score
-    or ``positive``).
+    or ``positive``). ``threshold`` is the one the batch is called at (``screening.threshold``);
+    None: the classifier's stored one.
     """
     when = screened_at or datetime.now(UTC)
+    applied = threshold or AppliedThreshold(value=classifier.threshold, source=THRESHOLD_VALIDATION)
     cols: dict[str, list] = {f.name: [] for f in SLIDES}
     for bag, p in zip(bags, probs, strict=True):
         read = bag.ok
@@ -158,8 +172,10 @@ def slides_table(
             **{c: (float(p[i]) if read else None) for i, c in enumerate(PROB_COLUMNS)},
             "score": score,
             "predicted_grade": GRADES[int(np.argmax(p))] if read else None,
-            "threshold": classifier.threshold,
-            "positive": (score >= classifier.threshold) if score is not None else None,
+            "threshold": applied.value,
+            "positive": (score >= applied.value) if score is not None else None,
+            "threshold_source": applied.source,
+            "threshold_slides": applied.slides,
             "n_tiles": bag.n_tiles,
             "tiles_read": bag.tiles_read,
             "tiles_failed": bag.tiles_failed,
@@ -170,7 +186,7 @@ def slides_table(
             "background_fraction": _finite(bag.background_fraction),
             "blur": _finite(bag.blur),
             "detector": _version(classifier.detector),
-            "classifier": _version(classifier.ref),
+            "classifier": classifier.label,
             "encoder": _version(classifier.encoder),
             "adaptation": adaptation,
             "screen_seconds": _finite(bag.seconds),

@@ -4,10 +4,12 @@
    stream, detector, crop and embed with the frozen encoder, top-K per class): one bag per slide,
    kept under ``runs/<run>/`` so a resumed run does not screen again.
 2. A TorchTrainer fits the MIL head on the training slides' bags against their manifest grades.
-3. The operating threshold on the slide score (1 - P(NILM)) is chosen on the validation slides
-   for ``target_sensitivity`` and stored with what it reached there (``operating_point`` in the
-   card's head); AUC with a bootstrap CI, sensitivity and specificity are measured on the test
-   slides.
+3. The operating threshold on the slide score (1 - P(NILM)) is chosen for
+   ``target_sensitivity`` on scores no head was trained on: by default out-of-fold scores of
+   every training and validation slide (``threshold_folds`` heads, each fit without its fold;
+   the saved head is then fit on all of them), else the validation split's. It is stored with
+   what it reached there and the class score distributions (``operating_point`` in the card's
+   head); AUC with a bootstrap CI, sensitivity and specificity are measured on the test slides.
 4. The prototype bank for test-time adaptation is built: per grade, the mean cell embedding of
    the most confident training slides. It is saved with the head as ``models/classifier/<v>``.
 """
@@ -35,7 +37,7 @@ from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import CellConfig, ModelRef, encoder_ref
 from smartccs.screening.engine import ScorerPool, screen_bags
 from smartccs.screening.slides import predict
-from smartccs.splits import SplitConfig, split_rows
+from smartccs.splits import SplitConfig, assign_folds, split_rows
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
 from smartccs.train.loop import RunFields, fit, optimizer_step, worker_loop
@@ -78,6 +80,14 @@ class ClassifierConfig(RunFields):
         le=1,
         description="the stored threshold is the highest one reaching this sensitivity on the "
         "validation slides: screening is judged on the abnormal slides it catches first",
+    )
+    threshold_folds: int = Field(
+        default=5,
+        ge=0,
+        description="choose the threshold on out-of-fold scores of the training and "
+        "validation slides (this many heads, each fit without its fold; the saved head is fit "
+        "on all of them): a validation split of a few dozen slides holds too few abnormal ones "
+        "to place a 0.90 target. 0 or 1: on the validation split alone",
     )
     n_boot: int = Field(default=1000, ge=100)
 
@@ -243,10 +253,42 @@ def prototype_bank(
     return bank
 
 
-def _operating_point(y: np.ndarray, scores: np.ndarray, target: float) -> OperatingPoint:
-    """The threshold for ``target`` sensitivity on the validation slides, logged."""
+def fold_run(cfg: ClassifierConfig, fold: int) -> ClassifierConfig:
+    """The run that fits the head without fold ``fold`` (its own checkpoints, so it resumes)."""
+    return cfg.model_copy(update={"run_name": f"{cfg.run_name}-fold{fold}"})
+
+
+def out_of_fold_scores(
+    cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], dim: int
+) -> tuple[np.ndarray, int] | None:
+    """Each slide's score from a head fit without it, and the number of folds; None when the
+    slides cannot fill two folds with both classes."""
+    y = np.asarray(grades) != GRADES.index("NILM")
+    k = min(cfg.threshold_folds, int(y.sum()), int((~y).sum()))
+    if k < 2:
+        return None
+    fold_of = assign_folds(((b.key, a) for b, a in zip(bags, y, strict=True)), k, cfg.split.seed)
+    folds = np.array([fold_of[b.key] for b in bags])
+    out = np.full(len(bags), np.nan)
+    for i in range(k):
+        held = np.flatnonzero(folds == i)
+        fit_on = np.flatnonzero(folds != i)
+        log.info("threshold fold %d of %d: head fit on %d slides, scores %d", i + 1, k,
+                 len(fit_on), len(held))  # fmt: skip
+        fitted = _fit_head(fold_run(cfg, i), [bags[j] for j in fit_on],
+                           [grades[j] for j in fit_on], dim)  # fmt: skip
+        head = MILHead(dim, cfg.mil)
+        head.load_state_dict(fitted.state["model"])
+        out[held] = 1 - predict(head, [bags[j] for j in held])[:, 0]
+    return out, k
+
+
+def _operating_point(
+    y: np.ndarray, scores: np.ndarray, target: float, chosen_on: str = "validation split"
+) -> OperatingPoint:
+    """The threshold for ``target`` sensitivity on held-out scores, logged."""
     try:
-        op = operating_point(y, scores, target)
+        op = operating_point(y, scores, target, chosen_on=chosen_on)
     except ValueError as exc:
         raise CCSError(
             f"cannot choose the threshold on the validation slides: {exc}; give the validation "
@@ -292,12 +334,24 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
             log.warning("slide %s left out: %s", "/".join(k), bags[k].error or "no tile read")
         part[name] = ([bags[k] for k in ok], [_grade_index(grade_of[k], k) for k in ok])
     dim = int(part["train"][0][0].embeddings.shape[-1])
+    pooled = (part["train"][0] + part["val"][0], part["train"][1] + part["val"][1])
+    folds = out_of_fold_scores(cfg, *pooled, dim) if cfg.threshold_folds >= 2 else None
+    if folds is not None:  # every train and val slide chooses; the head learns from all
+        part["train"] = pooled
     fitted = _fit_head(cfg, *part["train"], dim)
     head = MILHead(dim, cfg.mil)
     head.load_state_dict(fitted.state["model"])
     probs = {name: predict(head, b) for name, (b, _) in part.items()}
     is_abnormal = {name: np.asarray(g) != 0 for name, (_, g) in part.items()}
-    op = _operating_point(is_abnormal["val"], 1 - probs["val"][:, 0], cfg.target_sensitivity)
+    if folds is not None:
+        oof, k = folds
+        op = _operating_point(np.asarray(pooled[1]) != 0, oof, cfg.target_sensitivity,
+                              f"out-of-fold ({k} folds)")  # fmt: skip
+    else:
+        if cfg.threshold_folds >= 2:
+            log.warning("too few slides of a class for %d folds: threshold chosen on the "
+                        "validation split", cfg.threshold_folds)  # fmt: skip
+        op = _operating_point(is_abnormal["val"], 1 - probs["val"][:, 0], cfg.target_sensitivity)
     threshold = op.threshold
     test = binary_report(
         is_abnormal["test"], 1 - probs["test"][:, 0], threshold, n_boot=cfg.n_boot, seed=cfg.seed
