@@ -180,19 +180,74 @@ def test_perfect_separation_failed_and_inadequate_slides_and_groups():
     assert cm[g("HSIL"), g("HSIL")] == 2 and cm[g("LSIL"), g("HSIL")] == 1
     assert cm[g("NILM"), g("LSIL")] == 1 and cm[g("NILM"), g("NILM")] == 4
     assert ev.model.threshold == 0.5 and ev.model.classifier == "classifier/v1"
+    assert ev.model.threshold_sources == ["validation"]  # rows without threshold_source
     assert ev.partitions == ["A/b1", "B/b2"] and ev.run_ids == ["run-1"]
 
 
-def test_mixed_thresholds_or_classifiers_are_refused_with_a_hint_to_filter():
+def test_slides_called_at_their_own_centers_thresholds(tmp_path: Path):
+    """Center A's threshold was carried to 0.6 from its unlabelled slides; B's rows (an older
+    version: no threshold_source) were called at the stored 0.3. Each slide counts at its own
+    threshold, which a global 0.5 would count differently on both sides."""
+    from smartccs.evaluation.run import summary_line
+
+    carried = {"threshold": 0.6, "threshold_source": "center", "threshold_slides": 40}
+    rows = [  # (center, slide, truth, score)
+        ("A", "a1", "HSIL", 0.9),
+        ("A", "a2", "HSIL", 0.55),  # missed at A's 0.6 (caught at 0.5)
+        ("A", "a3", "NILM", 0.58),  # cleared at A's 0.6 (a false positive at 0.5)
+        ("A", "a4", "NILM", 0.1),
+        ("B", "b1", "HSIL", 0.3),  # exactly B's threshold: positive
+        ("B", "b2", "HSIL", 0.45),  # caught at B's 0.3 (missed at 0.5)
+        ("B", "b3", "HSIL", 0.7),
+        ("B", "b4", "NILM", 0.2),
+        ("B", "b5", "NILM", 0.1),
+    ]
     slides = slides_table(
         [
-            ("A", "b1", slide_row("a1", score=0.9)),
-            ("B", "b2", slide_row("b1", score=0.1, threshold=0.4)),
+            (c, "b1", slide_row(sid, score=sc, **(carried if c == "A" else {"threshold": 0.3})))
+            for c, sid, _, sc in rows
         ]
     )
+    truth = truth_table([(c, "b1", sid, g) for c, sid, g, _ in rows])
+    ev = evaluate(slides, cells_table(), truth, None, CFG)
+
+    own = {"A": np.float32(0.6), "B": np.float32(0.3)}
+    called = [np.float32(sc) >= own[c] for c, _, _, sc in rows]
+    pos = [g != "NILM" for _, _, g, _ in rows]
+    tp = sum(c and p for c, p in zip(called, pos, strict=True))
+    tn = sum(not c and not p for c, p in zip(called, pos, strict=True))
+    o = ev.overall.binary
+    assert (tp, tn) == (4, 4)
+    assert (o.sensitivity, o.specificity) == (tp / 5, tn / 4)
+    assert (o.sensitivity_ci_low, o.sensitivity_ci_high) == wilson_ci(tp, 5)
+    assert o.threshold is None and (o.threshold_min, o.threshold_max) == pytest.approx((0.3, 0.6))
+    assert (ev.overall.roc.operating_fpr, ev.overall.roc.operating_tpr) == (0.0, 0.8)
+    assert ev.overall.roc.threshold is None
+    a, b = ev.group("A").binary, ev.group("B").binary
+    assert (a.sensitivity, a.specificity, a.threshold) == (0.5, 1.0, pytest.approx(0.6))
+    assert (b.sensitivity, b.specificity, b.threshold) == (1.0, 1.0, pytest.approx(0.3))
+    m = ev.model
+    assert m.threshold is None and (m.threshold_min, m.threshold_max) == pytest.approx((0.3, 0.6))
+    assert m.threshold_sources == ["center", "validation"]  # a null source: the stored one
+    assert Evaluation.model_validate_json(ev.model_dump_json()).model == m
+
+    md = write_report(ev, tmp_path / "out", progress=False).markdown.read_text()
+    assert "operating threshold per center, 0.3–0.6 (carried to the center; stored" in md
+    assert "| 0.3000–0.6000 |" in md and "| 0.6000 |" in md  # overall, then center A
+    assert "not at one global threshold" in md
+    line = summary_line(ev)
+    assert "sensitivity 0.800" in line and "at threshold per center, 0.3–0.6" in line
+
+    single = slides_table(
+        [(c, "b1", slide_row(sid, score=sc, **carried)) for c, sid, _, sc in rows]
+    )
+    ev = evaluate(single, cells_table(), truth, None, CFG)
+    assert ev.model.threshold == pytest.approx(0.6) and ev.model.threshold_sources == ["center"]
+    assert "at threshold 0.6 (carried to the center)" in summary_line(ev)
+
+
+def test_mixed_classifiers_are_refused_with_a_hint_to_filter():
     truth = truth_table([("A", "b1", "a1", "HSIL"), ("B", "b2", "b1", "NILM")])
-    with pytest.raises(EvaluationError, match=r"several thresholds.*--center/--batch"):
-        evaluate(slides, cells_table(), truth, None, CFG)
     slides = slides_table(
         [
             ("A", "b1", slide_row("a1", score=0.9)),
@@ -200,7 +255,7 @@ def test_mixed_thresholds_or_classifiers_are_refused_with_a_hint_to_filter():
         ]
     )
     with pytest.raises(
-        EvaluationError, match=r"several classifiers \(classifier/v1, classifier/v2"
+        EvaluationError, match=r"several classifiers \(classifier/v1, classifier/v2.*--center"
     ):
         evaluate(slides, cells_table(), truth, None, CFG)
 
@@ -212,6 +267,14 @@ def test_bad_results_rows_are_errors_naming_the_slide():
         evaluate(no_score, cells_table(), truth, None, CFG)
     with pytest.raises(EvaluationError, match=r"no column 'threshold'"):
         evaluate(no_score.drop_columns(["threshold"]), cells_table(), truth, None, CFG)
+    no_threshold = slides_table([("A", "b1", slide_row("a1", score=0.9, threshold=None))])
+    with pytest.raises(EvaluationError, match=r"A/b1/a1 is screened but has no finite threshold"):
+        evaluate(no_threshold, cells_table(), truth, None, CFG)
+    nan = slides_table([("A", "b1", slide_row("a1", "inadequate", score=0.9, threshold=math.nan))])
+    with pytest.raises(EvaluationError, match=r"A/b1/a1 is inadequate but has no finite threshold"):
+        evaluate(nan, cells_table(), truth, None, CFG)
+    failed = slides_table([("A", "b1", slide_row("a1", "failed"))])  # no score, no threshold
+    assert evaluate(failed, cells_table(), truth, None, CFG).model.threshold is None
 
 
 def test_detection_ap_is_one_for_kept_cells_that_match_the_labelled_boxes():
@@ -312,7 +375,7 @@ def test_report_shows_cis_the_roc_readings_and_the_validation_operating_point(
     assert "95% Wilson score" in md and "read off each group's own ROC" in md
     lo, hi = (f"{v:.3f}" for v in wilson_ci(4, 5))
     assert f"| 0.800 ({lo}-{hi}) | 1.000 | 1.000 |" in md  # overall: specificity, then ROC
-    assert "chosen on 6 validation slides (3 abnormal) for sensitivity >= 0.90" in md
+    assert f"Operating point: {op.describe()}." in md  # threshold 0.3 chosen on 6 slides ...
     assert "Not resolved: only 3 abnormal validation slides" in md
     saved = Evaluation.model_validate_json(files.metrics.read_text())
     assert saved.model.operating_point == op and saved.overall.binary == ev.overall.binary

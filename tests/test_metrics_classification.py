@@ -408,9 +408,49 @@ def test_binary_report_is_frozen_and_round_trips_through_json():
     assert BinaryReport.model_validate(json.loads(r.model_dump_json())) == r
 
 
-def test_binary_report_rejects_non_finite_threshold():
-    with pytest.raises(ValueError, match="threshold must be finite"):
+def test_binary_report_rejects_a_nan_threshold_but_takes_an_infinite_one():
+    with pytest.raises(ValueError, match="threshold must be a number"):
         binary_report([0, 1], [0.1, 0.9], float("nan"), n_boot=10)
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        binary_report([0, 1], [0.1, 0.9], "0.5", n_boot=10)
+    r = binary_report([0, 1], [0.1, 0.9], float("inf"), n_boot=10)  # nothing called positive
+    assert (r.sensitivity, r.specificity, r.threshold) == (0.0, 1.0, float("inf"))
+
+
+def test_binary_report_calls_each_slide_at_its_own_threshold():
+    y = np.array([1, 1, 0, 0, 1, 0])
+    s = np.array([0.55, 0.9, 0.58, 0.1, 0.3, 0.2])
+    t = np.array([0.6, 0.6, 0.6, 0.6, 0.3, 0.3])  # two centers, two thresholds
+    r = binary_report(y, s, t, n_boot=50)
+    # 0.55 < 0.6 is missed, 0.3 >= 0.3 is caught; 0.58 < 0.6 is cleared
+    assert (r.sensitivity, r.specificity) == (2 / 3, 1.0)
+    assert (r.sensitivity_ci_low, r.sensitivity_ci_high) == wilson_ci(2, 3)
+    assert (r.threshold, r.threshold_min, r.threshold_max) == (None, 0.3, 0.6)
+    assert sensitivity_specificity(y, s, t) == (r.sensitivity, r.specificity)
+    assert r.auc == roc_auc(y, s)  # the ranking, whatever the thresholds
+    assert BinaryReport.model_validate(json.loads(r.model_dump_json())) == r
+    same = binary_report(y, s, np.full(6, 0.5), n_boot=50)
+    assert same == binary_report(y, s, 0.5, n_boot=50)  # one threshold, however given
+    assert (same.threshold, same.threshold_min, same.threshold_max) == (0.5, 0.5, 0.5)
+
+
+def test_per_slide_thresholds_of_the_wrong_length_or_with_nan_are_refused():
+    y, s = [0, 1, 0, 1], [0.2, 0.7, 0.4, 0.6]
+    with pytest.raises(ValueError, match=r"one number or one per slide \(4\), got shape \(3,\)"):
+        binary_report(y, s, [0.5, 0.5, 0.5], n_boot=10)
+    with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
+        binary_report(y, s, [[0.5, 0.5], [0.5, 0.5]], n_boot=10)
+    with pytest.raises(ValueError, match=r"for every slide, got NaN at position\(s\) \[2\]"):
+        binary_report(y, s, [0.5, 0.5, float("nan"), 0.5], n_boot=10)
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        sensitivity_specificity(y, s, [0.5, None, 0.5, 0.5])
+
+
+def test_a_report_of_an_older_version_without_the_threshold_range_still_loads():
+    r = binary_report([0, 1, 0, 1], [0.2, 0.7, 0.4, 0.6], 0.5, n_boot=20)
+    old = r.model_dump(exclude={"threshold_min", "threshold_max"})
+    loaded = BinaryReport.model_validate(old)
+    assert loaded.threshold == 0.5 and loaded.threshold_min is None
 
 
 def test_within_group_gain_of_one_group_is_the_paired_diff_and_its_ci():

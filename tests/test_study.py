@@ -104,22 +104,29 @@ def test_ablation_table_has_the_operating_point_with_cis_and_the_roc_readings(tm
     rows = ablation_rows(arms, evals)
     overall = rows[0]
     assert (overall.kind, overall.group, overall.arm) == ("internal", "overall", "Base")
-    assert (overall.sensitivity, overall.specificity) == (1.0, 0.8)  # at the stored 0.5
+    assert (overall.sensitivity, overall.specificity) == (1.0, 0.8)  # at each slide's 0.5
     assert overall.specificity_ci == wilson_ci(4, 5)
     assert overall.specificity_at == {"0.90": 1.0, "0.95": 1.0}  # off the ROC: b1 ranks last
     assert HEADER[-4:] == ("sens. (95% CI)", "spec. (95% CI)", "spec@sens.90", "spec@sens.95")
     lo, hi = wilson_ci(4, 5)
     line = format_table(rows).splitlines()[2].split()
     assert line[-6:] == ["1.00", "(0.44-1.00)", "0.80", f"({lo:.2f}-{hi:.2f})", "1.00", "1.00"]
-    assert "Wilson" in format_table(rows)
+    # 8 scored of the 9 slides with truth (a7 failed); 7 adequate (a3 inadequate)
+    assert HEADER[3:6] == ("slides", "adequate", "abnormal") and line[3:6] == ["8", "7/9", "4"]
+    assert (overall.adequate, overall.total, overall.failed, overall.rejected) == (7, 9, 1, 0)
+    table = format_table(rows)
+    assert "Wilson" in table and "each slide at its own" in table
+    assert "Not scored (no score, in no metric): internal Base: 1 failed;" in table
     words = operating_points(arms, evals)
     assert words["Base"] == "not recorded in the classifier's card"
-    assert words["w/ P"].startswith("threshold 0.3 chosen on 6 validation slides (3 abnormal)")
+    assert words["w/ P"].startswith(op.describe())  # threshold 0.3 chosen on 6 slides ...
     assert "not resolved: only 3 abnormal validation slides" in words["w/ P&A"]
     write_ablation(tmp_path, arms, evals, rows, {"classifier thresholds (validation)": words})
     md = (tmp_path / "ablation.md").read_text()
     assert "| spec@sens.90 | spec@sens.95 |" in md and "Wilson" in md
-    assert "chosen on 6 validation slides" in (tmp_path / "index.html").read_text()
+    assert "| 7/9 |" in md and "external w/ P&A: 1 failed." in md
+    page = (tmp_path / "index.html").read_text()
+    assert "threshold 0.3 chosen on 6" in page and "adequate" in page
 
 
 def _trained_state(store: Store) -> StudyState:

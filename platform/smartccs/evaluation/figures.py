@@ -19,7 +19,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from smartccs.evaluation.report import OVERALL, ConfusionMatrix, RocCurve
+from smartccs.evaluation.report import OVERALL, ConfusionMatrix, RocCurve, threshold_text
 from smartccs.slide.foreground import slide_at_mpp
 from smartccs.slide.reader import Slide
 from smartccs.taxonomy import ABNORMAL_CLASSES
@@ -47,9 +47,21 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _thresholds(curves: Mapping[str, RocCurve]) -> str:
+    """The curves' operating threshold: one value, or ``per center, low–high``."""
+    lows = [c.threshold if c.threshold_min is None else c.threshold_min for c in curves.values()]
+    highs = [c.threshold if c.threshold_max is None else c.threshold_max for c in curves.values()]
+    values = [v for v in (*lows, *highs) if v is not None]
+    if not values:
+        return "—"
+    low, high = min(values), max(values)
+    return threshold_text(low if low == high else None, low, high)
+
+
 def roc_figure(curves: Mapping[str, RocCurve], path: str | Path, title: str | None = None) -> Path:
     """One ROC per group (``overall`` drawn thick and black) on one PNG, AUC in the legend and
-    each group's operating point (the stored threshold) marked with a dot."""
+    each group's operating point marked with a dot: its slides called at their own thresholds
+    (the legend gives the one threshold, or the range when they differ)."""
     fig = _new_figure(6.0, 6.0)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], ls="--", color="0.7", lw=1)
@@ -81,8 +93,9 @@ def roc_figure(curves: Mapping[str, RocCurve], path: str | Path, title: str | No
     if not order:
         ax.text(0.5, 0.5, "no group has both classes", ha="center", va="center")
     else:
-        thr = next(iter(curves.values())).threshold
-        ax.plot([], [], "o", color="0.3", label=f"operating point (threshold {thr:.3g})")
+        ax.plot(
+            [], [], "o", color="0.3", label=f"operating point (threshold {_thresholds(curves)})"
+        )
         ax.legend(loc="lower right", fontsize=8)
     ax.set(
         xlim=(-0.01, 1.01),

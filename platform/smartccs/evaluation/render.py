@@ -29,7 +29,13 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from smartccs.evaluation.figures import confusion_figure, roc_figure
-from smartccs.evaluation.report import DETECTION_NOTE, Evaluation, GroupResult, ModelInfo
+from smartccs.evaluation.report import (
+    DETECTION_NOTE,
+    Evaluation,
+    GroupResult,
+    ModelInfo,
+    threshold_text,
+)
 from smartccs.evaluation.slide_figures import SlideFigure, SlideOpener, choose_slides, slide_figures
 from smartccs.metrics.classification import BinaryReport
 from smartccs.taxonomy import ABNORMAL_CLASSES
@@ -170,6 +176,15 @@ def _operating_point(m: ModelInfo) -> str:
     return f"Operating point: {op.describe()}." + (f" Not resolved: {op.note}." if op.note else "")
 
 
+def _group_threshold(b: BinaryReport | None) -> str:
+    """The threshold(s) a group's slides were called at: one value, or their range."""
+    if b is None:
+        return "—"
+    if b.threshold is not None or b.threshold_min is None or b.threshold_max is None:
+        return _f(b.threshold, 4)
+    return f"{b.threshold_min:.4f}–{b.threshold_max:.4f}"
+
+
 def _screening_row(g: GroupResult, targets: Sequence[float]) -> list[Cell]:
     b = g.binary
     auc = f"{b.auc:.3f} ({b.auc_ci_low:.3f}-{b.auc_ci_high:.3f})" if b is not None else "—"
@@ -184,6 +199,7 @@ def _screening_row(g: GroupResult, targets: Sequence[float]) -> list[Cell]:
         str(g.n_without_truth),
         str(g.n_not_in_results),
         auc,
+        _group_threshold(b),
         _rate(b, "sensitivity"),
         _rate(b, "specificity"),
         *_specificity_at(b, targets),
@@ -210,6 +226,7 @@ def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> li
     m = ev.model
     level = round((1 - ev.config.alpha) * 100)
     targets = ev.config.sensitivity_targets
+    thr = threshold_text(m.threshold, m.threshold_min, m.threshold_max, m.threshold_sources, 4)
     b: list[_Block] = [_Block("h1", "Smart-CCS screening evaluation")]
     b.append(
         _Block(
@@ -223,9 +240,9 @@ def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> li
         _Block(
             "p",
             f"Models: classifier {m.classifier or '—'}, detector {m.detector or '—'}, "
-            f"encoder {m.encoder or '—'}; operating threshold {_f(m.threshold, 4)} (stored with "
-            f"the model). AUC CI: {level}% stratified bootstrap, {ev.config.n_boot} resamples, "
-            f"seed {ev.config.seed}; sensitivity and specificity CIs: {level}% Wilson score.",
+            f"encoder {m.encoder or '—'}; operating threshold {thr}. AUC CI: {level}% "
+            f"stratified bootstrap, {ev.config.n_boot} resamples, seed {ev.config.seed}; "
+            f"sensitivity and specificity CIs: {level}% Wilson score.",
         )
     )
     b.append(_Block("p", _operating_point(m)))
@@ -244,6 +261,7 @@ def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> li
                 "no truth",
                 "not in results",
                 f"AUC ({level}% CI)",
+                "threshold",
                 f"sensitivity ({level}% CI)",
                 f"specificity ({level}% CI)",
                 *(f"specificity at sensitivity {t:.2f}" for t in targets),
@@ -255,8 +273,11 @@ def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> li
     b.append(
         _Block(
             "p",
-            "Sensitivity and specificity are at the stored threshold. Specificity at sensitivity "
-            "s is read off each group's own ROC (the highest specificity of a point reaching s): "
+            "Sensitivity and specificity count each slide at the threshold the platform called "
+            "it at (the one stored with the classifier, or that operating point carried to the "
+            "slide's center), not at one global threshold; the threshold column gives their "
+            "range where a group's slides were called at several. Specificity at sensitivity s "
+            "is read off each group's own ROC (the highest specificity of a point reaching s): "
             "what the ranking allows with a threshold tuned on these slides, for comparison.",
         )
     )

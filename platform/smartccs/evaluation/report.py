@@ -8,7 +8,7 @@ them), the slide truth (``smartccs.evaluation.truth``) and, optionally, cell ann
 Rules (also written into every report, see :data:`RULES`):
 
 * A slide is positive (abnormal) when its ground-truth grade is not NILM; it is predicted
-  positive when its ``score`` (1 - P(NILM)) is ``>= threshold``.
+  positive when its ``score`` (1 - P(NILM)) is ``>= threshold``, its own row's threshold.
 * ``failed`` slides have no score. They are never silently dropped: each group reports how many
   failed, and how many of those were abnormal in truth, but they are not in AUC, sensitivity or
   specificity.
@@ -16,13 +16,15 @@ Rules (also written into every report, see :data:`RULES`):
   and the inadequate ones are counted separately (and how many were abnormal).
 * ``rejected`` slides (not a cytology preparation) are like failed ones: no score, counted
   with how many were abnormal, never in the metrics and never a negative.
-* The threshold is the ``threshold`` column the screening job stored with the model; it must be
-  one value. Results of several classifiers (or detectors), or one classifier with several
-  thresholds, are refused with an error asking to filter by center/batch: a pooled AUC of two
+* The threshold is each slide's ``threshold`` column, the platform's: the one stored with the
+  classifier (``threshold_source`` ``validation``, or null in older rows) or that operating
+  point carried to the slide's center from its unlabelled scores (``center``). It may differ
+  between centers and batches; every scored slide must have one. Results of several
+  classifiers (or detectors) are refused, asking to filter by center/batch: a pooled AUC of two
   models describes neither.
-* At that threshold, sensitivity and specificity come with Wilson score CIs; besides, the
-  specificity at each of ``sensitivity_targets`` (0.90, 0.95) is read off the group's own ROC
-  (the best a threshold tuned on these slides could do, for comparison, not an operating point).
+* Sensitivity and specificity count each slide at its own threshold (not one global one), with
+  Wilson score CIs; the specificity at each of ``sensitivity_targets`` (0.90, 0.95) is read off
+  the group's own ROC (the best a threshold tuned on these slides could do, for comparison).
 * Slides of the results without ground truth are counted (``n_without_truth``), not evaluated;
   truth slides of the evaluated batches with no row in the results are counted too
   (``n_not_in_results``).
@@ -73,6 +75,8 @@ from smartccs.results.schema import (
     STATUS_INADEQUATE,
     STATUS_REJECTED,
     STATUS_SCREENED,
+    THRESHOLD_CENTER,
+    THRESHOLD_VALIDATION,
 )
 from smartccs.taxonomy import GRADES
 
@@ -88,22 +92,26 @@ __all__ = [
     "RocCurve",
     "evaluate",
     "slide_outcomes",
+    "threshold_text",
 ]
 
 OVERALL = "overall"
 NEGATIVE_GRADE = "NILM"
 
 RULES: tuple[str, ...] = (
-    "Positive = ground-truth grade other than NILM; predicted positive = score >= threshold "
-    "(score = 1 - P(NILM)).",
+    "Positive = ground-truth grade other than NILM; predicted positive = score >= the slide's "
+    "own threshold (score = 1 - P(NILM)).",
     "Failed slides have no score: they are counted (and how many were abnormal), not scored.",
     "Inadequate slides are scored: metrics are over screened + inadequate slides, with the "
     "inadequate ones counted separately.",
     "Rejected slides (not a cytology preparation) are counted like failed ones, never scored "
     "and never negative.",
-    "The threshold is the one stored with the model in the slides table (one value per "
-    "model; several classifiers in one evaluation are refused).",
-    "Sensitivity and specificity at that threshold have Wilson score CIs; 'specificity at "
+    "Each slide is called at the threshold the platform called it at (the slides table's "
+    "threshold): the one stored with the classifier, or that operating point carried to the "
+    "slide's center from the center's unlabelled slides, so it can differ between centers and "
+    "batches. Several classifiers in one evaluation are refused.",
+    "Sensitivity and specificity count each slide at its own threshold, not at one global "
+    "threshold, and have Wilson score CIs; 'specificity at "
     "sensitivity s' is read off the group's own ROC: the highest specificity of any point whose "
     "sensitivity is >= s (what a threshold tuned on these slides would give, for comparison).",
     "Slides without ground truth are counted, not evaluated.",
@@ -122,6 +130,10 @@ SLIDE_COLUMNS = (
     "predicted_grade",
     "classifier",
 )
+_SOURCE_WORDS = {
+    THRESHOLD_VALIDATION: "stored with the classifier",
+    THRESHOLD_CENTER: "carried to the center",
+}
 _FILTER_HINT = (
     "evaluate one model at a time: select its results with --center/--batch (or the "
     "centers/batches arguments)"
@@ -143,16 +155,19 @@ class EvaluationConfig(BaseModel):
 
 
 class RocCurve(BaseModel):
-    """One group's ROC points and its operating point at the stored threshold."""
+    """One group's ROC points and its operating point: each slide called at its own threshold
+    (so the point need not lie on the curve when the group's slides have several)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     fpr: list[float]
     tpr: list[float]
     auc: float
-    threshold: float
-    operating_fpr: float = Field(description="1 - specificity at the threshold")
-    operating_tpr: float = Field(description="sensitivity at the threshold")
+    threshold: float | None = Field(description="the slides' threshold; None when they differ")
+    threshold_min: float | None = None
+    threshold_max: float | None = None
+    operating_fpr: float = Field(description="1 - specificity, each slide at its threshold")
+    operating_tpr: float = Field(description="sensitivity, each slide at its threshold")
 
 
 class ConfusionMatrix(BaseModel):
@@ -198,7 +213,12 @@ class ModelInfo(BaseModel):
     classifier: str | None = None
     detector: str | None = None
     encoder: str | None = None
-    threshold: float | None = None
+    threshold: float | None = Field(default=None, description="None when the slides' differ")
+    threshold_min: float | None = None
+    threshold_max: float | None = None
+    threshold_sources: list[str] = Field(
+        default_factory=list, description="the scored slides' threshold_source values"
+    )
     operating_point: OperatingPoint | None = Field(
         default=None, description="how the classifier's card says its threshold was chosen"
     )
@@ -261,11 +281,18 @@ class _Slides:
                     f"{', '.join(SLIDE_STATUSES)}"
                 )
         self.scored = [s in (STATUS_SCREENED, STATUS_INADEQUATE) for s in self.status]
+        self.threshold: list[float | None] = _col(slides, "threshold")
         for i, key in enumerate(self.keys):
-            sc = self.score[i]
+            sc, thr = self.score[i], self.threshold[i]
             if self.scored[i] and (sc is None or not math.isfinite(sc)):
                 raise EvaluationError(
                     f"slide {_key_name(key)} is {self.status[i]} but has no finite score"
+                )
+            if self.scored[i] and (thr is None or not math.isfinite(thr)):
+                raise EvaluationError(
+                    f"slide {_key_name(key)} is {self.status[i]} but has no finite threshold "
+                    f"({thr}): the slides table must store the threshold each slide was "
+                    "called at"
                 )
         self.predicted = self._predicted(slides)
         self.model = ModelInfo(
@@ -273,20 +300,23 @@ class _Slides:
             detector=_one_value(_col(slides, "detector"), "detectors", _FILTER_HINT),
             encoder=_one_value(_col(slides, "encoder"), "encoders", _FILTER_HINT),
         )
-        thresholds = [t for t, ok in zip(_col(slides, "threshold"), self.scored, strict=True) if ok]
-        threshold = _one_value(
-            thresholds,
-            f"thresholds for classifier {self.model.classifier}",
-            "one model has one operating threshold; " + _FILTER_HINT,
-        )
-        if threshold is None and any(self.scored):
-            raise EvaluationError(
-                "the scored slides have no threshold: the slides table must store the model's "
-                "operating threshold"
+        thresholds = [float(t) for t, ok in zip(self.threshold, self.scored, strict=True) if ok]
+        # rows of versions before threshold_source were called at the stored threshold
+        sources = {
+            src or THRESHOLD_VALIDATION
+            for src, ok in zip(_col(slides, "threshold_source"), self.scored, strict=True)
+            if ok
+        }
+        if thresholds:
+            low, high = min(thresholds), max(thresholds)
+            self.model = self.model.model_copy(
+                update={
+                    "threshold": low if low == high else None,
+                    "threshold_min": low,
+                    "threshold_max": high,
+                    "threshold_sources": sorted(sources),
+                }
             )
-        self.model = self.model.model_copy(
-            update={"threshold": None if threshold is None else float(threshold)}
-        )
         self.run_ids = sorted({str(r) for r in _col(slides, "run_id") if r is not None})
         self.n = n
 
@@ -335,8 +365,28 @@ def slide_outcomes(slides: pa.Table, truth: pa.Table) -> pa.Table:
 # --- metrics ------------------------------------------------------------------------------
 
 
+def threshold_text(
+    threshold: float | None,
+    low: float | None,
+    high: float | None,
+    sources: list[str] | tuple[str, ...] = (),
+    digits: int = 3,
+) -> str:
+    """How the reports write the slides' operating threshold: ``0.5 (stored with the
+    classifier)`` when there is one, ``per center, 0.12–0.34 (carried to the center)`` when
+    the slides were called at several; ``—`` when there is none."""
+    if threshold is not None:
+        text = f"{threshold:.{digits}g}"
+    elif low is not None and high is not None:
+        text = f"per center, {low:.{digits}g}–{high:.{digits}g}"
+    else:
+        return "—"
+    words = [_SOURCE_WORDS.get(src, src) for src in sources]
+    return text + (f" ({'; '.join(words)})" if words else "")
+
+
 def _binary(
-    y: np.ndarray, scores: np.ndarray, threshold: float | None, cfg: EvaluationConfig
+    y: np.ndarray, scores: np.ndarray, thresholds: np.ndarray, cfg: EvaluationConfig
 ) -> tuple[BinaryReport | None, RocCurve | None, str | None]:
     if len(y) == 0:
         return None, None, "no scored slides with ground truth"
@@ -349,11 +399,10 @@ def _binary(
             f"all {len(y)} scored slides are {which} in truth: AUC, sensitivity and "
             "specificity need both classes",
         )
-    assert threshold is not None
     rep = binary_report(
         y,
         scores,
-        threshold,
+        thresholds,
         n_boot=cfg.n_boot,
         seed=cfg.seed,
         alpha=cfg.alpha,
@@ -364,7 +413,9 @@ def _binary(
         fpr=fpr.tolist(),
         tpr=tpr.tolist(),
         auc=rep.auc,
-        threshold=threshold,
+        threshold=rep.threshold,
+        threshold_min=rep.threshold_min,
+        threshold_max=rep.threshold_max,
         operating_fpr=1.0 - rep.specificity,
         operating_tpr=rep.sensitivity,
     )
@@ -383,15 +434,15 @@ def evaluate(
     ``slides`` and ``cells`` are the result tables with ``center``/``batch`` columns;
     ``truth`` has ``center, batch, slide_id, grade``; ``cell_truth`` maps (center, batch,
     slide_id) to annotated cells (``load_cell_labels``), or is None. The rules (failed slides
-    counted not scored, inadequate scored and counted, one stored threshold per model, detection
-    as AP of the kept cells at IoU ``cfg.iou``) are in the module docstring and :data:`RULES`.
+    counted not scored, inadequate scored and counted, each slide called at its own stored
+    threshold, detection as AP of the kept cells at IoU ``cfg.iou``) are in the module
+    docstring and :data:`RULES`.
     Raises :class:`EvaluationError` on results that cannot be evaluated as one model.
     """
     cfg = cfg or EvaluationConfig()
     s = _Slides(slides)
     t = _truth_map(truth)
     c = CellRows(cells)
-    threshold = s.model.threshold
     partitions = sorted({(k[0], k[1]) for k in s.keys})
     in_results = set(s.keys)
     centers = sorted({k[0] for k in s.keys})
@@ -410,7 +461,8 @@ def evaluate(
 
         y = np.array([i in positive for i in scored], dtype=bool)
         sc = np.array([s.score[i] for i in scored], dtype=np.float64)
-        rep, roc, reason = _binary(y, sc, threshold, cfg)
+        thr = np.array([s.threshold[i] for i in scored], dtype=np.float64)
+        rep, roc, reason = _binary(y, sc, thr, cfg)
         cm = confusion_matrix(
             [t[s.keys[i]] for i in scored], [s.predicted[i] for i in scored], GRADES
         )

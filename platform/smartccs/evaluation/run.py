@@ -23,6 +23,7 @@ from smartccs.evaluation.report import (
     EvaluationError,
     evaluate,
     slide_outcomes,
+    threshold_text,
 )
 from smartccs.evaluation.truth import TruthError, slide_truth, truth_from_file
 from smartccs.labels import SlideBoxes, has_cell_labels, load_cell_labels
@@ -198,7 +199,9 @@ def summary_line(evaluation: Evaluation, report: str | Path | None = None) -> st
             f"sensitivity {b.sensitivity:.3f} ({b.sensitivity_ci_low:.2f}-"
             f"{b.sensitivity_ci_high:.2f}), specificity {b.specificity:.3f} "
             f"({b.specificity_ci_low:.2f}-{b.specificity_ci_high:.2f}) at threshold "
-            f"{b.threshold:.3g}"
+            + threshold_text(
+                b.threshold, b.threshold_min, b.threshold_max, evaluation.model.threshold_sources
+            )
         )
     else:
         parts.append(f"no AUC: {g.binary_reason}")

@@ -2,7 +2,8 @@
 Wilson CIs, and the specificity a screen reaches at a given sensitivity.
 
 Positive (label 1 / True) means abnormal: a slide that needs a cytologist's review. A slide is
-predicted positive when its score is ``>= threshold``. Every function validates its inputs and
+predicted positive when its score is ``>= threshold``: one for all slides, or each slide's own
+(a center's carried operating point). Every function validates its inputs and
 raises ``ValueError`` naming the offending argument, because a silently broadcast or NaN-filled
 metric in an evaluation report is worse than a crash.
 """
@@ -75,11 +76,31 @@ def _need_both_classes(y: np.ndarray, what: str) -> tuple[int, int]:
     return n_pos, n_neg
 
 
-def _threshold(t: float, name: str = "threshold") -> float:
-    t = float(t)
-    if not np.isfinite(t):
-        raise ValueError(f"{name} must be finite, got {t}")
-    return t
+Threshold = float | ArrayLike
+"""One threshold for every slide, or one per slide (a 1-D array as long as the labels)."""
+
+
+def _threshold(t: Threshold, n: int | None = None, name: str = "threshold") -> float | np.ndarray:
+    """``t`` as a float, or (given ``n``, the number of slides) a float64 array of one threshold
+    per slide. Each must be a number: finite, or +inf (nothing positive) / -inf (everything
+    positive); NaN, a non-number or an array of the wrong length is a ``ValueError``."""
+    a = np.asarray(t)
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be a number or an array of numbers, got dtype {a.dtype}")
+    a = a.astype(np.float64)
+    if a.ndim == 0:
+        if np.isnan(a):
+            raise ValueError(f"{name} must be a number (finite or +/-inf), got NaN")
+        return float(a)
+    if a.ndim != 1 or n is None or len(a) != n:
+        raise ValueError(f"{name} must be one number or one per slide ({n}), got shape {a.shape}")
+    bad = np.flatnonzero(np.isnan(a))
+    if len(bad):
+        raise ValueError(
+            f"{name} must be a number (finite or +/-inf) for every slide, got NaN at "
+            f"position(s) {bad[:5].tolist()}"
+        )
+    return a
 
 
 def _roc_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,15 +147,16 @@ def roc_auc(y_true: ArrayLike, scores: ArrayLike) -> float:
 
 
 def sensitivity_specificity(
-    y_true: ArrayLike, scores: ArrayLike, threshold: float
+    y_true: ArrayLike, scores: ArrayLike, threshold: Threshold
 ) -> tuple[float, float]:
-    """``(sensitivity, specificity)`` with ``score >= threshold`` predicted positive.
+    """``(sensitivity, specificity)`` with ``score >= threshold`` predicted positive
+    (``threshold``: one number, or one per slide).
 
     Needs both classes: with no positives (or negatives) one of the two is undefined.
     """
     y, s = _inputs(y_true, scores)
     n_pos, n_neg = _need_both_classes(y, "sensitivity_specificity")
-    pred = s >= _threshold(threshold)
+    pred = s >= _threshold(threshold, len(y))
     tp = int((pred & y).sum())
     tn = int((~pred & ~y).sum())
     return tp / n_pos, tn / n_neg
@@ -210,11 +232,12 @@ def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float
 
 
 def rates_at(
-    y: np.ndarray, s: np.ndarray, threshold: float, alpha: float = 0.05
+    y: np.ndarray, s: np.ndarray, threshold: Threshold, alpha: float = 0.05
 ) -> dict[str, float]:
     """Sensitivity and specificity of ``s >= threshold`` on boolean truth ``y`` (both classes
-    present), each with its Wilson interval, named as the report models name them."""
-    pred = s >= threshold
+    present), each with its Wilson interval, named as the report models name them.
+    ``threshold`` is one number, or one per slide (each slide called at its own)."""
+    pred = s >= _threshold(threshold, len(y))
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
@@ -409,7 +432,7 @@ class SpecificityAt(BaseModel):
 
 
 class BinaryReport(BaseModel):
-    """Slide-level screening performance at one operating threshold."""
+    """Slide-level screening performance at the slides' operating threshold(s)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -426,7 +449,11 @@ class BinaryReport(BaseModel):
     specificity_at: list[SpecificityAt] = Field(
         default_factory=list, description="read off the ROC at target sensitivities"
     )
-    threshold: float = Field(description="score >= threshold is predicted abnormal")
+    threshold: float | None = Field(
+        description="score >= threshold is predicted abnormal; None when the slides' differ"
+    )
+    threshold_min: float | None = Field(default=None, description="the slides' lowest threshold")
+    threshold_max: float | None = Field(default=None, description="the slides' highest")
     n_pos: int = Field(ge=1)
     n_neg: int = Field(ge=1)
 
@@ -434,7 +461,7 @@ class BinaryReport(BaseModel):
 def binary_report(
     y_true: ArrayLike,
     scores: ArrayLike,
-    threshold: float,
+    threshold: Threshold,
     *,
     n_boot: int = 1000,
     seed: int = 0,
@@ -443,10 +470,15 @@ def binary_report(
 ) -> BinaryReport:
     """AUC with its stratified-bootstrap CI, sensitivity/specificity at ``threshold`` (which
     should come from :func:`choose_threshold` on validation data) with Wilson CIs, and the
-    specificity at each of ``sensitivity_targets`` read off this data's ROC."""
+    specificity at each of ``sensitivity_targets`` read off this data's ROC.
+
+    ``threshold`` is one number, or one per slide: each slide is then called at its own (slides
+    of several centers, each at its center's). The report's ``threshold`` is the common value,
+    or None when they differ; ``threshold_min`` / ``threshold_max`` give their range."""
     y, s = _inputs(y_true, scores)
     n_pos, n_neg = _need_both_classes(y, "binary_report")
-    threshold = _threshold(threshold)
+    threshold = _threshold(threshold, len(y))
+    t_low, t_high = float(np.min(threshold)), float(np.max(threshold))
     low, high = bootstrap_auc_ci(y, s, n_boot=n_boot, alpha=alpha, seed=seed)
     return BinaryReport(
         auc=roc_auc(y, s),
@@ -458,7 +490,9 @@ def binary_report(
             SpecificityAt(sensitivity=t, specificity=specificity_at_sensitivity(y, s, t))
             for t in sensitivity_targets
         ],
-        threshold=threshold,
+        threshold=t_low if t_low == t_high else None,
+        threshold_min=t_low,
+        threshold_max=t_high,
         n_pos=n_pos,
         n_neg=n_neg,
     )

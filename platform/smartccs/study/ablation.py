@@ -22,6 +22,9 @@ SYNTHETIC_NOTE = (
 )
 
 
+_AT_THRESHOLD = "at the platform's threshold (each slide's own: stored, or carried to its center)"
+
+
 class AblationRow(BaseModel):
     """One arm on one group of slides: a center, or all of a kind's centers."""
 
@@ -30,12 +33,16 @@ class AblationRow(BaseModel):
     arm: str
     kind: str
     group: str  # a center, or 'overall'
-    slides: int
+    slides: int = Field(description="scored slides (screened + inadequate) with ground truth")
+    adequate: int = Field(default=0, description="scored slides that were screened, adequate")
+    total: int = Field(default=0, description="the group's slides with ground truth, any status")
+    failed: int = 0
+    rejected: int = 0
     abnormal: int
     auc: float | None
-    sensitivity: float | None = Field(description="at the classifier's stored threshold")
+    sensitivity: float | None = Field(description=_AT_THRESHOLD)
     sensitivity_ci: tuple[float, float] | None = None
-    specificity: float | None = Field(description="at the classifier's stored threshold")
+    specificity: float | None = Field(description=_AT_THRESHOLD)
     specificity_ci: tuple[float, float] | None = None
     specificity_at: dict[str, float] = Field(
         default_factory=dict, description="sensitivity ('0.90') -> specificity off the ROC"
@@ -61,6 +68,10 @@ def ablation_rows(arms: list[Arm], evals: dict[str, dict[str, Evaluation]]) -> l
                         kind=kind,
                         group=group,
                         slides=g.n_scored,
+                        adequate=g.n_scored - g.n_inadequate,
+                        total=g.n_slides,
+                        failed=g.n_failed,
+                        rejected=g.n_rejected,
                         abnormal=g.n_positive,
                         auc=b.auc if b else None,
                         sensitivity=b.sensitivity if b else None,
@@ -92,6 +103,7 @@ COLUMNS: tuple[tuple[str, Callable[[AblationRow], str]], ...] = (
     ("group", lambda r: r.group),
     ("arm", lambda r: r.arm),
     ("slides", lambda r: str(r.slides)),
+    ("adequate", lambda r: f"{r.adequate}/{r.total}"),
     ("abnormal", lambda r: str(r.abnormal)),
     ("AUC", lambda r: _f(r.auc)),
     ("sens. (95% CI)", lambda r: _ci(r.sensitivity, r.sensitivity_ci)),
@@ -100,11 +112,30 @@ COLUMNS: tuple[tuple[str, Callable[[AblationRow], str]], ...] = (
 )
 HEADER = tuple(h for h, _ in COLUMNS)
 TABLE_NOTE = (
-    "sens. / spec.: sensitivity and specificity at the threshold stored with each arm's "
-    "classifier (chosen on internal validation slides for a target sensitivity), 95% Wilson "
-    "CIs; spec@sens.90 / .95: the highest specificity on the group's own ROC at sensitivity "
-    ">= 0.90 / 0.95."
+    "slides: scored slides (screened + inadequate) with ground truth; adequate: of the group's "
+    "slides with ground truth, those screened as adequate (inadequate, failed and rejected ones "
+    "are not); sens. / spec.: sensitivity and specificity at the platform's threshold, each "
+    "slide at its own (the one stored with the arm's classifier, chosen on internal validation "
+    "slides for a target sensitivity, or that operating point carried to the slide's center), "
+    "95% Wilson CIs; spec@sens.90 / .95: the highest specificity on the group's own ROC at "
+    "sensitivity >= 0.90 / 0.95."
 )
+
+
+def table_note(rows: list[AblationRow]) -> str:
+    """:data:`TABLE_NOTE`, and the slides each kind's overall group could not score (failed or
+    rejected: no score, so in no metric), where there are any."""
+    unscored = [
+        f"{r.kind} {r.arm}: "
+        + ", ".join(
+            f"{n} {what}" for n, what in ((r.failed, "failed"), (r.rejected, "rejected")) if n
+        )
+        for r in rows
+        if r.group == OVERALL and (r.failed or r.rejected)
+    ]
+    if not unscored:
+        return TABLE_NOTE
+    return f"{TABLE_NOTE} Not scored (no score, in no metric): {'; '.join(unscored)}."
 
 
 def _cells(r: AblationRow) -> tuple[str, ...]:
@@ -129,7 +160,7 @@ def format_table(rows: list[AblationRow]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + f"\n\n{TABLE_NOTE}"
+    return "\n".join(lines) + f"\n\n{table_note(rows)}"
 
 
 def write_ablation(
@@ -155,7 +186,7 @@ def write_ablation(
     (out / "ablation.json").write_text(json.dumps(payload, indent=2))
     md = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
     md += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    md.append(f"\n{TABLE_NOTE}")
+    md.append(f"\n{table_note(rows)}")
     (out / "ablation.md").write_text(f"{SYNTHETIC_NOTE}\n\n" + "\n".join(md) + "\n")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
     body = "".join(
@@ -176,7 +207,7 @@ def write_ablation(
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}"
         "tr:nth-child(3n+1) td{border-top:1px solid #ccc}img{max-width:48%}</style>"
         f"<h1>Smart-CCS ablation</h1><p><b>{html.escape(SYNTHETIC_NOTE)}</b></p>"
-        f"<table><tr>{head}</tr>{body}</table><p>{html.escape(TABLE_NOTE)}</p>{imgs}"
+        f"<table><tr>{head}</tr>{body}</table><p>{html.escape(table_note(rows))}</p>{imgs}"
         f"<h2>Per-arm reports</h2><p>ROC curves, confusion matrices, slide heatmaps and cell "
         f"galleries:</p><ul>{links}</ul><h2>Run</h2><ul>{facts}</ul>"
     )
