@@ -11,6 +11,11 @@ from smartccs.train.classifier import ClassifierConfig, ClassifierResult, train_
 
 def summary(result: ClassifierResult) -> str:
     t = result.test
+    if t is None:
+        return (
+            f"saved classifier {result.version} after step {result.step}: "
+            f"{result.operating_point.describe()} (no test split; synthetic)"
+        )
     return (
         f"saved classifier {result.version} after step {result.step}: held-out AUC {t.auc:.3f} "
         f"(95% CI {t.auc_ci_low:.3f}-{t.auc_ci_high:.3f}), sensitivity {t.sensitivity:.3f}, "

@@ -50,7 +50,7 @@ from smartccs.store import Store
 
 log = logging.getLogger(__name__)
 
-_SHIFTS = np.linspace(-4.0, 4.0, 161)
+_SHIFTS = np.linspace(-8.0, 8.0, 321)  # 8 prior sds: never the edge that decides
 _LOG_SCALES = np.linspace(-0.7, 0.7, 29)
 _SHARES = np.linspace(0.01, 0.99, 99)
 

@@ -205,7 +205,7 @@ def _classifiers(s: _Study) -> None:
             detector_version=s.state.detectors[init],
         )  # fmt: skip
         r = train_classifier(ClassifierConfig.model_validate(_split(raw, s.cfg.seed)))
-        s.state.classifier_auc[init] = r.test.auc
+        s.state.classifier_auc[init] = r.test.auc if r.test else None
         return r.version
 
     what = "slide classifier on the {init}-init detector's cells"
@@ -310,8 +310,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
             "store": s.store.uri(),
             "cohort": str(cfg.cohort_path()),
             "detector held-out abnormal mAP@0.5": s.state.detector_map,
-            "classifier held-out AUC (internal)": s.state.classifier_auc,
-            "classifier thresholds (validation)": thresholds,
+            "classifier thresholds (out-of-fold on the training slides)": thresholds,
             "adaptation of w/ P&A": cfg.adapt,
             "stage seconds": s.state.seconds,
         }

@@ -97,10 +97,10 @@ class ClassifierResult(BaseModel):
 
     version: str
     step: int
-    test: BinaryReport
+    test: BinaryReport | None = Field(description="None when split.test is 0")
     threshold: float
-    operating_point: OperatingPoint = Field(description="chosen on the validation slides")
-    confusion: list[list[int]]
+    operating_point: OperatingPoint = Field(description="chosen on held-out scores")
+    confusion: list[list[int]] | None
 
 
 # -- bags ---------------------------------------------------------------------------------
@@ -310,7 +310,9 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     enc = encoder_ref(det_card)
     enc_card = load_card(store, enc.name, enc.version)
     splits = split_rows(refs, cfg.split)
-    for name in ("train", "val", "test"):
+    needed = ["train"] + ([] if cfg.threshold_folds >= 2 else ["val"])
+    needed += ["test"] if cfg.split.test > 0 else []  # 0: the caller tests on its own batches
+    for name in needed:
         if not splits[name]:
             raise CCSError(f"the {name} split is empty: add slides or change split fractions")
     grade_of = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
@@ -353,25 +355,32 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
                         "validation split", cfg.threshold_folds)  # fmt: skip
         op = _operating_point(is_abnormal["val"], 1 - probs["val"][:, 0], cfg.target_sensitivity)
     threshold = op.threshold
-    test = binary_report(
-        is_abnormal["test"], 1 - probs["test"][:, 0], threshold, n_boot=cfg.n_boot, seed=cfg.seed
-    )
-    confusion = confusion_matrix(
-        [GRADES[g] for g in part["test"][1]],
-        [GRADES[int(i)] for i in probs["test"].argmax(1)],
-        GRADES,
-    )
     head.prototypes.copy_(prototype_bank(*part["train"], probs["train"], cfg.prototype_slides, dim))
-    log.info(
-        "held-out slides: AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f at "
-        "threshold %.3f chosen on validation",
-        test.auc,
-        test.auc_ci_low,
-        test.auc_ci_high,
-        test.sensitivity,
-        test.specificity,
-        threshold,
-    )
+    test, confusion = None, None
+    if part["test"][0]:
+        test = binary_report(is_abnormal["test"], 1 - probs["test"][:, 0], threshold,
+                             n_boot=cfg.n_boot, seed=cfg.seed)  # fmt: skip
+        confusion = confusion_matrix(
+            [GRADES[g] for g in part["test"][1]],
+            [GRADES[int(i)] for i in probs["test"].argmax(1)],
+            GRADES,
+        ).tolist()
+        log.info(
+            "held-out slides: AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f "
+            "at threshold %.3f",
+            test.auc, test.auc_ci_low, test.auc_ci_high, test.sensitivity, test.specificity,
+            threshold,
+        )  # fmt: skip
+    tested = {}
+    if test is not None:
+        tested = {
+            "test_auc": test.auc,
+            "test_auc_ci_low": test.auc_ci_low,
+            "test_auc_ci_high": test.auc_ci_high,
+            "test_sensitivity": test.sensitivity,
+            "test_specificity": test.specificity,
+            "test_slides": float(test.n_pos + test.n_neg),
+        }
     config = cfg.model_dump(mode="json", exclude={"store"})
     card = ModelCard(
         name=cfg.model_name,
@@ -392,17 +401,12 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
         training_config=config,
         training_config_sha256=config_sha256(config),
         data_manifest_sha256=manifests_sha256(store, refs),
-        metrics={
-            "test_auc": test.auc,
-            "test_auc_ci_low": test.auc_ci_low,
-            "test_auc_ci_high": test.auc_ci_high,
-            "test_sensitivity": test.sensitivity,
-            "test_specificity": test.specificity,
+        metrics=tested
+        | {
             "threshold": threshold,
             "target_sensitivity": op.target_sensitivity,
             "val_sensitivity": op.sensitivity,
             "val_specificity": op.specificity,
-            "test_slides": float(test.n_pos + test.n_neg),
             "steps": float(fitted.state["step"]),
         },
         synthetic=True,
@@ -415,5 +419,5 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
         test=test,
         threshold=threshold,
         operating_point=op,
-        confusion=confusion.tolist(),
+        confusion=confusion,
     )
