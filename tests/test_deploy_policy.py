@@ -153,11 +153,14 @@ def _denied(call, *args, **kwargs) -> bool:
 def test_policies_confine_each_center_to_its_own_prefixes(network, tmp_path: Path):
     # The platform publishes a result object for each center (any bytes: this is about access).
     platform = boto3.client("s3", **network["platform"])
-    result_keys = {}
+    result_keys, commit_keys = {}, {}
     for center in ("center-a", "center-b"):
         key = f"store/{layout.results('slides', center, 'b1')}/part-0.parquet"
         platform.put_object(Bucket=BUCKET, Key=key, Body=center.encode())
         result_keys[center] = key
+        key = f"store/{layout.result_commit('slides', center, 'b1')}/{layout.COMMIT_MARKER}"
+        platform.put_object(Bucket=BUCKET, Key=key, Body=center.encode())
+        commit_keys[center] = key
 
     # center-a uploads a real batch with `ccs upload`'s library call, as its own IAM user.
     scans = tmp_path / "scans"
@@ -176,6 +179,9 @@ def test_policies_confine_each_center_to_its_own_prefixes(network, tmp_path: Pat
     assert body == b"center-a"
     assert _denied(a.get_object, Bucket=BUCKET, Key=result_keys["center-b"])
     assert _denied(b.get_object, Bucket=BUCKET, Key=result_keys["center-a"])
+    # and so are the commit records of its results
+    assert a.get_object(Bucket=BUCKET, Key=commit_keys["center-a"])["Body"].read() == b"center-a"
+    assert _denied(a.get_object, Bucket=BUCKET, Key=commit_keys["center-b"])
     # center-b can neither read nor write center-a's incoming prefix
     slide = f"store/{layout.incoming('center-a', 'b1')}/s1.svs"
     assert _denied(b.get_object, Bucket=BUCKET, Key=slide)
@@ -210,7 +216,7 @@ def test_listing_is_confined_to_the_centers_own_prefixes():
     assert stmt["Effect"] == "Allow" and stmt["Resource"] == f"arn:aws:s3:::{BUCKET}"
     prefixes = stmt["Condition"]["StringLike"]["s3:prefix"]
     allowed_roots = ["store/incoming/center-a"] + [
-        f"store/results/{t}/center=center-a" for t in TABLES
+        f"store/results/{tree}{t}/center=center-a" for tree in ("", "_commits/") for t in TABLES
     ]
     for p in prefixes:
         assert any(p in (r, r + "/*") for r in allowed_roots), p
@@ -228,7 +234,8 @@ def test_prefixes_follow_the_store_layout():
     text = json.dumps(center_policy(store, "c1"))
     assert f"arn:aws:s3:::bkt/{layout.incoming('c1', 'x').removesuffix('x')}*" in text
     for t in TABLES:
-        assert f"arn:aws:s3:::bkt/{layout.results(t, 'c1', 'x').removesuffix('batch=x')}*" in text
+        for where in (layout.results, layout.result_commit):
+            assert f"arn:aws:s3:::bkt/{where(t, 'c1', 'x').removesuffix('batch=x')}*" in text
 
 
 def test_a_network_of_48_centers_fits_iams_limits_and_rejects_bad_lists(tmp_path: Path):

@@ -7,87 +7,26 @@ import json
 import os
 from datetime import UTC, datetime
 
-import duckdb
-import pandas as pd
+import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from result_rows import AT, cell_rows, slide_rows, write
 
 from smartccs import layout
-from smartccs.results.schema import CELLS, PROB_COLUMNS, SCHEMA_VERSION, SLIDES
+from smartccs.results.schema import SCHEMA_VERSION, SLIDES, TABLES
 from smartccs.results.tables import (
     PART_NAME,
     ResultCommit,
     ResultsError,
     delete_batch_results,
     list_partitions,
+    move_legacy_markers,
     read_commit,
     read_table,
     write_batch_results,
 )
 from smartccs.store import Store
-
-AT = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
-
-
-def slide_rows(run_id: str, screened: str = "s1", failed: str = "s2", score: float = 0.75):
-    """One screened slide (positive, with probabilities) and one failed slide (nulls, an error)."""
-    probs = dict(zip(PROB_COLUMNS, [1 - score, score, 0, 0, 0, 0, 0], strict=True))
-    common = {c: None for c in SLIDES.names} | {"run_id": run_id, "screened_at": AT}
-    return pa.Table.from_pylist(
-        [
-            common
-            | probs
-            | {
-                "slide_id": screened,
-                "status": "screened",
-                "score": score,
-                "predicted_grade": "ASC-US",
-                "threshold": 0.5,
-                "positive": score >= 0.5,
-                "n_tiles": 40,
-                "tiles_read": 40,
-                "tiles_failed": 0,
-                "n_cells": 3,
-                "n_squamous": 12000,
-                "adequate": True,
-                "slide_mpp": 0.25,
-                "detector": "det/1",
-                "classifier": "mil/1",
-                "encoder": "dino/1",
-            },
-            common
-            | {"slide_id": failed, "status": "failed", "error": "no mpp in the file or manifest"},
-        ],
-        schema=SLIDES,
-    )
-
-
-def cell_rows(run_id: str, slide_id: str = "s1", n: int = 3) -> pa.Table:
-    return pa.Table.from_pylist(
-        [
-            {
-                "slide_id": slide_id,
-                "run_id": run_id,
-                "cell_class": "ASC-US",
-                "rank": i,
-                "score": 0.9 - i / 10,
-                "x0": 100.0 * i,
-                "y0": 50.0,
-                "x1": 100.0 * i + 40,
-                "y1": 90.0,
-                "width_um": 10.0,
-                "height_um": 10.0,
-            }
-            for i in range(n)
-        ],
-        schema=CELLS,
-    )
-
-
-def write(store: Store, center: str = "hospital-a", batch: str = "b1", run: str = "run-1", **kw):
-    return write_batch_results(store, center, batch, run, slide_rows(run, **kw), cell_rows(run))
 
 
 def objects(store: Store) -> list[str]:
@@ -109,9 +48,11 @@ def test_round_trip_keeps_the_exact_schema_and_adds_partition_columns(any_store:
     assert failed["score"] is None and failed["error"] == "no mpp in the file or manifest"
     assert read_commit(any_store, "hospital-a", "b1") == commit
     assert objects(any_store) == [
-        f"results/{t}/center=hospital-a/batch=b1/{name}"
-        for t in ("cells", "slides")
-        for name in (layout.COMMIT_MARKER, PART_NAME)
+        *(
+            f"results/_commits/{t}/center=hospital-a/batch=b1/_COMMITTED"
+            for t in ("cells", "slides")
+        ),
+        *(f"results/{t}/center=hospital-a/batch=b1/{PART_NAME}" for t in ("cells", "slides")),
     ]
 
 
@@ -122,8 +63,10 @@ def test_each_partition_holds_one_file_pinned_by_the_same_commit_record(local_st
     assert commit.tables["slides"].rows == 2 and commit.tables["cells"].rows == 3
     for table in ("slides", "cells"):
         prefix = layout.results(table, "hospital-a", "b1")
-        record = json.loads(local_store.read_bytes(prefix, layout.COMMIT_MARKER))
+        marker = layout.result_commit(table, "hospital-a", "b1")
+        record = json.loads(local_store.read_bytes(marker, layout.COMMIT_MARKER))
         assert ResultCommit.model_validate(record) == commit
+        assert local_store.list(prefix) == [f"{prefix}/{PART_NAME}"]  # nothing but Parquet
         data = local_store.read_bytes(prefix, PART_NAME)
         assert len(data) == commit.tables[table].bytes
         meta = pq.read_metadata(pa.BufferReader(data))
@@ -176,7 +119,7 @@ def test_nothing_committed_reads_as_an_empty_table_and_unknown_tables_are_refuse
 
 def test_a_partition_without_its_marker_is_not_listed(local_store: Store):
     write(local_store)
-    local_store.delete(layout.results("slides", "hospital-a", "b1"), layout.COMMIT_MARKER)
+    local_store.delete(layout.result_commit("slides", "hospital-a", "b1"), layout.COMMIT_MARKER)
     assert list_partitions(local_store) == []
     assert read_table(local_store, "slides").num_rows == 0
     assert read_commit(local_store, "hospital-a", "b1") is None
@@ -197,97 +140,44 @@ def test_local_writes_stage_under_hidden_names(local_store: Store, monkeypatch):
         assert dst in (PART_NAME, layout.COMMIT_MARKER)
 
 
-def test_external_readers_see_committed_files_and_partitions_only(local_store: Store):
-    write(local_store, "hospital-a", "2026-11-21", run="run-1", score=0.75)
-    write(local_store, "hospital-b", "2026-11-22", run="run-2", score=0.25)
-    # what a writer killed mid-write leaves behind: its hidden temporaries, never a bare name
-    for table in ("slides", "cells"):
-        partition = local_store.path(layout.results(table, "hospital-a", "2026-11-21"))
-        with open(os.path.join(partition, f".{PART_NAME}.tmp-abc"), "wb") as f:
-            f.write(b"PAR1 half a file")
-        with open(os.path.join(partition, f"{layout.COMMIT_MARKER}.tmp-abc"), "wb") as f:
-            f.write(b'{"half":')
-    root = local_store.root
+def test_markers_of_a_store_written_before_the_move_are_read_and_moved(local_store: Store):
+    """Stores written before the commit markers moved to results/_commits keep them beside
+    part-0.parquet: the library still reads them, a re-run, a retraction and
+    move_legacy_markers each take them out of the table folders."""
+    commits = {b: write(local_store, "hospital-a", b, run=f"run-{b}") for b in ("b1", "b2", "b3")}
+    for batch in commits:  # as a store written before the move holds them
+        for t in TABLES:
+            marker = layout.result_commit(t, "hospital-a", batch)
+            data = local_store.read_bytes(marker, layout.COMMIT_MARKER)
+            local_store.delete(marker)
+            local_store.write_bytes(
+                f"{layout.results(t, 'hospital-a', batch)}/{layout.COMMIT_MARKER}", data
+            )
+    listed = [("hospital-a", b) for b in commits]
+    assert list_partitions(local_store) == list_partitions(local_store, "cells") == listed
+    assert read_commit(local_store, "hospital-a", "b1") == commits["b1"]
+    assert read_table(local_store, "cells").num_rows == 9
 
-    def hive(table: str, *options: str) -> str:
-        glob = f"{root}/results/{table}/*/*/*.parquet"
-        opts = ", ".join(["hive_partitioning=true", "hive_types_autocast=false", *options])
-        return f"read_parquet('{glob}', {opts})"
+    def table_files(batch: str) -> list[str]:
+        return sorted(k.rsplit("/", 1)[-1] for t in TABLES for k in
+                      local_store.list(layout.results(t, "hospital-a", batch)))  # fmt: skip
 
-    con = duckdb.connect()
-    slides, cells = hive("slides"), hive("cells")
-    files = con.sql(f"SELECT DISTINCT filename FROM {hive('slides', 'filename=true')}")
-    assert sorted(os.path.basename(f) for (f,) in files.fetchall()) == [PART_NAME, PART_NAME]
-    positives = con.sql(
-        f"""SELECT center, count(*) AS slides, count(*) FILTER (positive) AS positives
-            FROM {slides} WHERE status IN ('screened', 'inadequate')
-            GROUP BY center ORDER BY center"""
-    ).fetchall()
-    assert positives == [("hospital-a", 1, 1), ("hospital-b", 1, 0)]
-    top = con.sql(
-        f"""SELECT cell_class, rank, score, x0, y0, x1, y1 FROM {cells}
-            WHERE center = 'hospital-a' AND batch = '2026-11-21' AND slide_id = 's1'
-            ORDER BY score DESC LIMIT 2"""
-    ).fetchall()
-    assert [(c, r) for c, r, *_ in top] == [("ASC-US", 0), ("ASC-US", 1)]
-    assert con.sql(f"SELECT DISTINCT typeof(batch) FROM {slides}").fetchall() == [("VARCHAR",)]
+    again = write(local_store, "hospital-a", "b1", run="run-again")  # a re-run
+    assert table_files("b1") == [PART_NAME, PART_NAME]
+    assert read_commit(local_store, "hospital-a", "b1") == again
+    assert delete_batch_results(local_store, "hospital-a", "b2") == commits["b2"]
+    assert not any("batch=b2" in k for k in objects(local_store))
+    assert read_commit(local_store, "hospital-a", "b2") is None
 
-    df = pd.read_parquet(f"{root}/results/slides", dtype_backend="pyarrow")
-    assert len(df) == 4
-    per_center = (
-        df[df.status.isin(["screened", "inadequate"])]
-        .groupby("center", observed=True)
-        .agg(scored=("slide_id", "size"), positive=("positive", "sum"))
-    )
-    assert per_center.to_dict("index") == {
-        "hospital-a": {"scored": 1, "positive": 1},
-        "hospital-b": {"scored": 1, "positive": 0},
-    }
-
-    dataset = ds.dataset(f"{root}/results/cells", format="parquet", partitioning="hive")
-    assert sorted(os.path.basename(f) for f in dataset.files) == [PART_NAME, PART_NAME]
-    one = dataset.to_table(filter=ds.field("center") == "hospital-b")
-    assert one.num_rows == 3 and set(one["run_id"].to_pylist()) == {"run-2"}
-
-
-def test_s3_tables_are_readable_by_pyarrow_pandas_and_duckdb(s3_store: Store):
-    import pyarrow.fs as pafs
-
-    write(s3_store, "hospital-a", "b1", run="run-1")
-    write(s3_store, "hospital-b", "b1", run="run-1")
-    o = s3_store.config.s3
-    bucket_prefix = s3_store.path("results")  # "<bucket>/store/results"
-
-    s3 = pafs.S3FileSystem(
-        endpoint_override=o.endpoint_url.removeprefix("http://"),
-        scheme="http",
-        access_key=o.access_key_id,
-        secret_key=o.secret_access_key.get_secret_value(),
-        region=o.region,
-    )
-    dataset = ds.dataset(
-        f"{bucket_prefix}/slides", filesystem=s3, format="parquet", partitioning="hive"
-    )
-    assert [f.rsplit("/", 1)[-1] for f in dataset.files] == [PART_NAME, PART_NAME]
-    assert dataset.to_table().num_rows == 4
-
-    df = pd.read_parquet(
-        f"s3://{bucket_prefix}/cells",
-        storage_options={
-            "key": o.access_key_id,
-            "secret": o.secret_access_key.get_secret_value(),
-            "client_kwargs": {"endpoint_url": o.endpoint_url, "region_name": o.region},
-        },
-    )
-    assert len(df) == 6 and set(df["center"]) == {"hospital-a", "hospital-b"}
-
-    con = duckdb.connect()
-    con.register_filesystem(s3_store.fs)  # httpfs is not installed here; fsspec serves s3://
-    rows = con.sql(
-        f"""SELECT center, count(*) FROM read_parquet('s3://{bucket_prefix}/slides/*/*/*.parquet',
-            hive_partitioning=true, hive_types_autocast=false) GROUP BY ALL ORDER BY 1"""
-    ).fetchall()
-    assert rows == [("hospital-a", 2), ("hospital-b", 2)]
+    moved = move_legacy_markers(local_store)
+    assert sorted(moved) == [
+        f"{layout.results(t, 'hospital-a', 'b3')}/{layout.COMMIT_MARKER}" for t in TABLES[::-1]
+    ]
+    assert table_files("b3") == [PART_NAME, PART_NAME]
+    assert read_commit(local_store, "hospital-a", "b3") == commits["b3"]
+    assert list_partitions(local_store) == [("hospital-a", "b1"), ("hospital-a", "b3")]
+    assert move_legacy_markers(local_store) == []
+    assert pl.read_parquet(f"{local_store.root}/results/slides").height == 4
 
 
 def test_a_file_replaced_after_its_commit_is_refused_naming_it(any_store: Store):
@@ -423,8 +313,9 @@ def test_files_of_an_older_minor_version_read_with_nulls_for_new_columns(local_s
         update={"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     )
     local_store.write_bytes(f"{prefix}/{PART_NAME}", data)
+    marker = f"{layout.result_commit('slides', 'hospital-a', 'b1')}/{layout.COMMIT_MARKER}"
     local_store.write_bytes(
-        f"{prefix}/{layout.COMMIT_MARKER}",
+        marker,
         commit.model_copy(update={"tables": tables}).model_dump_json().encode(),
     )
     slides = read_table(local_store, "slides")
@@ -432,7 +323,7 @@ def test_files_of_an_older_minor_version_read_with_nulls_for_new_columns(local_s
     assert slides["encoder"].null_count == 2
 
     major = commit.model_copy(update={"tables": tables, "schema_version": "2.0"})
-    local_store.write_bytes(f"{prefix}/{layout.COMMIT_MARKER}", major.model_dump_json().encode())
+    local_store.write_bytes(marker, major.model_dump_json().encode())
     with pytest.raises(
         ResultsError, match=f"holds schema 2.0; this smartccs reads {SCHEMA_VERSION}"
     ):

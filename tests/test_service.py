@@ -9,14 +9,19 @@ means nothing; the service around them is what is pinned.
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import requests
 
+from smartccs import layout
 from smartccs.adaptation.state import history
+from smartccs.batches import is_committed
 from smartccs.manifest import Manifest
 from smartccs.results.tables import read_table
 from smartccs.service.records import batch_id
@@ -42,6 +47,17 @@ def _wait_done(base: str, token: str, bid: str, timeout: float = 420) -> dict:
     pytest.fail(f"batch {bid} not done after {timeout} s: {body}")
 
 
+def _batch_folder(src: Path, dst: Path, center: str, batch: str) -> Path:
+    """A copy of a center's folder whose manifest names ``batch``: ``ccs upload`` refuses a
+    manifest for another batch than the one it uploads."""
+    shutil.copytree(src, dst)
+    given = Manifest.loads((dst / "manifest.json").read_bytes())
+    (dst / "manifest.json").write_bytes(
+        given.model_copy(update={"center": center, "batch": batch}).dumps()
+    )
+    return dst
+
+
 def test_health_and_openapi_docs(service):
     base, *_ = service
     health = requests.get(f"{base}/healthz", timeout=30)
@@ -65,7 +81,11 @@ def test_a_center_submits_polls_and_reads_its_adapted_results(service):
     assert status["state"] == "done", status
     manifest = Manifest.loads((dirs[center] / "manifest.json").read_bytes())
     assert status["slides_total"] == status["slides_done"] == len(manifest.slides)
-    assert {s["status"] for s in status["slides"]} == {"scored"}
+    # issue 27: ISO 8601 UTC times, not epoch floats
+    keys = ("submitted_at", "started_at", "finished_at")
+    times = [datetime.fromisoformat(status[k]) for k in keys]
+    assert all(t.tzinfo == UTC for t in times) and times == sorted(times), status
+    assert status["finished_at"].endswith("Z") and isinstance(status["heartbeat"], str)
     res = requests.get(
         status_url := f"{base}/v1/batches/{bid}/results", headers=_auth(tokens[center])
     )
@@ -81,6 +101,13 @@ def test_a_center_submits_polls_and_reads_its_adapted_results(service):
     rows = read_table(store, "slides", centers=[center], batches=["b1"]).to_pylist()
     assert {r["run_id"] for r in rows} == {body["run_id"]}
     assert {r["adaptation"] for r in rows} == {body["adaptation"]}
+    # issue 27: each slide's status is its row's (it said scored where the row said inadequate)
+    assert {s["slide_id"]: s["status"] for s in status["slides"]} == {
+        r["slide_id"]: r["status"] for r in rows
+    }
+    assert {r["screened_at"] for r in body["slides"]} == {
+        r["screened_at"].isoformat().replace("+00:00", "Z") for r in rows
+    }
 
     # submitted twice: the same batch id, screened once
     again = requests.post(
@@ -147,13 +174,16 @@ def test_an_uncommitted_batch_is_not_accepted(service):
     assert r.status_code == 404 and "not committed" in r.json()["detail"]
 
 
-def test_ccs_upload_submit_uploads_registers_and_follows_a_batch(service, monkeypatch):
+def test_ccs_upload_submit_uploads_registers_and_follows_a_batch(
+    service, monkeypatch, tmp_path: Path
+):
     base, store, tokens, dirs, args = service
     center = sorted(dirs)[0]
     monkeypatch.setenv("AWS_ENDPOINT_URL", args["store"]["s3"]["endpoint_url"])
     monkeypatch.setenv("CCS_TOKEN", tokens[center])
     res = run_ccs(
-        "upload", str(dirs[center]), "--center", center, "--batch", "b2",
+        "upload", str(_batch_folder(dirs[center], tmp_path / "b2", center, "b2")),
+        "--center", center, "--batch", "b2",
         "--store", args["store"]["uri"], "--submit", base, "--wait",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -161,11 +191,12 @@ def test_ccs_upload_submit_uploads_registers_and_follows_a_batch(service, monkey
     assert [c.head["batches"][-1] for c in history(store, center)][-1] == f"{center}/b2"
     monkeypatch.setenv("CCS_TOKEN", tokens[sorted(dirs)[1]])
     res = run_ccs(
-        "upload", str(dirs[center]), "--center", center, "--batch", "b3",
+        "upload", str(_batch_folder(dirs[center], tmp_path / "b3", center, "b3")),
+        "--center", center, "--batch", "b3",
         "--store", args["store"]["uri"], "--submit", base,
     )  # fmt: skip
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert f"ccs: error: POST {base}/v1/batches: 403 this token submits for" in res.stderr
+    assert f"failed: POST {base}/v1/batches: 403 this token submits for" in res.stderr
 
 
 def test_a_batch_survives_the_service_restarting_under_it(service):
@@ -196,3 +227,48 @@ def test_a_batch_survives_the_service_restarting_under_it(service):
     rows = read_table(store, "slides", centers=[center], batches=["b1"]).to_pylist()
     assert {r["run_id"] for r in rows} == {status["run_id"]} and status["run_id"].endswith("-a2")
     assert len(rows) == status["slides_total"]
+
+
+def test_a_batch_committed_but_refused_by_the_service_is_registered_by_the_command_printed(
+    service, monkeypatch, tmp_path: Path
+):
+    """Issue 27: ``ccs upload --submit`` with a wrong token committed the batch, then failed
+    with 401, and a re-run was refused as already committed. The error now says the batch was
+    committed and prints the command that registers it; that command, with the right token,
+    registers the committed batch without uploading anything again, and is refused for a
+    folder whose slides are not the committed ones."""
+    base, store, tokens, dirs, args = service
+    center = sorted(dirs)[1]
+    folder = _batch_folder(dirs[center], tmp_path / "b4", center, "b4")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", args["store"]["s3"]["endpoint_url"])
+    monkeypatch.setenv("CCS_TOKEN", "not-a-token")
+    upload = (
+        "upload", str(folder), "--center", center, "--batch", "b4",
+        "--store", args["store"]["uri"], "--submit", base, "--wait",
+    )  # fmt: skip
+    res = run_ccs(*upload)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr[res.stderr.index("ccs: error: ") :].splitlines()
+    assert lines[0] == (
+        f"ccs: error: batch {center}/b4 WAS committed to "
+        f"{store.uri(layout.incoming(center, 'b4'))}, but registering it with the service "
+        f"failed: POST {base}/v1/batches: 401 a valid center token is required "
+        "(Authorization: Bearer <token>)"
+    ), res.stderr
+    assert lines[-1].strip() == shlex.join(["ccs", *upload]), res.stderr
+    assert is_committed(store, center, "b4")
+    bid = batch_id(center, "b4")
+    unknown = requests.get(f"{base}/v1/batches/{bid}", headers=_auth(tokens[center]), timeout=30)
+    assert unknown.status_code == 404
+
+    committed = {k: store.sha256(k) for k in store.list(layout.incoming(center, "b4"))}
+    monkeypatch.setenv("CCS_TOKEN", tokens[center])
+    res = run_ccs(*shlex.split(lines[-1].strip())[1:])
+    assert res.returncode == 0, res.stderr
+    assert f"is already committed with the 2 slide(s) of {folder}; registering it" in res.stdout
+    assert f"submitted as {bid}" in res.stdout and f"{bid}: done" in res.stdout
+    assert {k: store.sha256(k) for k in store.list(layout.incoming(center, "b4"))} == committed
+
+    other = _batch_folder(dirs[sorted(dirs)[0]], tmp_path / "other", center, "b4")
+    res = run_ccs("upload", str(other), *upload[2:])
+    assert res.returncode == 1 and "is already committed with other slides than" in res.stderr

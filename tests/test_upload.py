@@ -143,6 +143,44 @@ def test_cli_upload_commits_and_says_where(slide_dir, tmp_path):
     assert Manifest.loads((store / "incoming/c1/b1/manifest.json").read_bytes()).batch == "b1"
 
 
+def _manifest_for(folder: Path, center: str, batch: str) -> Path:
+    """A manifest.json in ``folder`` for the slides it holds, naming ``center`` and ``batch``."""
+    slides = [
+        {
+            "slide_id": p.name.split(".")[0],
+            "path": p.name,
+            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+            "bytes": p.stat().st_size,
+        }
+        for p in sorted(folder.iterdir())
+    ]
+    path = folder / "manifest.json"
+    path.write_text(json.dumps({"center": center, "batch": batch, "slides": slides}))
+    return path
+
+
+def test_cli_upload_refuses_a_folder_whose_manifest_names_another_center(slide_dir, tmp_path):
+    manifest = _manifest_for(slide_dir, "hospital-b", "2026-11-21")
+    store = tmp_path / "store"
+    says = (
+        f"{manifest} says center 'hospital-b', but this upload is for center 'hospital-a'; "
+        "nothing uploaded: correct --center or the manifest"
+    )
+    for batch in ("2026-11-21", "b2"):
+        res = run_ccs("upload", str(slide_dir), "--center", "hospital-a", "--batch", batch,
+                      "--store", str(store))  # fmt: skip
+        assert res.returncode == 1
+        assert_one_line_error(res, says)
+        assert len(res.stderr.splitlines()) == 1, res.stderr
+        assert not store.exists(), sorted(store.rglob("*"))  # nothing written
+
+    # --batch names this upload of the folder: another batch id than the manifest's is fine
+    ok = ("--center", "hospital-b", "--batch", "b2", "--store", str(store))
+    res = run_ccs("upload", str(slide_dir), *ok)
+    assert res.returncode == 0, res.stderr
+    assert list_batches(Store(str(store))) == [("hospital-b", "b2")]
+
+
 def test_cli_labels_publishes_annotations_and_names_a_bad_row(slide_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -1,8 +1,9 @@
 """Where things live inside a store (DESIGN.md, Contracts: Store).
 
-``incoming/<center>/<batch>/``, ``results/<table>/center=<c>/batch=<b>/``,
-``models/<name>/<version>/``, ``runs/<run_id>/``. Every id is validated here, so no caller can
-build a key that escapes its prefix.
+``incoming/<center>/<batch>/``, ``results/<table>/center=<c>/batch=<b>/`` (with its commit
+marker in ``results/_commits/<table>/center=<c>/batch=<b>/``), ``models/<name>/<version>/``,
+``runs/<run_id>/``. Every id is validated here, so no caller can build a key that escapes its
+prefix.
 """
 
 from smartccs.ids import validate_id
@@ -20,6 +21,17 @@ def results(table: str, center: str, batch: str) -> str:
         f"results/{validate_id(table, 'table')}/center={validate_id(center, 'center')}"
         f"/batch={validate_id(batch, 'batch')}"
     )
+
+
+RESULT_COMMITS = "results/_commits"
+"""Where the result tables' commit markers live: a tree beside the tables that mirrors their
+partitions, so a table folder holds nothing but Parquet files (polars refuses a folder holding
+any other file). ``_commits`` is no valid id, so it can never be a table's name."""
+
+
+def result_commit(table: str, center: str, batch: str) -> str:
+    """The prefix holding the commit marker of the partition ``results(table, center, batch)``."""
+    return f"{RESULT_COMMITS}/{results(table, center, batch).removeprefix('results/')}"
 
 
 def model(name: str, version: str) -> str:

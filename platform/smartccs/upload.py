@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from smartccs import layout
-from smartccs.batches import UPLOAD_LEASE, BatchRef, UploadLease, commit_batch, is_committed
+from smartccs.batches import (
+    UPLOAD_LEASE,
+    BatchRef,
+    UploadLease,
+    commit_batch,
+    is_committed,
+    load_batch,
+)
 from smartccs.checksums import sha256_file
 from smartccs.errors import (
     AlreadyCommittedError,
@@ -56,6 +63,23 @@ def _specimen(slide: Slide) -> Specimen | None:
         return None
 
 
+def _check_manifest_ids(directory: str | Path, center: str, batch: str) -> None:
+    """Refuse a folder whose manifest is for another center than the upload's: the center
+    decides who may read the batch and which adaptation screens it, so a mix-up there is never
+    a rename. The batch id may differ (``--batch`` names this upload of the folder)."""
+    manifest_path = Path(directory) / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return
+    given = Manifest.loads(manifest_path.read_bytes(), str(manifest_path))
+    center = validate_id(center, "center")
+    validate_id(batch, "batch")
+    if given.center != center:
+        raise UploadError(
+            f"{manifest_path} says center {given.center!r}, but this upload is for center "
+            f"{center!r}; nothing uploaded: correct --center or the manifest"
+        )
+
+
 def prepare_batch(
     directory: str | Path, center: str, batch: str, *, progress: bool = True
 ) -> tuple[Manifest, Path]:
@@ -63,7 +87,8 @@ def prepare_batch(
 
     With a ``manifest.json`` in the folder its slide ids, paths, mpp overrides and grades are
     kept and its checksums verified; without one, every visible file at the top level is a
-    slide whose id is its file name without extension.
+    slide whose id is its file name without extension. The manifest's center and batch are
+    replaced by ``center`` and ``batch`` (see ``check_manifest`` of :func:`upload_batch`).
     """
     from smartccs.slide.reader import open_slide
 
@@ -169,13 +194,19 @@ def upload_batch(
     store: Store,
     progress: bool = True,
     break_lease: bool = False,
+    check_manifest: bool = False,
 ) -> BatchRef:
     """Validate, copy and commit a batch; never touches a batch that is already committed.
 
     Two uploads of one batch race for its lease; the commit state is checked again once the
     lease is held, so an upload that validated while another one committed stops there, and
-    only objects of an uncommitted batch are ever removed.
+    only objects of an uncommitted batch are ever removed. ``check_manifest`` refuses, before
+    anything else, a folder whose ``manifest.json`` names another center (``ccs
+    upload`` does); without it the upload's ids replace the manifest's, for a caller that
+    uploads one folder under several ids (a synthetic cohort's, say).
     """
+    if check_manifest:
+        _check_manifest_ids(directory, center, batch)
     if is_committed(store, center, batch):
         raise _already_committed(store, center, batch)
     manifest, root = prepare_batch(directory, center, batch, progress=progress)
@@ -219,6 +250,35 @@ def upload_batch(
         lease.check()
         ref = commit_batch(store, manifest, verify_checksums=False)  # hashed as sent, above
     log.info("committed %s: %d slides, %d bytes", store.uri(prefix), len(manifest.slides), total)
+    return ref
+
+
+def committed_as_in_folder(
+    directory: str | Path,
+    *,
+    center: str,
+    batch: str,
+    store: Store,
+    progress: bool = True,
+    check_manifest: bool = False,
+) -> BatchRef | None:
+    """The committed batch ``center/batch`` when it holds exactly the folder's slides, None when
+    the batch is not committed; an error when it holds other slides.
+
+    For a re-run of an upload that committed and then failed to register with the service
+    (``ccs upload --submit``): the folder is validated and hashed again, nothing is written.
+    """
+    if check_manifest:
+        _check_manifest_ids(directory, center, batch)
+    if not is_committed(store, center, batch):
+        return None
+    manifest, _ = prepare_batch(directory, center, batch, progress=progress)
+    ref = load_batch(store, center, batch)
+    if ref.manifest.slides != manifest.slides:
+        raise AlreadyCommittedError(
+            f"{store.uri(ref.prefix)} is already committed with other slides than {directory}; "
+            "batches are never overwritten, upload under a new batch id"
+        )
     return ref
 
 

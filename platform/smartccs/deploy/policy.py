@@ -1,7 +1,8 @@
 """Per-center S3 access for a store on AWS S3 (DESIGN.md, Contracts: Store).
 
 A screening center writes only under ``incoming/<center>/`` (its uploads) and reads only that
-prefix and its own result partitions, ``results/<table>/center=<center>/``; it cannot list,
+prefix and its own result partitions, ``results/<table>/center=<center>/``, with their commit
+records, ``results/_commits/<table>/center=<center>/``; it cannot list,
 read or write another center's objects, the models or the runs. The platform's own role reads
 and writes the whole store. Each center gets its own identity policy (for its IAM user or
 role): one document per center stays far below IAM's 6,144-character limit whatever the size of
@@ -73,13 +74,19 @@ class StoreLocation:
 
 
 def center_prefixes(center: str) -> tuple[str, list[str]]:
-    """The center's upload prefix and its result prefixes, relative to the store root.
+    """The center's upload prefix and its result prefixes (partitions and their commit
+    records), relative to the store root.
 
-    Built from the same layout as the writers (``layout.incoming``, ``layout.results``) by
-    cutting the batch level off, so the policy follows the layout if the layout changes."""
+    Built from the same layout as the writers (``layout.incoming``, ``layout.results``,
+    ``layout.result_commit``) by cutting the batch level off, so the policy follows the layout
+    if the layout changes."""
     center = validate_id(center, "center")
     incoming = layout.incoming(center, "b").rpartition("/")[0] + "/"
-    results = [layout.results(t, center, "b").rpartition("/")[0] + "/" for t in TABLES]
+    results = [
+        where(t, center, "b").rpartition("/")[0] + "/"
+        for where in (layout.results, layout.result_commit)
+        for t in TABLES
+    ]
     return incoming, results
 
 

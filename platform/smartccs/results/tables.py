@@ -1,13 +1,18 @@
 """Atomic, replace-not-duplicate writes of the result tables, and committed-only reads.
 
 Each (center, batch) has one partition per table, ``results/<table>/center=<c>/batch=<b>/``,
-holding exactly one Parquet file with a fixed name, ``part-0.parquet``, and a ``_COMMITTED``
-record (:class:`ResultCommit`) that pins that file's sha256. Because the name is fixed, re-running
-a batch overwrites the file rather than adding a second one: rows are replaced, never
-duplicated. Every file is serialised in memory and written in one atomic step (one S3 PUT; a
-local write to a hidden temporary name renamed over the target), so no reader ever sees part of a
-file. Names starting with ``_`` or ``.`` are skipped by pyarrow, pandas and Spark, and DuckDB's
-``*/*/*.parquet`` glob matches neither the marker nor a temporary file.
+holding exactly one Parquet file with a fixed name, ``part-0.parquet``. Its ``_COMMITTED``
+record (:class:`ResultCommit`), which pins that file's sha256, sits in a mirror tree beside the
+tables, ``results/_commits/<table>/center=<c>/batch=<b>/_COMMITTED``: a table folder holds
+nothing but Parquet files, so DuckDB, polars, pandas, pyarrow and Spark read it as it is
+(polars refuses a folder holding any other file). Stores written before the move keep their
+markers inside the partitions: they are read there too, and :func:`move_legacy_markers` moves
+them. Because the name is fixed, re-running a batch overwrites the file rather than adding a
+second one: rows are replaced, never duplicated. Every file is serialised in memory and written
+in one atomic step (one S3 PUT; a local write to a hidden temporary name renamed over the
+target), so no reader ever sees part of a file. Names starting with ``_`` or ``.`` are skipped
+by pyarrow, pandas and Spark, and DuckDB's ``*/*/*.parquet`` glob does not match a temporary
+file.
 
 A write goes: cells file, slides file, cells marker, slides marker (the one readers list).
 On a local store it first removes the staging files a writer killed mid-write left in the two
@@ -68,7 +73,7 @@ _WRITE_ORDER = ("cells", "slides")
 """Cells before slides, for files and markers alike: a slides partition that readers can list
 always has its cells committed."""
 
-_MARKER_RE = re.compile(
+_MARKER_RE = re.compile(  # relative to a table's folder or to its commits folder
     r"center=([A-Za-z0-9][A-Za-z0-9._-]*)/batch=([A-Za-z0-9][A-Za-z0-9._-]*)/"
     + re.escape(layout.COMMIT_MARKER)
 )
@@ -265,11 +270,18 @@ def _schema(table: str) -> pa.Schema:
         ) from None
 
 
+def _marker_prefixes(table: str, center: str, batch: str) -> tuple[str, str]:
+    """Where a partition's commit marker is (the commits tree), and where stores written before
+    the move kept it (inside the partition)."""
+    return layout.result_commit(table, center, batch), layout.results(table, center, batch)
+
+
 def _read_marker(store: Store, table: str, center: str, batch: str) -> ResultCommit | None:
-    prefix = layout.results(table, center, batch)
-    try:
-        data = store.read_bytes(prefix, layout.COMMIT_MARKER)
-    except StoreError:
+    for prefix in _marker_prefixes(table, center, batch):  # the current place wins
+        data = store.read_bytes_or_none(prefix, layout.COMMIT_MARKER)
+        if data is not None:
+            break
+    else:
         return None
     try:
         commit = ResultCommit.model_validate_json(data)
@@ -315,13 +327,16 @@ def write_batch_results(
         },
     )
     for name in _WRITE_ORDER:  # one writer per batch: any staging file here is a dead one's
-        for key in store.remove_staging(layout.results(name, center, batch)):
-            log.warning("removed %s, left by a writer killed mid-write", store.uri(key))
+        for prefix in _marker_prefixes(name, center, batch):
+            for key in store.remove_staging(prefix):
+                log.warning("removed %s, left by a writer killed mid-write", store.uri(key))
     for name in _WRITE_ORDER:
         store.write_bytes(f"{layout.results(name, center, batch)}/{PART_NAME}", payloads[name])
     record = commit.model_dump_json(indent=2).encode()
     for name in _WRITE_ORDER:
-        store.write_bytes(f"{layout.results(name, center, batch)}/{layout.COMMIT_MARKER}", record)
+        marker, legacy = _marker_prefixes(name, center, batch)
+        store.write_bytes(f"{marker}/{layout.COMMIT_MARKER}", record)
+        store.delete(legacy, layout.COMMIT_MARKER)  # a marker from before the move: superseded
     return commit
 
 
@@ -330,17 +345,46 @@ def read_commit(store: Store, center: str, batch: str) -> ResultCommit | None:
     return _read_marker(store, "slides", center, batch)
 
 
-def list_partitions(store: Store, table: str = "slides") -> list[tuple[str, str]]:
-    """Sorted (center, batch) pairs whose ``table`` partition is committed; one listing call."""
-    _schema(table)
-    base = f"results/{table}"
+def _listed_markers(store: Store, base: str) -> list[tuple[str, str, str]]:
+    """(center, batch, key) of every commit marker under ``base``; one listing call."""
     store.fs.invalidate_cache(store.path(base))  # another process may have written since
-    found = set()
+    found = []
     for key in store.list(base):
         m = _MARKER_RE.fullmatch(key[len(base) + 1 :])
         if m:
-            found.add((m[1], m[2]))
+            found.append((m[1], m[2], key))
+    return found
+
+
+def list_partitions(store: Store, table: str = "slides") -> list[tuple[str, str]]:
+    """Sorted (center, batch) pairs whose ``table`` partition is committed: two listing calls,
+    the commits tree and (for markers from before the move) the table's folder."""
+    _schema(table)
+    found = set()
+    for base in (f"{layout.RESULT_COMMITS}/{table}", f"results/{table}"):
+        found.update((center, batch) for center, batch, _ in _listed_markers(store, base))
     return sorted(found)
+
+
+def move_legacy_markers(store: Store) -> list[str]:
+    """Move the commit markers that stores written before the move keep inside the partitions
+    to the commits tree, so polars can read the table folders; the keys moved.
+
+    Safe beside a live writer: a marker is created only where none is (a writer's newer one
+    wins) and the old one removed after. Idempotent; readers see the batch throughout.
+    """
+    moved = []
+    for table in TABLES:
+        for center, batch, key in _listed_markers(store, f"results/{table}"):
+            marker, legacy = _marker_prefixes(table, center, batch)
+            data = store.read_bytes_or_none(key)
+            if data is None:  # removed since it was listed
+                continue
+            store.put_if_absent(f"{marker}/{layout.COMMIT_MARKER}", data)
+            store.delete(legacy, layout.COMMIT_MARKER)
+            log.info("moved %s to %s", store.uri(key), store.uri(marker, layout.COMMIT_MARKER))
+            moved.append(key)
+    return moved
 
 
 def _selection(values: Iterable[str] | None) -> set[str] | None:
@@ -420,12 +464,14 @@ def delete_batch_results(store: Store, center: str, batch: str) -> ResultCommit 
     """Retract a batch's results (operator action); returns the commit retracted, if any.
 
     Markers go first, slides before cells (the reverse of a write), so library readers stop
-    seeing the batch at once and never find a marker without its file; the files follow.
+    seeing the batch at once and never find a marker without its file; the files follow. An
+    old-place marker goes before the current one, which would otherwise be read in its stead.
     """
     commit = read_commit(store, center, batch)
-    prefixes = [layout.results(name, center, batch) for name in TABLES]
-    for prefix in prefixes:
-        store.delete(prefix, layout.COMMIT_MARKER)
-    for prefix in prefixes:
-        store.delete(prefix)
+    for name in TABLES:
+        marker, legacy = _marker_prefixes(name, center, batch)
+        store.delete(legacy, layout.COMMIT_MARKER)
+        store.delete(marker)
+    for name in TABLES:
+        store.delete(layout.results(name, center, batch))
     return commit
