@@ -16,26 +16,69 @@ MIN_LOCAL_CPUS = 4
 2-core machine the real count would leave Ray Data's actors waiting on each other."""
 
 
+WORKER_SETUP = "smartccs.raycluster.setup_worker"
+"""Run by Ray in every worker process of a job started or joined here, before its first task
+(the runtime env's ``worker_process_setup_hook``)."""
+
+_started: dict[str, str] = {}
+"""The GCS address of the local Ray this process started, once it has."""
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Start a local Ray (embedded default) or join ``address`` (``auto``, ``ray://host:10001``)."""
+    """Start a local Ray (embedded default) or join ``address`` (``auto``, ``ray://host:10001``).
+
+    A local Ray started here is the job's only one: its address goes into ``RAY_ADDRESS`` in
+    this process and in every worker process (:func:`setup_worker`), so what Ray looks up on
+    its own (Ray Train's ``PlacementGroupCleaner`` asks the state API, which otherwise searches
+    the machine and fails with "Found multiple active Ray instances" beside another local Ray)
+    and what this process starts find exactly it. Ray's progress output follows ``-v``
+    (``smartccs.logs``) in the driver and, through the runtime env, in the workers.
+    """
     import ray
+
+    from smartccs.logs import apply_ray_output, ray_output_env
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"OMP_NUM_THREADS": "1"}
+    if address and address == _started.get("address"):
+        address = None  # the local Ray this process started and has since shut down
+    runtime_env = {
+        "env_vars": {"OMP_NUM_THREADS": "1", **ray_output_env()},
+        "worker_process_setup_hook": WORKER_SETUP,
+    }
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env={"env_vars": env}, configure_logging=False)
-        return
-    cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
-    log.info("starting a local Ray with %d logical CPUs", cpus)
-    ray.init(
-        num_cpus=cpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": env},
-        configure_logging=False,
-    )
+        ray.init(address=address, runtime_env=runtime_env, configure_logging=False)
+    else:
+        cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+        log.info("starting a local Ray with %d logical CPUs", cpus)
+        ctx = ray.init(
+            num_cpus=cpus,
+            # Ray's default: the dashboard's modules, the state API among them, which Ray
+            # Train's PlacementGroupCleaner polls (False leaves it failing every second)
+            include_dashboard=None,
+            dashboard_host="127.0.0.1",
+            dashboard_port=0,  # any free port: 8265 is a cluster's job server (ccs submit)
+            runtime_env=runtime_env,
+            configure_logging=False,
+        )
+        _started["address"] = os.environ["RAY_ADDRESS"] = ctx.address_info["gcs_address"]
+    apply_ray_output()
+
+
+def setup_worker() -> None:
+    """In each Ray worker process: ``RAY_ADDRESS`` names the cluster the worker belongs to,
+    and Ray Data's notices that its progress bars are off are hidden (``smartccs.logs``)."""
+    import ray
+
+    from smartccs.logs import hide_ray_data_notices
+
+    try:
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except Exception as exc:  # never stop a worker from starting over this
+        log.warning("cannot tell this worker's Ray address (%s)", exc)
+    hide_ray_data_notices()
 
 
 class ClusterTooSmallError(CCSError):

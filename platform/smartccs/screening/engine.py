@@ -31,6 +31,7 @@ from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.batches import BatchRef
 from smartccs.data.tiles import StreamConfig, plan_stream, slide_rows, tile_stream
 from smartccs.ids import Id
+from smartccs.logs import Progress
 from smartccs.models.artifacts import load_card
 from smartccs.raycluster import MIN_LOCAL_CPUS, Demand, check_placement
 from smartccs.results.schema import STATUS_REJECTED
@@ -346,6 +347,16 @@ def screen_batches(
     )
     t0 = time.perf_counter()
     outcomes: list[BatchOutcome] = []
+    total = sum(len(r.manifest.slides) for r in refs)
+    progress, done = Progress(total, seconds=30), 0
+
+    def slide_done(bag: SlideBag) -> None:
+        nonlocal done
+        done += 1
+        if progress.due(done):
+            log.info("run %s: %d/%d slides screened, %s", run_id, done, total, progress.eta(done))
+        if on_slide:
+            on_slide(bag)
 
     def publish(ref: BatchRef, bags: list[SlideBag], probs: np.ndarray, label: str | None):
         outcome = _publish(store, ref, bags, probs, label, classifier, cfg, run_id)
@@ -354,7 +365,7 @@ def screen_batches(
             on_batch(outcome)
 
     if cfg.adapt.method == "none":
-        for ref, bags in _stream_batches(store, refs, classifier, cfg, on_slide):
+        for ref, bags in _stream_batches(store, refs, classifier, cfg, slide_done):
             publish(ref, bags, classifier.predict(bags), None)
     else:
         if adapters is None:
@@ -362,7 +373,7 @@ def screen_batches(
 
             adapters = LocalAdapters(store, classifier, cfg.adapt)
         for ref in refs:
-            bags, detector = _adapted_stream(store, ref, classifier, cfg, adapters, on_slide)
+            bags, detector = _adapted_stream(store, ref, classifier, cfg, adapters, slide_done)
             probs, label, _ = adapters.adapt(ref.center, ref.batch, bags, detector)
             publish(ref, bags, probs, label)
     log.info("run %s: %d batches in %.1f s", run_id, len(outcomes), time.perf_counter() - t0)

@@ -4,8 +4,9 @@ A job supplies a *learner* (its model, loss and optimizer and the step that move
 dataset; this module runs the learner over the worker's shard for ``max_steps`` optimizer steps,
 checkpoints model, optimizer, step, epoch and position in the epoch to
 ``<store>/runs/<run name>/`` through Ray Train, resumes from the newest checkpoint when the run
-is restarted (a failed worker, or the same run name submitted again), and logs step, loss and
-throughput where the job's logs show them. On resume the interrupted epoch skips as many batches
+is restarted (a failed worker, or the same run name submitted again), and logs step, loss,
+throughput and ETA every ``log_every`` steps (and the first and the last) where the job's logs
+show them. On resume the interrupted epoch skips as many batches
 as it had trained on; Ray Data's streaming order is not fixed, so they are as many, not
 necessarily the same ones.
 """
@@ -88,7 +89,12 @@ class RunFields(BaseModel):
     checkpoint_every: int = Field(default=20, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(default=2, ge=1)
     max_failures: int = Field(default=2, ge=0, description="worker failures survived")
-    log_every: int = Field(default=1, ge=1)
+    log_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="steps between progress lines (step, loss, throughput, ETA); the first "
+        "and the last step always get one; null: about 20 lines a run",
+    )
     seed: int = 0
 
 
@@ -99,6 +105,11 @@ def lr_at(step: int, cfg: RunFields) -> float:
         return o.lr * (step + 1) / o.warmup_steps
     frac = (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps)
     return o.min_lr + (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, frac))) / 2
+
+
+def log_interval(cfg: RunFields) -> int:
+    """Steps between progress lines: ``log_every``, else about 20 lines over ``max_steps``."""
+    return cfg.log_every or max(1, math.ceil(cfg.max_steps / 20))
 
 
 def autocast_enabled(cfg: RunFields, device: torch.device) -> bool:
@@ -152,9 +163,10 @@ def worker_loop(
     import ray.train
     import ray.train.torch
 
-    from smartccs.logs import configure_logging
+    from smartccs.logs import Progress, apply_ray_train_worker_output, configure_logging
 
-    configure_logging(1)
+    configure_logging()
+    apply_ray_train_worker_output()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.seed)  # same init on every worker; DDP broadcasts it anyway
@@ -175,6 +187,7 @@ def worker_loop(
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 100_003 + step)
     shard = ray.train.get_dataset_shard("train")
     seen, t0 = 0, time.monotonic()
+    progress = Progress(cfg.max_steps, every=log_interval(cfg), start=step)
 
     def report(with_checkpoint: bool) -> None:
         metrics = {
@@ -214,16 +227,17 @@ def worker_loop(
                 continue
             step += 1
             seen += n
-            if rank == 0 and step % cfg.log_every == 0:
+            if rank == 0 and progress.due(step):
                 rate = seen / max(1e-9, time.monotonic() - t0)
                 log.info(
-                    "step %d/%d epoch %d loss %.4f %.1f %s/s",
+                    "step %d/%d epoch %d loss %.4f %.1f %s/s %s",
                     step,
                     cfg.max_steps,
                     epoch,
                     learner.last_loss,
                     rate,
                     unit,
+                    progress.eta(step),
                 )
             if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
                 report(with_checkpoint=True)
@@ -252,8 +266,10 @@ def fit(
     cfg: RunFields, loop: Callable[[dict[str, Any]], None], datasets: dict[str, Any]
 ) -> FitResult:
     """Run ``loop`` on a TorchTrainer sized by the config; checkpoints under runs/<run name>."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from smartccs.logs import ray_train_log_level
 
     store = Store(cfg.store)
     done = finished_run(store, cfg)
@@ -279,6 +295,7 @@ def fit(
             storage_filesystem=store.arrow_fs if store.protocol == "s3" else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=ray_train_log_level()),
         ),
         datasets=datasets,
     )
@@ -300,7 +317,9 @@ def fit(
 
 
 def _run_sha256(cfg: RunFields) -> str:
-    return config_sha256(cfg.model_dump(mode="json", exclude={"store"}))
+    # how often a run logs is no part of what it computes: hashed as its former default (1),
+    # so that runs finished before it changed still count as finished
+    return config_sha256(cfg.model_dump(mode="json", exclude={"store"}) | {"log_every": 1})
 
 
 def finished_run(store: Store, cfg: RunFields) -> FitResult | None:

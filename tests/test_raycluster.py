@@ -1,0 +1,68 @@
+"""A job that starts its own Ray uses that one, even beside other Rays on the machine.
+
+Issue 27, item 9: with several local Rays on one machine every training log printed a
+``PlacementGroupCleaner`` traceback, "Found multiple active Ray instances": the cleaner (an
+actor of Ray Train's) asks Ray's state API whether the run's controller is alive, and with no
+address given the state API searches the machine for a Ray. The test starts a local Ray the
+jobs' way in a child process while the test session's own Ray runs (so there are two), and
+checks that the driver and a worker of the child name the child's Ray in ``RAY_ADDRESS`` and
+that a worker's state API query, the cleaner's own, answers from it.
+
+Manual check of the whole story (too slow for the suite: a Ray Train fit beside a second
+local Ray, about a minute on 2 cores): start ``ccs demo`` (or any Ray), then run a
+``TorchTrainer`` fit after ``smartccs.raycluster.init_ray()`` in another process; its output
+has no ``PlacementGroupCleaner`` traceback and no "Failed to query Ray Train Controller actor
+state" lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = r"""
+import json, os
+import ray
+from smartccs.raycluster import init_ray
+
+init_ray()
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def ask(self, actor_id):
+        from ray.util.state import get_actor  # what PlacementGroupCleaner calls
+        return os.environ.get("RAY_ADDRESS"), get_actor(actor_id, timeout=60).state
+
+probe = Probe.remote()
+worker_address, state = ray.get(probe.ask.remote(probe._actor_id.hex()))
+print("RESULT " + json.dumps({
+    "started": ray.get_runtime_context().gcs_address,
+    "driver": os.environ.get("RAY_ADDRESS"),
+    "worker": worker_address,
+    "state": state,
+}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_started_local_ray_is_the_one_its_driver_and_workers_find(ray_session: str):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        env=env | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = child.stdout + child.stderr
+    assert "Found multiple active Ray instances" not in out, out[-4000:]
+    assert child.returncode == 0, out[-4000:]
+    [line] = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["driver"] == result["started"], result
+    assert result["worker"] == result["started"], result
+    assert result["state"] == "ALIVE", result
