@@ -179,6 +179,7 @@ def test_a_slide_row_is_adequate_by_the_prorated_minimum():
         detector=ModelRef(name="detector", version="1"),
         encoder=ModelRef(name="encoder", version="1"),
         ref=ModelRef(name="classifier", version="1"),
+        label="classifier/1",
     )
     bags = [_bag("tiny-ok", 150, 1.0), _bag("tiny-sparse", 10, 1.0), _bag("whole", 4000, 400.0)]
     table = slides_table(

@@ -21,7 +21,7 @@ def test_inspect_real_dicom_file_and_an_mpp_override(openslide_fixtures: Path):
     res = run_ccs("inspect", str(openslide_fixtures / "boxes_0.dcm"), "--mpp", "0.25", "--json")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
-    assert (report["vendor"], report["mpp"], report["mpp_source"]) == ("dicom", 0.25, "manifest")
+    assert (report["vendor"], report["mpp"], report["mpp_source"]) == ("dicom", 0.25, "override")
 
 
 def test_inspect_text_report_names_the_essentials(tmp_path: Path):
@@ -30,6 +30,11 @@ def test_inspect_text_report_names_the_essentials(tmp_path: Path):
     assert res.returncode == 0, res.stderr
     for word in ("aperio", "0.25", "1024", "tiles"):
         assert word in res.stdout, (word, res.stdout)
+    # issue 27: an --mpp override was labelled "(from manifest)"
+    res = run_ccs("inspect", str(path), "--mpp", "0.3")
+    assert res.returncode == 0, res.stderr
+    assert "0.3 µm/px (given on the command line, --mpp)" in res.stdout, res.stdout
+    assert "manifest" not in res.stdout
 
 
 @pytest.mark.parametrize(
@@ -67,3 +72,67 @@ def test_inspect_missing_file_and_missing_mpp(tmp_path: Path):
 def test_usage_errors_exit_2():
     assert run_ccs("upload").returncode == 2
     assert run_ccs("no-such-command").returncode == 2
+
+
+def test_token_is_alone_on_stdout_or_json_and_its_digest_is_the_config_entry():
+    """Issue 27: ``TOKEN=$(ccs token X)`` captured prose. stdout holds the token alone (the
+    config entry goes to stderr), and ``--json`` gives center, token and digest."""
+    from smartccs.service.auth import TokenBook, token_digest
+
+    res = run_ccs("token", "hospital-a")
+    assert res.returncode == 0, res.stderr
+    token = res.stdout.removesuffix("\n")
+    assert token and token.split() == [token] and "\n" not in token, res.stdout
+    assert f"hospital-a: {token_digest(token)}" in res.stderr
+    assert token not in res.stderr
+    res = run_ccs("token", "hospital-a", "--json")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    body = json.loads(res.stdout)
+    assert set(body) == {"center", "token", "digest"} and body["center"] == "hospital-a"
+    assert TokenBook({"hospital-a": body["digest"]}).center_of(body["token"]) == "hospital-a"
+    assert_one_line_error(run_ccs("token", "../x"), "center")
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [
+        ("classifier", "no classifier 'classifier' to load from"),
+        ("classifier-pretrained/v1", "no classifier 'classifier-pretrained/v1' to load from"),
+        ("detector-pretrained", "detector-pretrained/"),
+    ],
+)
+def test_screen_checks_its_model_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, model: str, says: str
+):
+    """Issue 27: a bad ``--model`` was reported only after Ray had started. A model missing
+    from the store, or one that is not a classifier, is one line naming it and the store
+    (and the classifiers it holds), and Ray is never started."""
+    import hashlib
+
+    from smartccs import cli, raycluster
+    from smartccs.batches import commit_batch
+    from smartccs.manifest import Manifest, SlideEntry
+    from smartccs.models.artifacts import Architecture, ModelCard, save_model
+    from smartccs.slide.tiling import TilingConfig
+    from smartccs.store import Store, StoreConfig
+
+    store = Store(StoreConfig(uri=str(tmp_path / "store")))
+    for name, task in (
+        ("classifier-pretrained", "classifier"),
+        ("detector-pretrained", "detector"),
+    ):
+        card = ModelCard(name=name, architecture=Architecture(timm_name="toy"), task=task,
+                         tiling=TilingConfig(), synthetic=True)  # fmt: skip
+        save_model(store, card, {})
+    store.write_bytes("incoming/c1/b1/s1.svs", b"not read")
+    entry = SlideEntry(slide_id="s1", path="s1.svs", bytes=8,
+                       sha256=hashlib.sha256(b"not read").hexdigest())  # fmt: skip
+    commit_batch(store, Manifest(center="c1", batch="b1", slides=[entry]))
+    monkeypatch.setattr(raycluster, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    code = cli.main(["screen", "--batch", "c1/b1", "--model", model, "--store", store.root])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("ccs: error: ") and len(err.splitlines()) == 1, err
+    assert says in err and store.uri("models") in err, err
+    assert "classifiers there: classifier-pretrained" in err, err
+    if model.startswith("detector"):
+        assert "is a detector, not a classifier" in err, err

@@ -679,3 +679,64 @@ def test_evaluate_job_config_and_run_without_ray(screened_store: Store, tmp_path
     assert (tmp_path / "job" / "report.html").is_file()
     line = job.summary(result)
     assert line.startswith("evaluation: 4 slides (") and "AUC 1.000" in line and "report:" in line
+
+
+def test_results_of_several_classifiers_evaluate_the_judged_batches_or_the_model_asked(
+    local_store: Store, tmp_path: Path
+):
+    """Issue 27: ``ccs evaluate`` refused a store holding two classifiers' runs even when
+    only one classifier's batches have ground truth (the others would only be counted). A
+    batch's partition holds its latest committed run; batches without truth whose classifier
+    is not the judged one are left out, ``--model name[/version]`` picks one classifier's
+    batches, and what stays ambiguous is one error listing each classifier's batches."""
+    from smartccs.evaluation.run import run_evaluation
+    from smartccs.results.tables import write_batch_results
+
+    runs = {("A", "b1"): "clf-x/v1", ("A", "b2"): "clf-x/v2", ("B", "b1"): "clf-y/v1"}
+    truth = []
+    for (center, batch), classifier in runs.items():
+        rows = []
+        for k, grade in enumerate(("HSIL", "LSIL", "NILM", "NILM")):
+            sid = f"{center}{batch}s{k}"
+            score = 0.9 - 0.1 * k if grade != "NILM" else 0.1 + 0.1 * k
+            rows.append(slide_row(sid, score=score, classifier=classifier, run_id=batch))
+            truth.append((center, batch, sid, grade))
+        empty = pa.Table.from_pylist([], schema=CELLS)
+        write_batch_results(local_store, center, batch, batch, slides_table_of(rows), empty)
+    root = local_store.root
+
+    def truth_csv(name: str, parts: set[tuple[str, str]]) -> str:
+        lines = [",".join(t) for t in truth if (t[0], t[1]) in parts]
+        (tmp_path / name).write_text("center,batch,slide_id,grade\n" + "\n".join(lines) + "\n")
+        return str(tmp_path / name)
+
+    # truth for A/b1 only: the other classifiers' batches would be skipped, so they are
+    one = truth_csv("one.csv", {("A", "b1")})
+    res = run_ccs("evaluate", root, "--labels", one, "--out", str(tmp_path / "r1"),
+                  "--max-slides", "0")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    assert metrics["model"]["classifier"] == "clf-x/v1" and metrics["partitions"] == ["A/b1"]
+
+    every = truth_csv("all.csv", set(runs))
+    res = run_ccs("evaluate", root, "--labels", every, "--out", str(tmp_path / "r2"))
+    assert_one_line_error(
+        res, "clf-x/v1 (A/b1), clf-x/v2 (A/b2), clf-y/v1 (B/b1)", "--model NAME[/VERSION]"
+    )
+    res = run_ccs("evaluate", root, "--labels", every, "--out", str(tmp_path / "r3"),
+                  "--model", "clf-y", "--max-slides", "0")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((tmp_path / "r3" / "metrics.json").read_text())
+    assert metrics["model"]["classifier"] == "clf-y/v1" and metrics["partitions"] == ["B/b1"]
+
+    ev = run_evaluation(local_store, tmp_path / "r4", every, model="clf-x/v2", max_slides=0,
+                        cfg=CFG, progress=False)  # fmt: skip
+    assert ev.partitions == ["A/b2"] and ev.overall.n_slides == 4
+    with pytest.raises(EvaluationError, match=r"clf-x/v1 \(A/b1\), clf-x/v2 \(A/b2\): .*--model"):
+        run_evaluation(local_store, tmp_path / "r5", every, model="clf-x", cfg=CFG)
+    with pytest.raises(EvaluationError, match=r"no committed results of classifier 'nope'.*clf-y"):
+        run_evaluation(local_store, tmp_path / "r6", every, model="nope", cfg=CFG)
+
+
+def slides_table_of(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SLIDES)

@@ -25,6 +25,7 @@ from smartccs import layout
 from smartccs.errors import InvalidIdError, ManifestError
 from smartccs.ids import validate_id
 from smartccs.manifest import Manifest, SlideEntry
+from smartccs.results.schema import SLIDE_STATUSES
 from smartccs.service.api import SubmitBatch
 from smartccs.service.records import PREFIX as QUEUE_PREFIX
 from smartccs.service.records import (
@@ -119,7 +120,7 @@ records = st.builds(
         st.builds(
             SlideProgress,
             slide_id=ids,
-            status=st.sampled_from(["pending", "scored", "failed"]),
+            status=st.sampled_from(["pending", *SLIDE_STATUSES]),
             error=st.none() | hostile_text,
         ),
         max_size=4,

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from smartccs.errors import CCSError
+from smartccs.results.schema import SLIDE_STATUSES
+from smartccs.screening.adequacy import AdequacyConfig
+from smartccs.screening.bags import SlideBag
+from smartccs.screening.cells import ModelRef
+from smartccs.screening.slides import slides_table
+from smartccs.service.api import BatchStatus
 from smartccs.service.auth import TokenBook, new_token, token_digest
-from smartccs.service.records import BatchQueue, BatchRecord, batch_id
+from smartccs.service.records import BatchQueue, BatchRecord, SlideProgress, batch_id
+from smartccs.service.worker import slide_status
 
 
 def _record(center: str, batch: str, t: float) -> BatchRecord:
@@ -56,6 +66,70 @@ def test_a_silent_worker_s_batch_is_taken_over_as_the_next_attempt(local_store):
     [stale] = q.claimable()
     taken = q.claim(stale, "w2")
     assert taken is not None and taken.attempts == 2 and taken.worker == "w2"
+
+
+def _bag(slide_id: str, squamous: int, read: int = 4, rejected: bool = False) -> SlideBag:
+    k = 2
+    return SlideBag(
+        "c", "b", slide_id, np.zeros((6, k, 4), np.float32), np.zeros((6, k), np.float32),
+        np.full((6, k, 4), np.nan), np.zeros((6, k), bool), n_tiles=4, tiles_read=read,
+        n_squamous=squamous, slide_area_mm2=1.0, rejected=rejected,
+        errors=[] if read else ["every tile failed"],
+    )  # fmt: skip
+
+
+def test_a_slide_s_progress_status_is_the_one_its_table_row_gets():
+    """Issue 27: the service said ``scored`` for a slide the slides table calls
+    ``inadequate``. A worker's live status for each slide is the table's."""
+    classifier = SimpleNamespace(
+        threshold=0.5,
+        detector=ModelRef(name="detector", version="1"),
+        encoder=ModelRef(name="encoder", version="1"),
+        ref=ModelRef(name="classifier", version="1"),
+        label="classifier/1",
+    )
+    bags = [
+        _bag("ok", 150),
+        _bag("sparse", 10),
+        _bag("unread", 0, read=0),
+        _bag("glass", 0, read=0, rejected=True),
+    ]
+    adequacy = AdequacyConfig()  # 16 squamous cells for a 1 mm² slide
+    table = slides_table(
+        bags, np.full((4, 7), 1 / 7, np.float32), run_id="r", classifier=classifier,
+        adequacy=adequacy,
+    )  # fmt: skip
+    rows = [r["status"] for r in table.to_pylist()]
+    assert rows == ["screened", "inadequate", "failed", "rejected"]
+    assert [slide_status(b, adequacy) for b in bags] == rows
+    assert set(SlideProgress.model_fields["status"].annotation.__args__) == {
+        "pending",
+        *SLIDE_STATUSES,
+    }
+
+
+def test_the_status_body_has_the_table_s_statuses_and_iso_8601_utc_times():
+    """Issue 27: the status body's times were epoch floats. They are ISO 8601 UTC strings, and
+    a record stored before (epoch floats, ``scored``) is read and answered the same way."""
+    stored = {
+        "batch_id": batch_id("c1", "b1"), "center": "c1", "batch": "b1", "state": "done",
+        "submitted_at": 1_790_000_000.25, "started_at": 1_790_000_001.0,
+        "finished_at": 1_790_000_060.5, "heartbeat": 1_790_000_060.5,
+        "slides": [{"slide_id": "s1", "status": "scored"}, {"slide_id": "s2", "status": "failed"}],
+    }  # fmt: skip
+    record = BatchRecord.model_validate_json(json.dumps(stored))
+    assert [s.status for s in record.slides] == ["screened", "failed"]
+    body = json.loads(
+        BatchStatus(**record.model_dump(), slides_total=2, slides_done=2).model_dump_json()
+    )
+    assert body["submitted_at"] == "2026-09-21T14:13:20.250000Z"
+    for name in ("submitted_at", "started_at", "finished_at", "heartbeat"):
+        when = datetime.fromisoformat(body[name])
+        assert when.tzinfo == UTC and when.timestamp() == stored[name], name
+    assert [s["status"] for s in body["slides"]] == ["screened", "failed"]
+    fresh = BatchStatus(**_record("c1", "b2", time.time()).model_dump(), slides_total=0,
+                        slides_done=0)  # fmt: skip
+    assert json.loads(fresh.model_dump_json())["started_at"] is None
 
 
 def test_tokens_are_kept_as_digests_and_name_one_center(tmp_path, monkeypatch):

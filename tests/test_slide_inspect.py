@@ -42,7 +42,7 @@ def test_report_says_what_the_file_is_and_what_screening_would_read(slide: Path)
 
 def test_tiling_and_override_are_applied(slide: Path):
     report = inspect_slide(str(slide), mpp_override=0.2, tiling=TilingConfig(tile_px=300))
-    assert (report.mpp, report.mpp_source) == (0.2, "manifest")
+    assert (report.mpp, report.mpp_source) == (0.2, "override")
     assert report.tiling.tile_px == 300
     assert report.tile_count == 2
 
@@ -72,7 +72,7 @@ def test_slide_without_mpp_is_an_error_unless_overridden(tmp_path: Path):
     path = write_disc_slide(tmp_path / "nompp.tiff", fmt="tiff", mpp=None, size_px=1200)
     with pytest.raises(MissingMppError, match=r"^nompp\.tiff: no microns-per-pixel"):
         inspect_slide(str(path))
-    assert inspect_slide(str(path), mpp_override=0.25).mpp_source == "manifest"
+    assert inspect_slide(str(path), mpp_override=0.25).mpp_source == "override"
 
 
 @pytest.mark.s3

@@ -135,8 +135,8 @@ _SOURCE_WORDS = {
     THRESHOLD_CENTER: "carried to the center",
 }
 _FILTER_HINT = (
-    "evaluate one model at a time: select its results with --center/--batch (or the "
-    "centers/batches arguments)"
+    "evaluate one model at a time: --model NAME[/VERSION], or select its results with "
+    "--center/--batch (the model, centers, batches arguments)"
 )
 
 

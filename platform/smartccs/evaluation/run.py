@@ -127,6 +127,88 @@ def stored_operating_point(store: Store, classifier: str | None) -> OperatingPoi
     return OperatingPoint.model_validate(raw) if raw else None
 
 
+Partition = tuple[str, str]
+
+MODEL_HINT = (
+    "evaluate one classifier at a time: --model NAME[/VERSION] (the model argument), or "
+    "select its batches with --center/--batch"
+)
+
+
+def _columns(table: pa.Table, *names: str) -> list[tuple]:
+    return list(zip(*(table[n].to_pylist() for n in names), strict=True))
+
+
+def _partitions(table: pa.Table) -> list[Partition]:
+    return sorted(set(_columns(table, "center", "batch")))
+
+
+def _only(table: pa.Table, keep: set[Partition]) -> pa.Table:
+    return table.filter(
+        pa.array([p in keep for p in _columns(table, "center", "batch")], pa.bool_())
+    )
+
+
+def classifiers_by_partition(slides: pa.Table) -> dict[Partition, str | None]:
+    """The classifier (``name/version``) whose run each batch's partition holds: one per
+    partition, since a partition holds the batch's latest committed run (None: all failed)."""
+    out: dict[Partition, str | None] = {}
+    for c, b, name in _columns(slides, "center", "batch", "classifier"):
+        out[(c, b)] = out.get((c, b)) or name
+    return out
+
+
+def _listing(models: dict[Partition, str | None]) -> str:
+    """``a/v1 (c1/b1, c2/b1), b/v2 (c3/b1)``."""
+    by_model: dict[str, list[str]] = {}
+    for (c, b), name in sorted(models.items()):
+        by_model.setdefault(name or "no classifier (every slide failed)", []).append(f"{c}/{b}")
+    return ", ".join(f"{name} ({', '.join(parts)})" for name, parts in sorted(by_model.items()))
+
+
+def _of_model(name: str | None, model: str) -> bool:
+    if name is None:
+        return False
+    return name == model or ("/" not in model and name.startswith(f"{model}/"))
+
+
+def select_model(
+    slides: pa.Table, judged: set[Partition], model: str | None, where: str, truth_source: str
+) -> set[Partition]:
+    """The batches to evaluate: those of classifier ``model`` (``name`` or ``name/version``)
+    when given; then the one classifier of the batches with ground truth (``judged``), and the
+    batches without truth that it screened too. Batches without truth screened by another
+    classifier are left out (logged): they would only have been counted. Several classifiers
+    among the judged batches are one error listing each one's batches, and so is a choice
+    without any judged batch (``where``, ``truth_source``: the results and truth, for it)."""
+    models = classifiers_by_partition(slides)
+    if model:
+        chosen = {p: m for p, m in models.items() if _of_model(m, model)}
+        if not chosen:
+            raise EvaluationError(
+                f"no committed results of classifier {model!r} in {where}; the results hold "
+                f"{_listing(models)}"
+            )
+        models = chosen
+    if not judged & models.keys():
+        raise EvaluationError(
+            f"no ground truth in {truth_source} for any screened slide of "
+            f"{_listing(models)} in {where}"
+        )
+    names = {models[p] for p in judged if p in models} - {None}
+    if len(names) > 1:
+        shown = _listing({p: m for p, m in models.items() if p in judged})
+        raise EvaluationError(
+            f"the batches with ground truth were screened by several classifiers, {shown}: "
+            f"{MODEL_HINT}"
+        )
+    keep = {p for p, m in models.items() if p in judged or m is None or m in names}
+    left = {p: m for p, m in models.items() if p not in keep}
+    if left:
+        log.info("not evaluated (no ground truth, another classifier): %s", _listing(left))
+    return keep
+
+
 def run_evaluation(
     store: Store,
     out_dir: str | Path,
@@ -136,35 +218,44 @@ def run_evaluation(
     cfg: EvaluationConfig | None = None,
     max_slides: int = 50,
     *,
+    model: str | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """Evaluate the committed results in ``store`` (optionally only ``centers``/``batches``)
-    against ground truth, write the report into ``out_dir`` and return the evaluation.
+    """Evaluate the committed results in ``store`` (optionally only ``centers``/``batches``,
+    and only the batches classifier ``model``, ``name[/version]``, screened) against ground
+    truth, write the report into ``out_dir`` and return the evaluation.
 
     ``labels``: None or the store's own root for the manifests' grades, another store root,
     or a CSV/Parquet truth file (``smartccs.evaluation.truth``). Cell annotations come from the
-    truth store's ``labels/`` (the results store's when truth is a file), where present.
+    truth store's ``labels/`` (the results store's when truth is a file), where present. Each
+    batch's partition holds its latest committed run; which batches are evaluated when several
+    classifiers screened them: :func:`select_model`.
     """
     cfg = cfg or EvaluationConfig()
     centers = list(centers) if centers else None
     batches = list(batches) if batches else None
     slides = read_table(store, "slides", centers=centers, batches=batches)
     cells = read_table(store, "cells", centers=centers, batches=batches)
+    scope = ""
+    if centers:
+        scope += f" for centers {', '.join(centers)}"
+    if batches:
+        scope += f" for batches {', '.join(batches)}"
     if slides.num_rows == 0:
-        scope = ""
-        if centers:
-            scope += f" for centers {', '.join(centers)}"
-        if batches:
-            scope += f" for batches {', '.join(batches)}"
         raise EvaluationError(f"no committed results in {store.uri('results', 'slides')}{scope}")
-    partitions = sorted(
-        set(zip(slides["center"].to_pylist(), slides["batch"].to_pylist(), strict=True))
-    )
+    partitions = _partitions(slides)
     truth, truth_store, source = load_truth(store, labels, partitions)
     if truth.num_rows == 0:
         raise EvaluationError(
             f"no ground truth for {', '.join(f'{c}/{b}' for c, b in partitions)} in {source}"
         )
+    screened = set(_columns(slides, "center", "batch", "slide_id"))
+    judged = {(c, b) for c, b, s in _columns(truth, "center", "batch", "slide_id")
+              if (c, b, s) in screened}  # fmt: skip
+    keep = select_model(slides, judged, model, store.uri("results", "slides") + scope, source)
+    if len(keep) < len(partitions):
+        slides, cells = _only(slides, keep), _only(cells, keep)
+        partitions = _partitions(slides)
     cell_truth = load_cell_truth(truth_store or store, partitions)
     evaluation = evaluate(slides, cells, truth, cell_truth, cfg)
     op = stored_operating_point(store, evaluation.model.classifier)
@@ -223,6 +314,10 @@ class EvaluationJobConfig(BaseModel):
     )
     centers: list[str] = Field(default_factory=list, description="empty: every center")
     batches: list[str] = Field(default_factory=list, description="empty: every batch")
+    model: str | None = Field(
+        default=None,
+        description="only the batches this classifier screened: 'name' or 'name/version'",
+    )
     evaluation: EvaluationConfig = EvaluationConfig()
     max_slides: int = Field(default=50, ge=0, description="slides with per-slide figures")
 
@@ -244,5 +339,6 @@ def run_evaluation_job(cfg: EvaluationJobConfig) -> EvaluationJobResult:
         batches=cfg.batches,
         cfg=cfg.evaluation,
         max_slides=cfg.max_slides,
+        model=cfg.model,
     )
     return EvaluationJobResult(evaluation=evaluation, report=str(out / "report.html"))

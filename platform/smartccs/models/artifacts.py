@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from smartccs import layout
 from smartccs.checksums import data_sha256 as data_sha256  # re-exported: cards hash their data
 from smartccs.commits import read_commit, read_pinned
-from smartccs.errors import AlreadyCommittedError, StoreError
+from smartccs.errors import AlreadyCommittedError, CCSError, StoreError
 from smartccs.ids import Id, validate_id
 from smartccs.slide.tiling import TilingConfig
 from smartccs.store import Store
@@ -130,6 +130,12 @@ def latest_version(store: Store, name: str) -> str:
     try:
         return validate_id(json.loads(store.read_bytes(key))["version"], "model version")
     except StoreError:
+        versions = list_versions(store, name)
+        if versions:  # e.g. versions copied without their pointer
+            raise StoreError(
+                f"model {name!r} has no {LATEST_NAME} pointer in {store.uri()}: name one of its "
+                f"committed versions, {name}/<version> ({', '.join(versions)})"
+            ) from None
         raise StoreError(f"model {name!r} has no committed version in {store.uri()}") from None
     except (ValueError, KeyError, TypeError):
         raise StoreError(f"{store.uri(key)} is not a valid LATEST pointer") from None
@@ -213,3 +219,39 @@ def load_model(store: Store, name: str, version: str = "latest") -> tuple[ModelC
             f"{store.uri(prefix, WEIGHTS_NAME)}: sha256 differs from the card; refusing to load"
         )
     return card, load_safetensors(weights)
+
+
+def models_of(store: Store, task: Task) -> list[str]:
+    """Names of the models in ``store`` whose newest committed version is a ``task``."""
+    names = []
+    for name in store.list_dirs("models"):
+        try:
+            versions = list_versions(store, name)
+            if versions and load_card(store, name, versions[-1]).task == task:
+                names.append(name)
+        except (CCSError, ValueError):  # not a model folder, or a broken version
+            continue
+    return names
+
+
+def require_model(store: Store, name: str, version: str, task: Task) -> ModelCard:
+    """The card of model ``name`` (``version``, or ``latest``) if it is a committed ``task``;
+    else one error naming it, the store and the models of that task there. A check to run
+    before a job starts anything (``ccs screen`` checks its classifier before Ray starts)."""
+    where = store.uri("models")
+
+    def hint() -> str:
+        others = models_of(store, task)
+        return f"{task}s there: {', '.join(others)}" if others else f"it holds no {task}"
+
+    try:
+        card = load_card(store, name, version)
+    except (CCSError, ValueError) as exc:
+        label = name if version == "latest" else f"{name}/{version}"
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StoreError(f"no {task} {label!r} to load from {where}: {why}; {hint()}") from None
+    if card.task != task:
+        raise StoreError(
+            f"model {name}/{card.version} in {where} is a {card.task}, not a {task}; {hint()}"
+        )
+    return card

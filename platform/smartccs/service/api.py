@@ -13,13 +13,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from smartccs.adaptation.config import Method
 from smartccs.batches import is_committed
@@ -139,9 +140,30 @@ class FiniteJSONRoute(APIRoute):
         return finite
 
 
+UTC_TIME = "ISO 8601 in UTC (2026-11-21T09:30:00.123456Z)"
+
+
 class BatchStatus(BatchRecord):
+    """GET /v1/batches/<id>: the record, its times as ISO 8601 UTC strings (pydantic writes
+    an aware datetime so; the record's epoch seconds become UTC datetimes on validation)."""
+
+    submitted_at: datetime = Field(description=UTC_TIME)
+    started_at: datetime | None = Field(default=None, description=UTC_TIME)
+    finished_at: datetime | None = Field(default=None, description=UTC_TIME)
+    heartbeat: datetime | None = Field(default=None, description=UTC_TIME)
     slides_total: int
     slides_done: int
+
+
+_TIME = TypeAdapter(datetime)
+
+
+def iso_times(row: dict[str, Any]) -> dict[str, Any]:
+    """A results row with its datetimes (``screened_at``) written as the status's are."""
+    return {
+        k: _TIME.dump_python(v, mode="json") if isinstance(v, datetime) else v
+        for k, v in row.items()
+    }
 
 
 class Service:
@@ -307,7 +329,7 @@ def create_app() -> FastAPI:
             "run_id": run_id,
             "superseded": run_id != record.run_id,  # a later run (the batch job) replaced it
             "adaptation": record.adaptation,
-            "slides": rows,
+            "slides": [iso_times(r) for r in rows],
             "read_seconds": round(time.perf_counter() - t0, 4),
         }
 

@@ -15,13 +15,19 @@ import re
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smartccs.errors import StoreError
+from smartccs.results.schema import SLIDE_STATUSES, STATUS_SCREENED
 from smartccs.store import Store
 
 PREFIX = "runs/service/batches"
 State = Literal["queued", "running", "done", "failed"]
+SlideState = Literal[("pending", *SLIDE_STATUSES)]  # type: ignore[valid-type]
+"""``pending``, then the slide's ``status`` in the slides table (results/schema.py)."""
+
+_LEGACY_STATUS = {"scored": STATUS_SCREENED}
+"""Records written before the statuses were the table's said ``scored`` for a scored slide."""
 
 
 _BATCH_ID = re.compile(r"b-[0-9a-f]{20}")
@@ -38,13 +44,21 @@ def is_batch_id(value: str) -> bool:
 
 class SlideProgress(BaseModel):
     slide_id: str
-    status: Literal["pending", "scored", "failed", "rejected"] = "pending"
-    """``rejected``: not a cytology preparation (blank, tissue, almost no cells): no score."""
+    status: SlideState = "pending"
+    """``pending`` until the slide is read, then its status in the slides table: ``screened``,
+    ``inadequate`` (scored, too few squamous cells), ``failed`` or ``rejected`` (not a cytology
+    preparation: blank, tissue, almost no cells; no score)."""
     error: str | None = None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _legacy(cls, value: object) -> object:
+        return _LEGACY_STATUS.get(value, value) if isinstance(value, str) else value
 
 
 class BatchRecord(BaseModel):
-    """One submitted batch: the status API's body and the queue's entry."""
+    """One submitted batch: the queue's entry, and the status API's body (whose times are ISO
+    8601 UTC strings, ``api.BatchStatus``; here they are epoch seconds, for the lease)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -2,8 +2,10 @@
 
 A worker runs the same ``screen_batches`` as the batch job, one batch at a time, with the
 center's adaptation done by whatever ``Adapters`` it is given (the multiplexed deployment in
-the service). Progress is written to the batch's record as each slide is scored; a heartbeat
-thread keeps the record fresh during long slides so no other worker takes the batch over.
+the service). Progress is written to the batch's record as each slide is read, with the status
+the slides table will give it (``slide_status``), and the committed rows' own statuses once the
+batch is published; a heartbeat thread keeps the record fresh during long slides so no other
+worker takes the batch over.
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ import numpy as np
 from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.batches import load_batch
 from smartccs.models.artifacts import latest_version
+from smartccs.results.schema import (
+    STATUS_FAILED,
+    STATUS_INADEQUATE,
+    STATUS_REJECTED,
+    STATUS_SCREENED,
+)
+from smartccs.results.tables import read_table
+from smartccs.screening.adequacy import AdequacyConfig
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import ModelRef
 from smartccs.screening.engine import ScreeningConfig, screen_batches
+from smartccs.screening.slides import estimated_squamous, required_squamous
 from smartccs.service.config import ServiceConfig
 from smartccs.service.records import BatchQueue, BatchRecord, SlideProgress
 from smartccs.store import Store, StoreConfig
@@ -42,6 +53,18 @@ def parse_adapter_key(key: str) -> tuple[str, ModelRef]:
     center, _, model = key.partition("|")
     name, _, version = model.partition("/")
     return center, ModelRef(name=name, version=version)
+
+
+def slide_status(bag: SlideBag, adequacy: AdequacyConfig) -> str:
+    """The status the slides table gives a screened slide (``screening.slides``' rule), for
+    the record's progress while the batch runs: no tile read is failed, not cytology is
+    rejected, and a read slide is inadequate below the pro-rated squamous minimum."""
+    if bag.rejected:
+        return STATUS_REJECTED
+    if not bag.ok:
+        return STATUS_FAILED
+    adequate = estimated_squamous(bag) >= required_squamous(adequacy, bag.slide_area_mm2)
+    return STATUS_SCREENED if adequate else STATUS_INADEQUATE
 
 
 class RemoteAdapters:
@@ -129,7 +152,7 @@ class Worker:
 
             def on_slide(bag: SlideBag) -> None:
                 entry = by_id[bag.slide_id]
-                entry.status = "rejected" if bag.rejected else "scored" if bag.ok else "failed"
+                entry.status = slide_status(bag, screening.adequacy)
                 entry.error = bag.error or None
                 self._try_save(record)
 
@@ -141,6 +164,7 @@ class Worker:
                 on_slide=on_slide,
                 adapters=adapters,
             )
+            self._published_statuses(record, by_id, outcome.run_id)
             record.state, record.run_id = "done", outcome.run_id
             record.adaptation = outcome.adaptation
             keys = ("slides", "screened", "inadequate", "failed", "rejected", "positive", "cells")
@@ -154,6 +178,21 @@ class Worker:
             self._save(record)
         log.info("%s: %s/%s %s", self.name, record.center, record.batch, record.state)
         return record
+
+    def _published_statuses(
+        self, record: BatchRecord, by_id: dict[str, SlideProgress], run_id: str
+    ) -> None:
+        """Each slide's status and error as the run's committed rows say, so the record and
+        the table never disagree; kept as they are (and logged) if the rows cannot be read."""
+        try:
+            rows = read_table(self.store, "slides", [record.center], [record.batch]).to_pylist()
+        except Exception as exc:
+            log.warning("%s: %s's rows not read back: %s", self.name, record.batch_id, exc)
+            return
+        for row in rows:
+            entry = by_id.get(row["slide_id"])
+            if entry is not None and row["run_id"] == run_id:
+                entry.status, entry.error = row["status"], row["error"]
 
     def _pinned(self, record: BatchRecord) -> ScreeningConfig:
         """The screening config with the record's adaptation and the classifier pinned, so the

@@ -10,6 +10,7 @@ says is what a run will do.
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,9 @@ from smartccs.slide.reader import MppSource, open_slide
 from smartccs.slide.specimen import Specimen
 from smartccs.slide.tiling import TilingConfig, TooCoarseError, measure_specimen, plan_tiles
 from smartccs.store import Store, StoreConfig
+
+MPP_OVERRIDE = "override"
+"""``mpp_source`` of a pixel size the caller gave (``ccs inspect --mpp``), not the file."""
 
 
 class SlideReport(BaseModel):
@@ -34,7 +38,9 @@ class SlideReport(BaseModel):
     height: int
     levels: list[tuple[int, int, float]] = Field(description="(width, height, downsample)")
     mpp: float
-    mpp_source: MppSource
+    mpp_source: MppSource | Literal["override"] = Field(
+        description="where mpp came from: the file (openslide, tiff-resolution) or override"
+    )
     objective_power: float | None
     bytes: int
     foreground_fraction: float | None = Field(description="None when tiling failed")
@@ -62,7 +68,8 @@ def inspect_slide(
 
     Raises a ``SlideError`` (one line) when the file cannot be opened or has no pixel size;
     a slide that opens but would not tile (no cells, scanned too coarse) is reported, with
-    the reason in ``tiling_error``.
+    the reason in ``tiling_error``. ``mpp_override`` replaces the file's pixel size and is
+    reported as ``mpp_source`` ``override``.
     """
     tiling = tiling or TilingConfig()
     remote = "://" in target and not target.startswith("file://")
@@ -93,7 +100,7 @@ def inspect_slide(
             for (w, h), d in zip(info.level_dimensions, info.level_downsamples, strict=True)
         ],
         mpp=info.mpp,
-        mpp_source=info.mpp_source,
+        mpp_source=MPP_OVERRIDE if mpp_override is not None else info.mpp_source,
         objective_power=info.objective_power,
         bytes=info.bytes,
         foreground_fraction=fg_fraction,
@@ -137,7 +144,7 @@ def format_report(report: SlideReport) -> str:
         ("dimensions", f"{r.width} x {r.height} px ({mm})"),
         ("levels", levels[0]),
         *(("", line) for line in levels[1:]),
-        ("mpp", f"{r.mpp:.4g} µm/px (from {r.mpp_source})"),
+        ("mpp", f"{r.mpp:.4g} µm/px ({_mpp_source(r.mpp_source)})"),
         ("objective", f"{r.objective_power:g}x" if r.objective_power else "not declared"),
         ("size", _human_bytes(r.bytes)),
         (
@@ -149,6 +156,10 @@ def format_report(report: SlideReport) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _mpp_source(source: str) -> str:
+    return "given on the command line, --mpp" if source == MPP_OVERRIDE else f"from {source}"
 
 
 def _specimen_line(s: Specimen | None) -> str:
