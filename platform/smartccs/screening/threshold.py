@@ -9,9 +9,9 @@ operating point: the place of the threshold between the two classes' score distr
 The center's unlabelled slides say where its distributions moved. On the logit scale a shift in
 what the detector sees moves every slide's evidence by about the same amount, so the center's
 scores are modelled as the validation mixture (:class:`ScoreReference`: one normal per class)
-moved by an affine map ``z -> a z + b``, with its own abnormal share ``pi``. The map and the
-share are estimated together by maximum a posteriori on a grid (no optimiser to get stuck),
-with priors that keep a center near the validation scale until its slides say otherwise:
+moved by an affine map ``z -> a z + b``, with its own abnormal share ``pi``. The posterior of
+the map and the share is computed on a grid (no optimiser to get stuck), with priors that keep
+a center near the validation scale until its slides say otherwise:
 
 * ``b ~ N(0, shift_sd)``: a shift of 1 on the logit scale multiplies every slide's odds by e;
 * ``log a ~ N(0, scale_sd)``: the spread of scores changes less than their place;
@@ -20,7 +20,9 @@ with priors that keep a center near the validation scale until its slides say ot
   more); ``prevalence`` defaults to the validation slides' share and should be set to the
   program's for real screening.
 
-The threshold is then ``a * logit(t) + b``, back on the score scale. With fewer than
+The threshold is the posterior median of ``a * logit(t) + b`` (the share integrated out), back
+on the score scale: with a few dozen slides many maps explain the scores almost equally well,
+and the single most likely one can sit on either side of a slide. With fewer than
 ``min_slides`` scored slides at the center (or a card without a score reference) the stored
 threshold is used. The slides are the ones screened at that center with the same classifier
 and adaptation method, from its committed results, plus the batch being published: what the
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 _SHIFTS = np.linspace(-8.0, 8.0, 321)  # 8 prior sds: never the edge that decides
 _LOG_SCALES = np.linspace(-0.7, 0.7, 29)
 _SHARES = np.linspace(0.01, 0.99, 99)
+_CHUNK = 64
 
 
 class ThresholdConfig(BaseModel):
@@ -67,6 +70,9 @@ class ThresholdConfig(BaseModel):
     )
     min_slides: int = Field(
         default=6, ge=2, description="scored slides a center needs before its own threshold"
+    )
+    max_slides: int = Field(
+        default=2000, ge=2, description="the center's most recent scored slides it uses"
     )
     shift_sd: float = Field(default=1.0, gt=0, description="prior sd of the logit shift")
     scale_sd: float = Field(default=0.25, gt=0, description="prior sd of the log scale")
@@ -107,41 +113,59 @@ def _normal_logpdf(x: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarra
     return -0.5 * ((x - mean) / sd) ** 2 - np.log(sd) - 0.5 * math.log(2 * math.pi)
 
 
-def fit_center_shift(
-    z: np.ndarray, ref: ScoreReference, cfg: ThresholdConfig
-) -> tuple[float, float, float]:
-    """MAP ``(b, a, pi)`` of the center's logit scores ``z`` as the reference mixture under
-    ``z -> a z + b`` with abnormal share ``pi`` (module docstring)."""
+def _log_posterior(z: np.ndarray, ref: ScoreReference, cfg: ThresholdConfig) -> np.ndarray:
+    """Unnormalised log posterior of (log a, b, pi) on the grid, shape (scales, shifts, shares)."""
     prior_share = cfg.prevalence if cfg.prevalence is not None else ref.prevalence
-    b = _SHIFTS[:, None, None]
-    pi = _SHARES[None, :, None]
-    share_prior = -0.5 * ((np.log(_SHARES / (1 - _SHARES)) - math.log(
-        prior_share / (1 - prior_share))) / cfg.prevalence_sd) ** 2  # fmt: skip
-    best = (-np.inf, 0.0, 1.0, prior_share)
-    for log_a in _LOG_SCALES:
+    share_logit = np.log(_SHARES / (1 - _SHARES))
+    share_prior = -0.5 * ((share_logit - math.log(prior_share / (1 - prior_share)))
+                          / cfg.prevalence_sd) ** 2  # fmt: skip
+    b, pi = _SHIFTS[:, None, None], _SHARES[None, :, None]
+    out = np.empty((len(_LOG_SCALES), len(_SHIFTS), len(_SHARES)))
+    for i, log_a in enumerate(_LOG_SCALES):
         a = math.exp(log_a)
-        nilm = _normal_logpdf(z, a * ref.nilm_mean + b, np.asarray(a * ref.nilm_sd))
-        abnormal = _normal_logpdf(z, a * ref.abnormal_mean + b, np.asarray(a * ref.abnormal_sd))
-        ll = np.logaddexp(np.log1p(-pi) + nilm, np.log(pi) + abnormal).sum(-1)
-        post = (ll - 0.5 * (_SHIFTS[:, None] / cfg.shift_sd) ** 2
-                - 0.5 * (log_a / cfg.scale_sd) ** 2 + share_prior[None, :])  # fmt: skip
-        i, j = np.unravel_index(int(np.argmax(post)), post.shape)
-        if post[i, j] > best[0]:
-            best = (float(post[i, j]), float(_SHIFTS[i]), a, float(_SHARES[j]))
-    return best[1], best[2], best[3]
+        ll = np.zeros((len(_SHIFTS), len(_SHARES)))
+        for j in range(0, len(z), _CHUNK):  # bounded memory for a long history
+            x = z[j : j + _CHUNK]
+            nilm = _normal_logpdf(x, a * ref.nilm_mean + b, np.asarray(a * ref.nilm_sd))
+            abn = _normal_logpdf(x, a * ref.abnormal_mean + b, np.asarray(a * ref.abnormal_sd))
+            ll += np.logaddexp(np.log1p(-pi) + nilm, np.log(pi) + abn).sum(-1)
+        out[i] = (ll - 0.5 * (_SHIFTS[:, None] / cfg.shift_sd) ** 2
+                  - 0.5 * (log_a / cfg.scale_sd) ** 2 + share_prior[None, :])  # fmt: skip
+    return out
+
+
+def carry(
+    z: np.ndarray, ref: ScoreReference, threshold_logit: float, cfg: ThresholdConfig
+) -> tuple[float, float, float, float]:
+    """The carried logit threshold, the posterior median of ``a * threshold_logit + b`` over
+    every (a, b, pi) the center's logit scores ``z`` allow (the share integrated out), and the
+    posterior means of ``(b, a, pi)`` for the log. The median, not the single most likely
+    (a, b, pi): with a few dozen slides many maps explain the scores almost equally well."""
+    post = _log_posterior(z, ref, cfg)
+    w = np.exp(post - post.max())
+    w /= w.sum()
+    scales = np.exp(_LOG_SCALES)
+    carried = scales[:, None] * threshold_logit + _SHIFTS[None, :]  # (scales, shifts)
+    w_ab = w.sum(-1)
+    order = np.argsort(carried, axis=None)
+    cdf = np.cumsum(w_ab.ravel()[order])
+    median = float(carried.ravel()[order][min(np.searchsorted(cdf, 0.5), len(cdf) - 1)])
+    shift = float((w_ab.sum(0) * _SHIFTS).sum())
+    scale = float((w_ab.sum(1) * scales).sum())
+    share = float((w.sum((0, 1)) * _SHARES).sum())
+    return median, shift, scale, share
 
 
 def carried_threshold(
     op: OperatingPoint | None, stored: float, scores: ArrayLike, cfg: ThresholdConfig
 ) -> AppliedThreshold:
     """The threshold for a center whose scored slides so far (this batch included) have
-    ``scores``: the stored one moved by the center's fitted map, or the stored one itself."""
+    ``scores``: the stored one carried by the center's fitted map, or the stored one itself."""
     s = np.asarray(scores, dtype=np.float64)
-    s = s[np.isfinite(s)]
+    s = s[np.isfinite(s)][-cfg.max_slides :]
     if cfg.carry == "stored" or op is None or op.reference is None or len(s) < cfg.min_slides:
         return AppliedThreshold(value=stored, source=THRESHOLD_VALIDATION)
-    b, a, pi = fit_center_shift(logit(s), op.reference, cfg)
-    carried = a * float(logit(stored)) + b
+    carried, b, a, pi = carry(logit(s), op.reference, float(logit(stored)), cfg)
     value = float(1.0 / (1.0 + math.exp(-carried)))
     return AppliedThreshold(
         value=value, source=THRESHOLD_CENTER, slides=len(s), shift=b, scale=a, prevalence=pi
@@ -152,7 +176,8 @@ def center_history(
     store: Store, center: str, batch: str, classifier: str, adaptation: str | None
 ) -> np.ndarray:
     """Scores of the slides already screened at ``center`` (committed results, any run) with
-    this classifier and adaptation method, except batch ``batch`` (its re-run replaces it)."""
+    this classifier and adaptation method, except batch ``batch`` (its re-run replaces it),
+    oldest first."""
     from smartccs.results.tables import read_table
 
     rows = read_table(store, "slides", centers=[center])
@@ -163,7 +188,7 @@ def center_history(
         pc.and_(pc.not_equal(rows["batch"], batch), pc.equal(rows["classifier"], classifier)),
         pc.is_in(rows["status"], value_set=scored),
     )
-    rows = rows.filter(keep)
+    rows = rows.filter(keep).sort_by("screened_at")  # oldest first: max_slides keeps the newest
     methods = [None if a is None else a.split(":", 1)[0] for a in rows["adaptation"].to_pylist()]
     want = None if adaptation is None else adaptation.split(":", 1)[0]
     scores = rows["score"].to_numpy(zero_copy_only=False).astype(np.float64)
