@@ -257,11 +257,12 @@ def _entrypoint_config(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str
     captured: dict[str, Any] = {}
     real_run_job = module.run_job
 
-    def run_job(prog, description, model, run, summary, argv=None, flags=()):
+    def run_job(prog, description, model, run, summary, argv=None, flags=(), **kw):
         def fake_run(cfg):
             captured["config"], captured["model"] = cfg, model
 
-        return real_run_job(prog, description, model, fake_run, lambda _: "ok", argv, flags)
+        kw.pop("check", None)  # it reads the production store
+        return real_run_job(prog, description, model, fake_run, lambda _: "ok", argv, flags, **kw)
 
     monkeypatch.setattr(module, "run_job", run_job)
     monkeypatch.setattr("smartccs.raycluster.init_ray", lambda address=None: None)

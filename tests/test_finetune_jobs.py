@@ -34,6 +34,7 @@ from smartccs.train.classifier import (
     _operating_point,
     fold_run,
     load_bags,
+    plan_classifier,
     train_classifier,
 )
 from smartccs.train.detector import DetectorConfig, finetune_detector, score_detector
@@ -186,9 +187,11 @@ def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Stor
     pool = [k for k in pool if kept[k].ok]
     folds = assign_folds([(k, grade[k] != "NILM") for k in pool], 2, SPLIT.seed)
     scores = np.zeros(len(pool))
+    # the run's own config: its batches and detector version pinned at job start
+    ran = plan_classifier(cfg).model_copy(update={"detector_version": str(first.version)})
     for i in range(2):
         fold_head = MILHead(card.head["dim"], MILConfig.model_validate(card.head["mil"]))
-        done = finished_run(annotated_store, fold_run(cfg, i))
+        done = finished_run(annotated_store, fold_run(ran, i))
         assert done is not None, f"fold {i}'s head is a finished run of its own"
         fold_head.load_state_dict(done.state["model"])
         held = [j for j, k in enumerate(pool) if folds[k] == i]
@@ -198,6 +201,36 @@ def test_detector_then_classifier_train_and_save_artifacts(annotated_store: Stor
     )
     assert op.n_slides == len(pool)
     assert op.resolved == (op.n_pos >= 10) and (op.note is None) == op.resolved
+
+
+def test_detector_job_on_a_store_with_unannotated_batches_trains_on_the_annotated_ones(
+    annotated_store: Store, tmp_path: Path, monkeypatch, caplog
+):
+    """The job door as a user takes it on their own store: a config of their own (outside the
+    repository), ``batches: []``, and a batch whose annotations are not there yet."""
+    import logging
+    import shutil
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(annotated_store.config.uri, store_dir)
+    store = Store(StoreConfig(uri=str(store_dir)))
+    cohort = Path(annotated_store.config.uri).parent / "cohort"
+    center = sorted(p.parent for p in cohort.glob("*/manifest.json"))[0]
+    upload_batch(center, center=center.name, batch="b2", store=store, progress=False)
+    cfg = detector_config(store, tmp_path, max_steps=2, run_name="toy-own-store")
+    config = tmp_path / "mine" / "detector.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    monkeypatch.setattr(sys, "path", [*sys.path, str(REPO)])
+    from jobs import finetune_detector as job
+
+    with caplog.at_level(logging.INFO, logger="smartccs"):
+        assert job.main(["--config", str(config), "--store", str(store_dir)]) == 0
+    assert any(f"skipped 1: {center.name}/b2 (no cell annotations)" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    card, _ = load_model(store, "detector")
+    assert card.training_config["batches"] == ["int-a/b1", "int-b/b1"]
+    assert card.metrics["steps"] == 2
 
 
 @pytest.mark.parametrize(

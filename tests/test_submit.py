@@ -20,9 +20,14 @@ from smartccs.errors import CCSError
 from smartccs.models.artifacts import list_versions, load_model
 from smartccs.models.encoder import PRODUCTION_ENCODER
 from smartccs.submit import (
+    CONFIG_ENV,
+    CONFIG_MAX_BYTES,
     DEFAULT_ADDRESS,
+    _config_in,
+    config_env,
     job_entrypoint,
     resolve_address,
+    server_auth_mode,
     should_send_token,
     submit_job,
 )
@@ -72,12 +77,25 @@ def test_missing_config_is_one_line(tmp_path):
     _one_line(exc)
 
 
-def test_config_outside_the_working_dir_is_refused(tmp_path):
+def test_a_config_from_anywhere_travels_in_the_jobs_environment(tmp_path):
     outside = tmp_path / "pretrain.yaml"
     shutil.copy(DEMO_CONFIG, outside)
-    with pytest.raises(CCSError, match="outside the working directory") as exc:
+    assert job_entrypoint("pretrain", outside, REPO) == (
+        "python -m jobs.pretrain --config env:CCS_JOB_CONFIG"
+    )
+    assert config_env(outside, REPO) == {CONFIG_ENV: DEMO_CONFIG.read_text()}
+    assert config_env(DEMO_CONFIG, REPO) == {}, "a config Ray uploads goes by its path"
+    # inside the checkout but left out of the upload (.gitignore'd, a local store): shipped too
+    for ignored in ("tmp/my.yaml", "ccs-data/my.yaml"):
+        assert _config_in(REPO / ignored, REPO) is None, ignored
+    with pytest.raises(CCSError, match="CCS_JOB_CONFIG carries the config"):
+        submit_job("pretrain", outside, NOWHERE, working_dir=REPO, extra_env={CONFIG_ENV: "x"})
+    outside.write_text("- not\n- a mapping\n")
+    with pytest.raises(CCSError, match="expected a mapping"):
         submit_job("pretrain", outside, NOWHERE, working_dir=REPO)
-    _one_line(exc)
+    outside.write_text("run_name: big\n" + "#" * CONFIG_MAX_BYTES)
+    with pytest.raises(CCSError, match="put it under the working directory"):
+        submit_job("pretrain", outside, NOWHERE, working_dir=REPO)
 
 
 def test_extra_env_cannot_set_what_the_driver_sets():
@@ -115,7 +133,32 @@ def test_address_argument_then_environment_then_local_default(monkeypatch):
     ],
 )
 def test_when_submit_sends_the_token_itself(address, env, send):
+    """Where the job server cannot say its mode (an older Ray, a GCS address)."""
     assert should_send_token(address, env) is send
+
+
+@pytest.mark.parametrize(
+    ("env", "mode", "send"),
+    [
+        ({}, "token", True),  # a remote cluster in token mode: ~/.ray/auth_token and the like
+        ({}, "disabled", False),
+        ({"RAY_AUTH_TOKEN": "t"}, "disabled", False),  # never sent where it is not asked for
+        ({"RAY_AUTH_MODE": "token"}, "token", False),  # the SDK sends it
+        ({"RAY_AUTH_MODE": "disabled"}, "token", False),  # the user's word stands
+    ],
+)
+def test_the_job_servers_own_mode_decides_when_it_can_say(env, mode, send):
+    assert should_send_token("http://head.example:8265", env, server_mode=mode) is send
+
+
+@pytest.mark.ray
+def test_a_local_job_server_says_it_wants_a_token(ray_session):
+    assert server_auth_mode(ray_session) == "token"  # ray.init turned token auth on
+
+
+def test_a_server_that_cannot_say_its_mode_is_none():
+    assert server_auth_mode(NOWHERE, timeout=2) is None
+    assert server_auth_mode("10.0.0.1:6379") is None  # a GCS address: not asked
 
 
 def test_ccs_submit_unknown_job_exits_1_with_one_line():

@@ -62,21 +62,49 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_command(args: argparse.Namespace, store: Store) -> str:
+    """The ``ccs upload --submit`` that registers this upload's batch once it is committed."""
+    import shlex
+
+    words = ["ccs", "upload", args.dir, "--center", args.center, "--batch", args.batch]
+    words += ["--store", store.config.uri, "--submit", args.submit]
+    words += ["--adapt", args.adapt] if args.adapt else []
+    words += ["--wait"] if args.wait else []
+    return shlex.join(words)
+
+
 def cmd_upload(args: argparse.Namespace) -> int:
-    from smartccs.upload import upload_batch
+    from smartccs.upload import committed_as_in_folder, upload_batch
 
     store = Store(StoreConfig.from_env(args.store))
+    where = dict(center=args.center, batch=args.batch, store=store, check_manifest=True)
+    ref = None
     if args.submit:  # a missing token fails before anything is uploaded
         from smartccs.service import client
 
         token = client.resolve_token(args.token)
-    ref = upload_batch(
-        args.dir, center=args.center, batch=args.batch, store=store, break_lease=args.break_lease
-    )
-    print(f"committed {len(ref.manifest.slides)} slides to {store.uri(ref.prefix)}")
+        # a re-run after a failed registration: the batch is committed with these very slides
+        ref = committed_as_in_folder(args.dir, **where)
+    if ref is None:
+        ref = upload_batch(args.dir, break_lease=args.break_lease, **where)
+        print(f"committed {len(ref.manifest.slides)} slides to {store.uri(ref.prefix)}")
+    else:
+        print(
+            f"{store.uri(ref.prefix)} is already committed with the "
+            f"{len(ref.manifest.slides)} slide(s) of {args.dir}; registering it"
+        )
     if not args.submit:
         return 0
-    sub = client.submit(args.submit, args.center, args.batch, token, args.adapt)
+    try:
+        sub = client.submit(args.submit, args.center, args.batch, token, args.adapt)
+    except CCSError as exc:
+        raise CCSError(
+            f"batch {args.center}/{args.batch} WAS committed to {store.uri(ref.prefix)}, but "
+            f"registering it with the service failed: {exc}\n"
+            "register it once that is fixed (the token: --token or $CCS_TOKEN) with this "
+            "command, which checks the folder against the committed batch and uploads nothing:\n"
+            f"  {_register_command(args, store)}"
+        ) from None
     print(f"submitted as {sub['batch_id']}: {sub['state']} ({sub['status_url']})")
     if not args.wait:
         return 0
@@ -89,11 +117,22 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    import json
+
+    from smartccs.ids import validate_id
     from smartccs.service.auth import new_token
 
+    center = validate_id(args.center, "center")
     token, digest = new_token()
-    print(f"token for {args.center} (give it to the center; it is not stored): {token}")
-    print(f"service config entry (tokens:):  {args.center}: {digest}")
+    if args.json:
+        print(json.dumps({"center": center, "token": token, "digest": digest}))
+        return 0
+    print(token)  # alone on stdout, so TOKEN=$(ccs token CENTER) holds just the token
+    print(
+        f"{center}'s token is on stdout: give it to the center (it is stored nowhere)",
+        file=sys.stderr,
+    )
+    print(f"service config entry (tokens:):  {center}: {digest}", file=sys.stderr)
     return 0
 
 
@@ -153,6 +192,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         wait=not args.no_wait,
         follow_logs=not args.no_wait,
         extra_env=dict(args.env),
+        verbose=args.verbose,
     )
     if args.no_wait:
         print(f"submitted {job.job_id} ({job.status}) to {job.address}")
@@ -200,6 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         centers=args.center,
         batches=args.batch,
         max_slides=args.max_slides,
+        model=args.model,
     )
     print(summary_line(evaluation, Path(args.out) / "report.html"))
     return 0
@@ -207,6 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_screen(args: argparse.Namespace) -> int:
     from smartccs.batches import resolve_batches
+    from smartccs.models.artifacts import require_model
     from smartccs.raycluster import init_ray
     from smartccs.screening.job import ScreenJobConfig, resolve, run_screen_job, summary_line
 
@@ -221,8 +263,10 @@ def cmd_screen(args: argparse.Namespace) -> int:
     if args.min_squamous is not None:
         raw["screening"] = {"adequacy": {"min_squamous": args.min_squamous}}
     cfg = ScreenJobConfig.model_validate(raw)
-    store, ids, _ = resolve(cfg)
-    resolve_batches(store, ids)  # a wrong batch fails here, before a Ray starts
+    store, ids, screening = resolve(cfg)
+    # a wrong model or batch fails here, before a Ray starts
+    require_model(store, screening.classifier_model, screening.classifier_version, "classifier")
+    resolve_batches(store, ids)
     init_ray(args.address)
     print(summary_line(run_screen_job(cfg)))
     return 0
@@ -267,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--center", required=True)
     p.add_argument("--batch", required=True)
     _store_arg(p)
-    p.add_argument("--submit", metavar="URL", help="then register it with the service at URL")
+    p.add_argument(
+        "--submit",
+        metavar="URL",
+        help="then register it with the service at URL (a batch already committed with the "
+        "folder's very slides is only registered)",
+    )
     p.add_argument("--token", help="the center's service token (default: $CCS_TOKEN)")
     p.add_argument("--adapt", choices=("none", "smartccs", "tent"), help="with --submit")
     p.add_argument("--wait", action="store_true", help="with --submit: follow it to the end")
@@ -279,8 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_upload)
 
-    p = sub.add_parser("token", help="a new service token for a center, and its config digest")
+    p = sub.add_parser(
+        "token",
+        help="a new service token for a center: the token alone on stdout "
+        "(TOKEN=$(ccs token CENTER)), its service config entry on stderr",
+    )
     p.add_argument("center")
+    p.add_argument("--json", action="store_true", help="print {center, token, digest} on stdout")
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("adapt", help="a center's adapted states: history, or roll back")
@@ -301,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit a job (jobs/<NAME>.py) to a Ray cluster")
     p.add_argument("name", metavar="NAME", help="job entrypoint: pretrain, finetune_detector, ...")
-    p.add_argument("--config", required=True, help="the job's YAML, inside the working dir")
+    p.add_argument("--config", required=True, help="the job's YAML (any path)")
     p.add_argument(
         "--address",
         default=None,
@@ -385,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder (report.html, metrics.json)")
     p.add_argument("--center", action="append", help="only this center (repeatable)")
     p.add_argument("--batch", action="append", help="only this batch id (repeatable)")
+    p.add_argument(
+        "--model",
+        metavar="NAME[/VERSION]",
+        help="only the batches this classifier screened (default: the one classifier of the "
+        "batches with ground truth; each batch's latest committed run)",
+    )
     p.add_argument("--max-slides", type=int, default=50, help="slides with per-slide figures")
     p.set_defaults(func=cmd_evaluate)
 

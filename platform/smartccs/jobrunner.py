@@ -1,13 +1,21 @@
 """What every ``python -m jobs.<name>`` entrypoint does around its library call.
 
-Read the YAML config into the job's pydantic model (``--store`` overrides its store), start or
-join Ray, run, print one summary line; a bad config or a platform error is one line on stderr
-naming the file or field and exit status 1, never a traceback.
+Read the YAML config into the job's pydantic model (``--store`` overrides its store, flags such
+as ``--batch`` replace top-level fields), run the job's ``check`` (what can be known from the
+store without Ray: which batches, whether the splits fill), start or join Ray, run, print one
+summary line; a bad config or a platform error is one line on stderr naming the file or field
+and exit status 1, never a traceback. The job logs its own progress; ``-v`` adds Ray's
+(``smartccs.logs``).
+
+``--config`` is a path, or ``env:NAME`` for YAML text in the environment variable ``NAME``:
+how ``ccs submit`` ships a config from outside the working directory it uploads
+(``smartccs.submit``, ``CONFIG_ENV``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +30,8 @@ from smartccs.logs import configure_logging
 
 C = TypeVar("C", bound=BaseModel)
 
+ENV_PREFIX = "env:"
+
 
 @dataclass(frozen=True)
 class JobFlag:
@@ -33,15 +43,26 @@ class JobFlag:
     repeat: bool = False
 
 
+def read_config_text(source: Path | str) -> str:
+    """The YAML of ``--config``: a file, or ``env:NAME``, the text in variable ``NAME``."""
+    text = str(source)
+    if text.startswith(ENV_PREFIX):
+        name = text.removeprefix(ENV_PREFIX)
+        if name not in os.environ:
+            raise CCSError(f"--config {text}: environment variable {name} is not set")
+        return os.environ[name]
+    return Path(source).expanduser().read_text()
+
+
 def load_config(
     model: type[C],
-    path: Path | None,
+    path: Path | str | None,
     store: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> C:
     """A job config from YAML (or the model's defaults without a file); ``store`` (a URI)
     replaces the file's store and ``overrides`` replace top-level fields."""
-    raw = (yaml.safe_load(path.read_text()) or {}) if path is not None else {}
+    raw = (yaml.safe_load(read_config_text(path)) or {}) if path is not None else {}
     if not isinstance(raw, dict):
         raise CCSError(f"{path}: expected a mapping of config fields")
     if store:
@@ -58,16 +79,25 @@ def run_job(
     summary: Callable[[Any], str],
     argv: Sequence[str] | None = None,
     flags: Sequence[JobFlag] = (),
+    *,
+    check: Callable[[C], C] | None = None,
+    config_required: bool | None = None,
 ) -> int:
+    """``check`` takes the loaded config and returns the one to run, before Ray starts;
+    ``--config`` is required unless the job has ``flags`` (or ``config_required`` says)."""
+    required = not flags if config_required is None else config_required
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument(
         "--config",
-        required=not flags,
-        type=Path,
-        help=f"a {model.__name__} YAML" + (" (default: built-in defaults)" if flags else ""),
+        required=required,
+        help=f"a {model.__name__} YAML file, or env:VAR for YAML in an environment variable"
+        + ("" if required else " (default: built-in defaults)"),
     )
     parser.add_argument("--store", help="override the config's store URI")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="Ray's own progress output too (-vv)"
+    )
     for f in flags:
         parser.add_argument(
             f.flag, dest=f.field, action="append" if f.repeat else "store", help=f.help
@@ -76,9 +106,11 @@ def run_job(
     overrides = {
         f.field: getattr(args, f.field) for f in flags if getattr(args, f.field) is not None
     }
-    configure_logging(1)
+    configure_logging(args.verbose)
     try:
         cfg = load_config(model, args.config, args.store, overrides)
+        if check is not None:
+            cfg = check(cfg)
         from smartccs.raycluster import init_ray
 
         init_ray(args.address)

@@ -2,10 +2,14 @@
 
 ``submit_job`` is what ``ccs submit`` calls, and it is ``ray job submit --working-dir . --
 python -m jobs.<name> --config ...`` with the checks done first: the entrypoint module and the
-config must exist, and the config must lie inside the working directory so that it travels to
-the cluster with it. The working directory (the repository root by default) is uploaded without
-what is big or local (``WORKING_DIR_EXCLUDES``: the venv, ``.git``, local stores and cohorts,
-slides, weights) to stay under Ray's package size limit (the gRPC message size, 512 MiB).
+config must exist. A config that Ray uploads with the working directory is named by its
+relative path; one from anywhere else (or from a part of it the upload leaves out, such as a
+local store or a ``.gitignore``'d folder) travels as its text in the job's environment variable
+``CONFIG_ENV``, which the job reads with ``--config env:CCS_JOB_CONFIG``
+(``smartccs.jobrunner``). The working directory (the repository root by default) is uploaded
+without what is big or local (``WORKING_DIR_EXCLUDES``: the venv, ``.git``, local stores and
+cohorts, slides, weights) to stay under Ray's package size limit (the gRPC message size,
+512 MiB).
 
 Address: the ``address`` argument, else ``$RAY_API_SERVER_ADDRESS`` or ``$RAY_ADDRESS``, else
 ``http://127.0.0.1:8265``. An ``http(s)://`` address is the job server itself; a bare
@@ -37,13 +41,22 @@ Token authentication (Ray 2.60, read in the installed source):
   ``maybe_enable_token_auth_if_token_available``). A client in a fresh shell, though, is not in
   token mode, so a bare ``ray job submit`` to such a cluster gets 401.
 
+- The job server says which mode it runs in, without a token: ``GET /api/authentication_mode``
+  answers ``{"authentication_mode": "token"}`` or ``"disabled"`` (``ray/dashboard/
+  http_server_head.py``, one of its ``public_exact_paths``).
+
 So here: with ``RAY_AUTH_MODE`` set (``token`` or ``disabled``), Ray's own behaviour applies
-unchanged. With it unset, the token is sent when the user gave one explicitly
-(``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) or when the job server is on this machine, where
-a local cluster's token is in ``~/.ray/auth_token`` (the rule ``ray.init`` itself applies to a
-local cluster it finds, ``ray/_private/worker.py``: "Only a local cluster found automatically
-auto-enables auth"). Authentication is never turned off. On KubeRay, the token is a Kubernetes
-Secret passed as ``RAY_AUTH_TOKEN`` with ``RAY_AUTH_MODE=token`` (``infra/rayjob-*.yaml``).
+unchanged. With it unset, ``ccs submit`` asks the job server its mode and, in token mode,
+sends the token from Ray's own sources itself (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``; the file ``ray get-auth-token --generate`` writes, which
+``ray-cluster.yaml`` mounts on every node), or says that none was found, before uploading
+anything. Where the server cannot say (an older Ray, a ``host:port`` GCS address), the token is
+sent when the user gave one explicitly (``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``) or when
+the job server is on this machine, where a local cluster's token is in ``~/.ray/auth_token``
+(the rule ``ray.init`` itself applies to a local cluster it finds, ``ray/_private/worker.py``:
+"Only a local cluster found automatically auto-enables auth"). Authentication is never turned
+off. On KubeRay, the token is a Kubernetes Secret passed as ``RAY_AUTH_TOKEN`` with
+``RAY_AUTH_MODE=token`` (``infra/rayjob-*.yaml``).
 
 Two things about a local cluster, also from the source: the job server hands each job to the
 head node's dashboard agent, on a fixed port (52365, ``ray_constants``), so while a second Ray
@@ -60,6 +73,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -70,16 +84,24 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
+from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
+from urllib.request import urlopen
 
+import yaml
 from pydantic import BaseModel, ConfigDict
 
 from smartccs.errors import CCSError
+from smartccs.jobrunner import ENV_PREFIX
+from smartccs.logs import ray_output_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 log = logging.getLogger(__name__)
+_quiet = logging.getLogger(f"{__name__}.packaging")  # Ray's matchers log each ignore file read
+_quiet.propagate = False
+_quiet.addHandler(logging.NullHandler())
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 JOBS_PACKAGE = "jobs"
@@ -104,9 +126,17 @@ WORKING_DIR_EXCLUDES = [
 ]
 """gitignore-style patterns left out of the uploaded working directory (Ray ``excludes``)."""
 
-DRIVER_ENV_KEYS = frozenset({"OMP_NUM_THREADS"})
+DRIVER_ENV_KEYS = frozenset({"OMP_NUM_THREADS", *ray_output_env(verbose=False)})
 """Set by ``smartccs.raycluster.init_ray`` in the driver's own runtime env: Ray refuses to merge
-a job runtime env that sets the same variable, so a job cannot take them from ``extra_env``."""
+a job runtime env that sets the same variable, so a job cannot take them from ``extra_env``
+(Ray Data's output follows the job's ``-v``: ``verbose``)."""
+
+CONFIG_ENV = "CCS_JOB_CONFIG"
+"""The job's environment variable that carries a config from outside the working directory."""
+CONFIG_MAX_BYTES = 64 << 10
+"""Largest config shipped in ``CONFIG_ENV`` (Linux takes one variable up to 128 KiB)."""
+AUTH_MODE_PATH = "/api/authentication_mode"
+AUTH_PROBE_S = 10.0
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 60.0
@@ -149,8 +179,63 @@ def available_jobs(working_dir: Path) -> list[str]:
     )
 
 
-def job_entrypoint(name: str, config: Path, working_dir: Path, *, store: str | None = None) -> str:
-    """``python -m jobs.<name> --config <path in working_dir> [--store URI]``, after checks."""
+def _uploaded(rel: Path, working_dir: Path) -> bool:
+    """Whether Ray uploads ``working_dir/rel`` with the working dir: not matched by Ray's
+    default excludes, ``WORKING_DIR_EXCLUDES`` or a ``.gitignore`` / ``.rayignore`` on the way
+    (Ray's own matchers, walked as ``ray/_private/runtime_env/packaging.py::_dir_travel``)."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    patterns = ray_constants.get_runtime_env_default_excludes() + WORKING_DIR_EXCLUDES
+    excludes = [_get_excludes(working_dir, patterns)]
+    path = working_dir
+    for part in ("", *rel.parts):
+        path = path / part if part else path
+        excludes += get_excludes_from_ignore_files(path, gitignore, logger=_quiet)
+        if any(exclude(path) for exclude in excludes):
+            return False
+    return True
+
+
+def _config_in(config: Path, working_dir: Path) -> Path | None:
+    """The config's path relative to the working directory, None when it does not travel
+    with it (outside it, or left out of the upload)."""
+    try:
+        rel = Path(config).expanduser().resolve().relative_to(working_dir)
+    except ValueError:
+        return None
+    return rel if _uploaded(rel, working_dir) else None
+
+
+def config_env(config: Path | str, working_dir: Path | str) -> dict[str, str]:
+    """``{CONFIG_ENV: <its YAML>}`` for a config that does not travel with the working
+    directory (outside it, or excluded from the upload), else ``{}``; the text must be a YAML
+    mapping of a shippable size."""
+    working_dir = Path(working_dir).expanduser().resolve()
+    if _config_in(Path(config), working_dir) is not None:
+        return {}
+    data = Path(config).expanduser().read_bytes()
+    if len(data) > CONFIG_MAX_BYTES:
+        raise CCSError(
+            f"config {config} is {len(data)} bytes, more than the {CONFIG_MAX_BYTES} that travel "
+            f"in the job's environment; put it under the working directory {working_dir}"
+        )
+    try:
+        text = data.decode()
+        raw = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CCSError(f"config {config}: not YAML text ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise CCSError(f"config {config}: expected a mapping of config fields")
+    return {CONFIG_ENV: text}
+
+
+def job_entrypoint(
+    name: str, config: Path, working_dir: Path, *, store: str | None = None, verbose: int = 0
+) -> str:
+    """``python -m jobs.<name> --config <path in working_dir, or env:CCS_JOB_CONFIG> [--store
+    URI] [-v]``, after checks."""
     working_dir = Path(working_dir).expanduser().resolve()
     if not working_dir.is_dir():
         raise CCSError(f"working directory {working_dir} is not a directory")
@@ -160,19 +245,15 @@ def job_entrypoint(name: str, config: Path, working_dir: Path, *, store: str | N
         raise CCSError(
             f"unknown job {name!r}: no {JOBS_PACKAGE}/{name}.py in {working_dir} (jobs: {known})"
         )
-    cfg = Path(config).expanduser().resolve()
-    if not cfg.is_file():
+    if not Path(config).expanduser().is_file():
         raise CCSError(f"config {config} not found")
-    try:
-        rel = cfg.relative_to(working_dir)
-    except ValueError:
-        raise CCSError(
-            f"config {config} is outside the working directory {working_dir}: it would not "
-            "travel with the job; put it under the working directory"
-        ) from None
-    args = ["python", "-m", f"{JOBS_PACKAGE}.{name}", "--config", rel.as_posix()]
+    rel = _config_in(Path(config), working_dir)
+    where = rel.as_posix() if rel is not None else f"{ENV_PREFIX}{CONFIG_ENV}"
+    args = ["python", "-m", f"{JOBS_PACKAGE}.{name}", "--config", where]
     if store:
         args += ["--store", store]
+    if verbose:
+        args.append("-" + "v" * verbose)
     return shlex.join(args)
 
 
@@ -186,17 +267,40 @@ def _is_local(address: str) -> bool:
         return False
 
 
-def should_send_token(address: str, env: Mapping[str, str] | None = None) -> bool:
-    """Whether ``submit_job`` passes the token itself (see the module docstring)."""
+def server_auth_mode(address: str, timeout: float = AUTH_PROBE_S) -> str | None:
+    """What the job server at ``address`` says of its authentication (``token`` or
+    ``disabled``; a public endpoint), None when it cannot say (no answer, an older Ray, not an
+    ``http(s)://`` address)."""
+    if urlparse(address).scheme not in ("http", "https"):
+        return None
+    try:
+        with urlopen(address.rstrip("/") + AUTH_MODE_PATH, timeout=timeout) as reply:
+            mode = json.load(reply).get("authentication_mode")
+    except (HTTPError, URLError, OSError, ValueError, AttributeError):
+        return None
+    return mode if mode in ("token", "disabled") else None
+
+
+def should_send_token(
+    address: str, env: Mapping[str, str] | None = None, server_mode: str | None = None
+) -> bool:
+    """Whether ``submit_job`` passes the token itself, given what the server said of its mode
+    (``server_auth_mode``; see the module docstring)."""
     env = os.environ if env is None else env
     if env.get("RAY_AUTH_MODE"):
         return False  # token or disabled: the SDK does what Ray does
+    if server_mode is not None:
+        return server_mode == "token"
     return bool(env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")) or _is_local(address)
 
 
 def auth_headers(address: str) -> dict[str, str]:
-    """``{"authorization": "Bearer <token>"}`` when it is ours to send and a token exists."""
-    if not should_send_token(address):
+    """``{"authorization": "Bearer <token>"}`` when it is ours to send and a token exists; a
+    ``CCSError`` when the server wants one and there is none."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {}
+    mode = server_auth_mode(address)
+    if not should_send_token(address, server_mode=mode):
         return {}
     from ray._raylet import AuthenticationTokenLoader
     from ray.exceptions import AuthenticationError
@@ -204,9 +308,16 @@ def auth_headers(address: str) -> dict[str, str]:
     # Ray's own loader: RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token
     try:
         loader = AuthenticationTokenLoader.instance()
-        return dict(loader.get_token_for_http_header(ignore_auth_mode=True))
+        headers = dict(loader.get_token_for_http_header(ignore_auth_mode=True))
     except AuthenticationError as exc:  # e.g. RAY_AUTH_TOKEN_PATH names a missing file
         raise CCSError(str(exc).split(". Note:")[0].strip()) from None
+    if not headers and mode == "token":
+        raise CCSError(
+            f"the Ray job server at {address} uses token authentication and no token was found "
+            "here: set RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file>, or put the "
+            "cluster's token in ~/.ray/auth_token (`ray get-auth-token` on a node prints it)"
+        )
+    return headers
 
 
 @contextlib.contextmanager
@@ -278,26 +389,35 @@ def submit_job(
     follow_logs: bool = True,
     extra_env: Mapping[str, str] | None = None,
     out: TextIO | None = None,
+    verbose: int = 0,
 ) -> SubmittedJob:
     """Submit ``jobs/<name>.py`` with ``config``; with ``wait``, return once it has finished.
 
     ``working_dir`` (default: this repository's root) is uploaded and becomes the job's
-    current directory; ``config`` must lie inside it. ``extra_env`` goes into the job's
-    runtime env. With ``follow_logs`` the job's output is streamed to ``out`` (stdout).
+    current directory; a ``config`` it does not carry travels in the job's ``CONFIG_ENV``.
+    ``extra_env`` goes into the job's runtime env. With ``follow_logs`` the job's output is
+    streamed to ``out`` (stdout);
+    ``verbose`` (``ccs -v submit``) passes ``-v`` on to the job, for Ray's own progress output.
     A job that ends other than SUCCEEDED raises ``CCSError`` naming it and how to read its logs.
     """
     working_dir = Path(working_dir or default_working_dir()).expanduser().resolve()
-    entrypoint = job_entrypoint(name, Path(config), working_dir, store=store)
+    entrypoint = job_entrypoint(name, Path(config), working_dir, store=store, verbose=verbose)
+    shipped = config_env(config, working_dir)
     env = dict(extra_env or {})
     clash = sorted(DRIVER_ENV_KEYS & env.keys())
     if clash:
         raise CCSError(f"extra_env: {', '.join(clash)} is set by the job driver itself")
+    if shipped.keys() & env.keys():
+        raise CCSError(f"extra_env: {CONFIG_ENV} carries the config {config} itself")
+    if shipped:
+        log.info("config %s is not uploaded with %s: it travels in the job's %s", config,
+                 working_dir, CONFIG_ENV)  # fmt: skip
     address = resolve_address(address)
     client = _client(address)
     runtime_env = {
         "working_dir": str(working_dir),
         "excludes": list(WORKING_DIR_EXCLUDES),
-        "env_vars": {"PYTHONUNBUFFERED": "1", **env},
+        "env_vars": {"PYTHONUNBUFFERED": "1", **env, **shipped},
     }
     from ray.exceptions import AuthenticationError
 

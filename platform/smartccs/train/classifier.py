@@ -41,6 +41,7 @@ from smartccs.splits import SplitConfig, assign_folds, split_rows
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
 from smartccs.train.loop import RunFields, fit, optimizer_step, worker_loop
+from smartccs.train.selection import batch_ids, check_splits, graded_batches
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class ClassifierConfig(RunFields):
     """One classifier run; jobs/configs/classifier-*.yaml is this model."""
 
     batches: list[str] = Field(
-        default_factory=list, description="graded 'center/batch' pairs; empty: all committed"
+        default_factory=list,
+        description="graded 'center/batch' pairs; empty: every committed batch whose slides "
+        "all have a grade (the others are skipped, and logged)",
     )
     model_name: Id = "classifier"
     detector_model: Id = "detector"
@@ -300,21 +303,32 @@ def _operating_point(
     return op
 
 
+def needed_splits(cfg: ClassifierConfig) -> tuple[str, ...]:
+    """The validation split chooses the threshold unless folds do; ``split.test: 0`` is for a
+    caller that tests on batches of its own."""
+    return ("train", *(() if cfg.threshold_folds >= 2 else ("val",)),
+            *(("test",) if cfg.split.test > 0 else ()))  # fmt: skip
+
+
+def plan_classifier(cfg: ClassifierConfig) -> ClassifierConfig:
+    """The run with its batches pinned (``batches: []``: every batch graded throughout) and its
+    splits checked, from manifests alone: what the job checks before Ray starts."""
+    refs = graded_batches(Store(cfg.store), cfg.batches)
+    check_splits(refs, cfg.split, needed_splits(cfg), f"classifier run {cfg.run_name!r}")
+    return cfg.model_copy(update={"batches": batch_ids(refs)})
+
+
 def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     """Screen the slides into bags, fit the head, pick the threshold, measure, save."""
     store = Store(cfg.store)
+    cfg = plan_classifier(cfg)
     refs = resolve_batches(store, cfg.batches)
     det_card = load_card(store, cfg.detector_model, cfg.detector_version)
     detector = ModelRef(name=det_card.name, version=str(det_card.version))
     cfg = cfg.model_copy(update={"detector_version": detector.version})  # pinned: bags, card
     enc = encoder_ref(det_card)
     enc_card = load_card(store, enc.name, enc.version)
-    splits = split_rows(refs, cfg.split)
-    needed = ["train"] + ([] if cfg.threshold_folds >= 2 else ["val"])
-    needed += ["test"] if cfg.split.test > 0 else []  # 0: the caller tests on its own batches
-    for name in needed:
-        if not splits[name]:
-            raise CCSError(f"the {name} split is empty: add slides or change split fractions")
+    splits = split_rows(refs, cfg.split)  # none that is needed empty: plan_classifier checked
     grade_of = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
     key = _bags_key(cfg, detector)
     if store.exists(key):

@@ -5,35 +5,29 @@ each worker looks up the annotated cells that fall on its tiles (``labels/``), a
 and boxes together (the 8 square symmetries, stain and exposure jitter) and takes a step of
 focal plus GIoU loss. The backbone starts from the pretrained encoder, or from random weights
 of the same architecture for the ablation. The held-out slides' tiles are then scored (AP at
-IoU 0.5 per class) and the detector is saved as ``models/<model_name>/<version>``.
+IoU 0.5 per class) and the detector is saved as ``models/<model_name>/<version>``. Targets,
+augmentation and the sampled tile stream are ``smartccs.train.detector_data``; scoring is
+``smartccs.train.detector_eval`` (both re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import defaultdict
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
-from tqdm.auto import tqdm
 
 from smartccs import layout
-from smartccs.adaptation.stain import (
-    REFERENCE_KEY,
-    center_calibration,
-    measure_stain,
-    stain_reference,
-)
-from smartccs.batches import BatchRef, manifests_sha256, resolve_batches
-from smartccs.data.tiles import STATUS_OK, StreamConfig, slide_rows, tile_draw, tile_stream
+from smartccs.adaptation.stain import REFERENCE_KEY, stain_reference
+from smartccs.batches import manifests_sha256, resolve_batches
+from smartccs.data.tiles import StreamConfig
 from smartccs.errors import CCSError
 from smartccs.ids import Id
 from smartccs.labels import SlideBoxes, SlideKey, load_cell_labels
-from smartccs.metrics.detection import Boxes, DetectionReport, detection_report
+from smartccs.metrics.detection import DetectionReport
 from smartccs.models.artifacts import ModelCard, config_sha256, load_card, load_model, save_model
 from smartccs.models.detector import (
     DETECTION_CLASSES,
@@ -41,48 +35,69 @@ from smartccs.models.detector import (
     HeadConfig,
     build_detector,
     decode,
-    detection_class,
     normalize,
-    preprocess,
     resize_tiles,
 )
 from smartccs.models.encoder import build_from, check_window, layer_lr_scales, patch_size
 from smartccs.splits import SplitConfig, split_rows
-from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store
 from smartccs.taxonomy import ABNORMAL_CLASSES
+from smartccs.train.detector_data import (
+    TILE_COLUMNS,
+    AugmentConfig,
+    TileSampler,
+    assign,
+    augment,
+    batch_targets,
+    box_centres,
+    centred_on,
+    flip_rotate_boxes,
+    label_budget,
+    tile_targets,
+    tiles_dataset,
+)
+from smartccs.train.detector_eval import (
+    abnormal_ap_by_cells,
+    abnormal_map,
+    evaluate_detector,
+    held_out_calibrations,
+    report_metrics,
+    score_batches,
+    score_detector,
+)
 from smartccs.train.loop import RunFields, autocast_enabled, fit, optimizer_step, worker_loop
-from smartccs.train.multicrop import brightness_contrast, gaussian_blur, stain_jitter
+from smartccs.train.selection import batch_ids, check_splits, labelled_batches
+
+__all__ = [  # the detector's public names, with those of its two helper modules
+    "TILE_COLUMNS",
+    "AugmentConfig",
+    "DetectorConfig",
+    "DetectorLearner",
+    "DetectorResult",
+    "LossConfig",
+    "TileSampler",
+    "abnormal_ap_by_cells",
+    "abnormal_map",
+    "assign",
+    "augment",
+    "batch_targets",
+    "box_centres",
+    "centred_on",
+    "detector_card",
+    "evaluate_detector",
+    "finetune_detector",
+    "flip_rotate_boxes",
+    "held_out_calibrations",
+    "label_budget",
+    "plan_detector",
+    "report_metrics",
+    "score_detector",
+    "tile_targets",
+    "tiles_dataset",
+    "train_loop",
+]
 
 log = logging.getLogger(__name__)
-
-TILE_COLUMNS = ["image", "center", "batch", "slide_id", "x0", "y0", "w0", "h0"]
-
-
-class AugmentConfig(BaseModel):
-    """Tile and box augmentation: orientation, and the stain/exposure shifts between centers."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    color_p: float = Field(default=0.8, ge=0, le=1)
-    stain_sigma: float = Field(default=0.1, ge=0)
-    stain_bias: float = Field(default=0.05, ge=0)
-    brightness: float = Field(default=0.15, ge=0, lt=1)
-    contrast: float = Field(default=0.15, ge=0, lt=1)
-    hue_deg: float = Field(
-        default=0.0, ge=0, le=180, description="stain hue rotation in OD, up to ± this angle"
-    )
-    blur_p: float = Field(default=0.0, ge=0, le=1, description="chance of a focus blur")
-    blur_sigma_px: tuple[float, float] = Field(
-        default=(0.5, 2.0), description="blur sigma range, pixels of the input tile"
-    )
-
-    @field_validator("blur_sigma_px")
-    @classmethod
-    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1]:
-            raise ValueError(f"blur_sigma_px must be 0 < low <= high, got {list(v)}")
-        return v
 
 
 class LossConfig(BaseModel):
@@ -106,7 +121,9 @@ class DetectorConfig(RunFields):
     """One detector finetuning run; jobs/configs/detector-*.yaml is this model."""
 
     batches: list[str] = Field(
-        default_factory=list, description="annotated 'center/batch' pairs; empty: all committed"
+        default_factory=list,
+        description="annotated 'center/batch' pairs; empty: every committed batch with cell "
+        "annotations (the others are skipped, and logged)",
     )
     model_name: Id = "detector"
     encoder_model: Id = "encoder"
@@ -188,123 +205,6 @@ class DetectorResult(BaseModel):
     @property
     def map_abnormal(self) -> float:
         return abnormal_map(self.report)
-
-
-def abnormal_map(report: DetectionReport) -> float:
-    """mAP over the six Bethesda classes that have ground truth (normal squamous left out)."""
-    aps = [report.ap[c] for c in ABNORMAL_CLASSES if not np.isnan(report.ap.get(c, np.nan))]
-    return float(np.mean(aps)) if aps else float("nan")
-
-
-def abnormal_ap_by_cells(ap: dict[str, float], n_gt: dict[str, int]) -> float:
-    """Per-class AP over the abnormal classes, weighted by their held-out cells.
-
-    Beside :func:`abnormal_map`, where each class counts once: on a handful of slides a class
-    with 3 held-out cells weighs as much as one with 118 there, and one cell ranked differently
-    moves the mean by a tenth.
-    """
-    pairs = [(ap[c], n_gt.get(c, 0)) for c in ABNORMAL_CLASSES if n_gt.get(c, 0) > 0]
-    pairs = [(a, n) for a, n in pairs if not np.isnan(a)]
-    total = sum(n for _, n in pairs)
-    return float(sum(a * n for a, n in pairs) / total) if total else float("nan")
-
-
-# -- targets ------------------------------------------------------------------------------
-
-
-def box_centres(boxes: np.ndarray) -> np.ndarray:
-    """(N, 4) xyxy -> (N, 2) centres."""
-    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
-
-
-def centred_on(centres: np.ndarray, x0: int, y0: int, w0: int, h0: int) -> np.ndarray:
-    """Which cells belong to a tile: those whose centre lies in its region (each cell to one)."""
-    x, y = centres[:, 0], centres[:, 1]
-    return (x >= x0) & (x < x0 + w0) & (y >= y0) & (y < y0 + h0)
-
-
-def tile_targets(
-    cells: SlideBoxes, x0: int, y0: int, w0: int, h0: int, input_px: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Annotated cells whose centre lies on the tile, in the tile's input pixels, and classes.
-
-    Cells cut by the tile's edge are clipped to it: their centre is on the tile, so the
-    detector sees most of them, and the neighbouring tile does not count them again.
-    """
-    if not len(cells):
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
-    on = centred_on(box_centres(cells.boxes), x0, y0, w0, h0)
-    labels = np.array([detection_class(c) for c in cells.classes[on]], dtype=object)
-    known = np.array([lab is not None for lab in labels], dtype=bool)
-    boxes = cells.boxes[on][known] - np.array([x0, y0, x0, y0], np.float64)
-    scale = np.array([input_px / w0, input_px / h0] * 2)
-    boxes = np.clip(boxes * scale, 0, input_px).astype(np.float32)
-    return boxes, labels[known].astype(np.int64)
-
-
-def batch_targets(
-    labels: dict[SlideKey, SlideBoxes], batch: dict[str, np.ndarray], i: int, input_px: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`tile_targets` of row ``i`` of a batch of tile rows."""
-    key = (str(batch["center"][i]), str(batch["batch"][i]), str(batch["slide_id"][i]))
-    cells = labels.get(key)
-    if cells is None:
-        raise CCSError(f"no annotations for {'/'.join(key)}")
-    x0, y0, w0, h0 = (int(batch[c][i]) for c in ("x0", "y0", "w0", "h0"))
-    return tile_targets(cells, x0, y0, w0, h0, input_px)
-
-
-def assign(
-    centers: torch.Tensor, boxes: torch.Tensor, stride: float, radius: float
-) -> torch.Tensor:
-    """Index of the box each location learns (-1: background), FCOS with centre sampling.
-
-    A location is a positive of a box when it lies inside the box and within ``radius``
-    strides of its centre; of several such boxes it takes the smallest.
-    """
-    if len(boxes) == 0:
-        return torch.full((len(centers),), -1, dtype=torch.long)
-    x, y = centers[:, None, 0], centers[:, None, 1]
-    inside = (x > boxes[:, 0]) & (x < boxes[:, 2]) & (y > boxes[:, 1]) & (y < boxes[:, 3])
-    bcx, bcy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    near = ((x - bcx).abs() <= radius * stride) & ((y - bcy).abs() <= radius * stride)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    cost = torch.where(inside & near, area.expand_as(inside), torch.inf)
-    best, idx = cost.min(dim=1)
-    return torch.where(torch.isfinite(best), idx, -1)
-
-
-# -- augmentation -------------------------------------------------------------------------
-
-
-def flip_rotate_boxes(
-    img: torch.Tensor, boxes: torch.Tensor, k: int, flip: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror (left-right) then rotate by k x 90 degrees counter-clockwise, image and boxes."""
-    size = img.shape[-1]
-    if flip:
-        img = img.flip(-1)
-        boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], 1)
-    for _ in range(k % 4):
-        img = torch.rot90(img, 1, dims=(-2, -1))  # (x, y) -> (y, size - x)
-        boxes = torch.stack([boxes[:, 1], size - boxes[:, 2], boxes[:, 3], size - boxes[:, 0]], 1)
-    return img, boxes
-
-
-def augment(
-    img: torch.Tensor, boxes: torch.Tensor, cfg: AugmentConfig, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random view of a [0, 1] tile (3, S, S) and its boxes."""
-    k = int(torch.randint(0, 4, (1,), generator=g))
-    flip = bool(torch.rand(1, generator=g) < 0.5)
-    img, boxes = flip_rotate_boxes(img, boxes, k, flip)
-    if bool(torch.rand(1, generator=g) < cfg.color_p):
-        img = stain_jitter(img, g, cfg.stain_sigma, cfg.stain_bias, cfg.hue_deg)
-        img = brightness_contrast(img, g, cfg.brightness, cfg.contrast)
-    if cfg.blur_p > 0 and bool(torch.rand(1, generator=g) < cfg.blur_p):
-        lo, hi = cfg.blur_sigma_px
-        img = gaussian_blur(img, lo + (hi - lo) * float(torch.rand(1, generator=g)))
-    return img, boxes
 
 
 # -- learner ------------------------------------------------------------------------------
@@ -453,127 +353,6 @@ def train_loop(config: dict[str, Any]) -> None:
     )
 
 
-# -- data and evaluation ------------------------------------------------------------------
-
-
-def _ok_tiles(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keep = batch["status"] == STATUS_OK
-    return {c: batch[c][keep] for c in TILE_COLUMNS}
-
-
-class TileSampler:
-    """Keeps every tile holding an annotated abnormal cell and a fixed share of the others.
-
-    The share is drawn from a hash of the tile's identity, so resumed runs and every epoch
-    see the same tiles, and the choice is made on planned coordinates, before pixels are read.
-    """
-
-    def __init__(self, labels: dict[SlideKey, SlideBoxes], other_share: float, seed: int):
-        self.other_share, self.seed = other_share, seed
-        self.centers: dict[SlideKey, np.ndarray] = {}
-        for key, cells in labels.items():
-            self.centers[key] = box_centres(cells.boxes[np.isin(cells.classes, ABNORMAL_CLASSES)])
-
-    def __call__(self, row: dict[str, Any]) -> bool:
-        key = (str(row["center"]), str(row["batch"]), str(row["slide_id"]))
-        c = self.centers.get(key)
-        x0, y0, w0, h0 = (int(row[k]) for k in ("x0", "y0", "w0", "h0"))
-        if c is not None and centred_on(c, x0, y0, w0, h0).any():
-            return True
-        return tile_draw(row, self.seed) < self.other_share
-
-
-def tiles_dataset(
-    rows: list[dict[str, Any]],
-    store: Store,
-    stream: StreamConfig,
-    select: TileSampler | None = None,
-):
-    """Readable tiles of these slides with their coordinates (what the targets need)."""
-    return tile_stream(rows, store.config, stream, select=select).map_batches(
-        _ok_tiles, batch_format="numpy", num_cpus=0.1
-    )
-
-
-def evaluate_detector(
-    model: CellDetector,
-    card: ModelCard,
-    ds,
-    labels: dict[SlideKey, SlideBoxes],
-    batch_size: int,
-    n_tiles: int | None = None,
-    stain: dict[str, StainCalibration] | None = None,
-) -> DetectionReport:
-    """AP at IoU 0.5 per class over held-out tiles (each tile an image); ``stain``: per
-    center, the calibration its tiles are seen through (what adaptation would apply)."""
-    input_px = int(card.head["input_px"])
-    model.eval()
-    pred: dict[str, list] = defaultdict(list)
-    gt: dict[str, list] = defaultdict(list)
-    image = 0
-    with tqdm(desc="scoring held-out tiles", unit="tile", total=n_tiles, disable=None) as bar:
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            images = batch["image"]
-            for center, cal in (stain or {}).items():
-                here = batch["center"] == center
-                if here.any():
-                    images = images.copy() if images is batch["image"] else images
-                    images[here] = calibrate(images[here], cal)
-            x = preprocess(images, input_px, card.normalization)
-            for i, det in enumerate(model.detect(x)):
-                boxes, classes = batch_targets(labels, batch, i, input_px)
-                pred["image_ids"].append(np.full(len(det.scores), image))
-                pred["boxes"].append(det.boxes.numpy())
-                pred["scores"].append(det.scores.numpy())
-                pred["labels"].append(det.labels.numpy())
-                gt["image_ids"].append(np.full(len(classes), image))
-                gt["boxes"].append(boxes)
-                gt["labels"].append(classes)
-                image += 1
-            bar.update(len(batch["image"]))
-    if image == 0:
-        raise CCSError("no held-out tiles to evaluate the detector on")
-    return detection_report(
-        Boxes(**{k: np.concatenate(v) for k, v in pred.items()}),
-        Boxes(**{k: np.concatenate(v) for k, v in gt.items()}),
-        DETECTION_CLASSES,
-        iou_threshold=0.5,
-    )
-
-
-def _budget_rank(row: dict[str, Any], seed: int) -> bytes:
-    key = f"budget:{seed}:{row['center']}:{row['batch']}:{row['slide_id']}"
-    return hashlib.sha256(key.encode()).digest()
-
-
-def label_budget(
-    rows: list[dict[str, Any]], refs: list[BatchRef], n: int, seed: int
-) -> list[dict[str, Any]]:
-    """The first ``n`` of these training slides, for a label-budget ablation.
-
-    Slides are ordered within each stratum (center x normal/abnormal) by a hash of their
-    identity and the split seed, and the strata are taken in turn, abnormal ones first (they
-    hold the cells the detector is for), so a budget of one slide per center gives each
-    center an abnormal slide; a larger budget always contains a smaller one.
-    """
-    grades = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
-    strata: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        key = (row["center"], row["batch"], row["slide_id"])
-        strata[(row["center"], (grades.get(key) or "NILM") != "NILM")].append(row)
-    queues = []
-    for stratum in sorted(strata, key=lambda k: (not k[1], k[0])):  # abnormal first, by center
-        members = strata[stratum]
-        members.sort(key=lambda r: _budget_rank(r, seed))
-        queues.append(members)
-    out: list[dict[str, Any]] = []
-    while len(out) < n and any(queues):
-        for q in queues:
-            if q and len(out) < n:
-                out.append(q.pop(0))
-    return out
-
-
 def _with_own_embedder(
     store: Store, cfg: DetectorConfig, card: ModelCard, encoder: ModelCard, model: CellDetector
 ) -> ModelCard:
@@ -602,34 +381,32 @@ def _with_own_embedder(
     return card.model_copy(update={"head": card.head | {"embedder": embedder}})
 
 
+def plan_detector(cfg: DetectorConfig) -> DetectorConfig:
+    """The run with its batches pinned (``batches: []``: every annotated batch but the held-out
+    ones) and its splits checked, from manifests alone: what the job checks before Ray starts."""
+    refs = labelled_batches(Store(cfg.store), cfg.batches, exclude=cfg.holdout_batches)
+    check_splits(refs, cfg.split, ("train", "test"), f"detector run {cfg.run_name!r}")
+    return cfg.model_copy(update={"batches": batch_ids(refs)})
+
+
 def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     """Train (or resume) the run, score the held-out slides, save the detector artifact."""
     store = Store(cfg.store)
     held = set(cfg.holdout_batches)  # never trained on, even when ``batches`` means "all"
-    refs = [r for r in resolve_batches(store, cfg.batches) if f"{r.center}/{r.batch}" not in held]
+    cfg = plan_detector(cfg)  # pinned: workers must not see a batch committed after this point
+    refs = resolve_batches(store, cfg.batches)
     holdout_refs = resolve_batches(store, cfg.holdout_batches) if held else []
-    labels = load_cell_labels(store, refs)  # fails early, naming a batch without annotations
+    labels = load_cell_labels(store, refs)
     holdout_labels = load_cell_labels(store, holdout_refs) if held else {}
     encoder = load_card(store, cfg.encoder_model, cfg.encoder_version)
     try:  # here, not in the first step of a worker after the tiles are read
         check_window(patch_size(encoder.architecture), cfg.head.window_px, *[cfg.input_px] * 2)
     except ValueError as e:
         raise CCSError(f"head.window_px / input_px against encoder {encoder.version}: {e}") from e
-    # pin what the driver resolved: workers must not see a batch committed after this point
-    cfg = cfg.model_copy(
-        update={
-            "encoder_version": encoder.version,
-            "batches": [f"{r.center}/{r.batch}" for r in refs],
-        }
-    )
-    splits = split_rows(refs, cfg.split)
+    cfg = cfg.model_copy(update={"encoder_version": encoder.version})
+    splits = split_rows(refs, cfg.split)  # none empty: plan_detector checked
     if cfg.train_slides is not None:
         splits["train"] = label_budget(splits["train"], refs, cfg.train_slides, cfg.split.seed)
-    if not splits["train"] or not splits["test"]:
-        raise CCSError(
-            f"need slides in both train and test splits, got {len(splits['train'])} and "
-            f"{len(splits['test'])}: add slides or change split fractions"
-        )
     log.info(
         "detector %s: %d training slides, %d held-out slides, backbone %s (%s %s)",
         cfg.run_name,
@@ -655,13 +432,13 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
         card = card.model_copy(update={"head": card.head | {REFERENCE_KEY: reference.model_dump()}})
     holdout = calibrated = None
     if held:
-        holdout = _score_batches(
+        holdout = score_batches(
             model, card, store, holdout_refs, holdout_labels, cfg.stream, cfg.eval_batch_size
         )
         log.info("held-out centers' mAP@0.5 (abnormal) %.3f: %s", abnormal_map(holdout), holdout.ap)
         stain = held_out_calibrations(card, store, holdout_refs, cfg.stream)
         if stain:
-            calibrated = _score_batches(
+            calibrated = score_batches(
                 model, card, store, holdout_refs, holdout_labels, cfg.stream,
                 cfg.eval_batch_size, stain,
             )  # fmt: skip
@@ -691,71 +468,3 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
         holdout=holdout,
         holdout_calibrated=calibrated,
     )
-
-
-def report_metrics(report: DetectionReport | None) -> dict[str, float]:
-    """A report as card metrics: per-class AP, mAP, the abnormal summaries; finite values only
-    (a class without ground truth has none)."""
-    if report is None:
-        return {}
-    summaries = {
-        "map50_abnormal": abnormal_map(report),
-        "ap50_abnormal_by_cells": abnormal_ap_by_cells(report.ap, report.n_gt),
-    }
-    return report.to_metrics() | {k: v for k, v in summaries.items() if not np.isnan(v)}
-
-
-def _score_batches(
-    model: CellDetector,
-    card: ModelCard,
-    store: Store,
-    refs: list[BatchRef],
-    labels: dict[SlideKey, SlideBoxes],
-    stream: StreamConfig,
-    batch_size: int,
-    stain: dict[str, StainCalibration] | None = None,
-) -> DetectionReport:
-    """Every tile of every slide of these batches, scored against their annotations."""
-    ds = tiles_dataset(slide_rows(refs), store, stream)
-    return evaluate_detector(model, card, ds, labels, batch_size, stain=stain)
-
-
-def held_out_calibrations(
-    card: ModelCard, store: Store, refs: list[BatchRef], stream: StreamConfig
-) -> dict[str, StainCalibration]:
-    """Per center of these batches, the stain calibration adaptation would give it (measured
-    on all of the center's batches at once); centers inside the training range are absent."""
-    by_center: dict[str, list[BatchRef]] = {}
-    for ref in refs:
-        by_center.setdefault(ref.center, []).append(ref)
-    out = {}
-    for center, center_refs in by_center.items():
-        stats = measure_stain(store.config, slide_rows(center_refs), stream, 64)
-        cal = center_calibration(card, stats)
-        if cal is not None:
-            out[center] = cal
-    return out
-
-
-def score_detector(
-    store: Store,
-    name: str,
-    version: str,
-    batches: list[str],
-    stream: StreamConfig,
-    batch_size: int = 32,
-    calibrate_stain: bool = False,
-) -> DetectionReport:
-    """AP at IoU 0.5 of a saved detector on annotated batches, every tile of every slide
-    (with ``calibrate_stain``, each center seen through its stain calibration).
-
-    For detectors trained before a center's annotations existed, or to compare saved arms on
-    one more center without retraining them.
-    """
-    card, state = load_model(store, name, version)
-    model = build_detector(card)
-    model.load_state_dict(state)
-    refs = resolve_batches(store, batches)
-    labels = load_cell_labels(store, refs)
-    stain = held_out_calibrations(card, store, refs, stream) if calibrate_stain else None
-    return _score_batches(model, card, store, refs, labels, stream, batch_size, stain)

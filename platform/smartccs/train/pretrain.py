@@ -237,6 +237,13 @@ def training_dataset(store: Store, cfg: PretrainConfig, refs: list[BatchRef]):
     )
 
 
+def plan_pretrain(cfg: PretrainConfig) -> PretrainConfig:
+    """The run as given, once its batches resolve (each named one committed, or with none named
+    at least one committed batch): what the job checks before Ray starts."""
+    resolve_batches(Store(cfg.store), cfg.batches)
+    return cfg
+
+
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Train (or resume) the run, then save the teacher encoder as a model artifact."""
     store = Store(cfg.store)
