@@ -141,3 +141,16 @@ def tiff_bomb(path: Path, side: int, tile: int = 4096) -> Path:
     out += struct.pack("<I", 0)
     path.write_bytes(out)
     return path
+
+
+def corrupt_jpeg_tile(src: Path, dst: Path, page: int, tile: int | None) -> Path:
+    """``src`` with the middle of one JPEG tile of one pyramid page zeroed (every tile of the
+    page when ``tile`` is None): a valid pyramid whose reads of that tile fail in libjpeg."""
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        offsets, counts = tif.pages[page].dataoffsets, tif.pages[page].databytecounts
+    tiles = list(zip(offsets, counts, strict=True))
+    for off, count in tiles if tile is None else [tiles[tile]]:
+        data[off + 200 : off + count - 10] = bytes(count - 210)
+    dst.write_bytes(bytes(data))
+    return dst

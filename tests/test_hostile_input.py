@@ -19,10 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import tifffile
 from moto_buckets import new_s3_store
 from PIL import Image
-from slide_factory import tiff_bomb, write_disc_slide
+from slide_factory import corrupt_jpeg_tile, tiff_bomb, write_disc_slide
 
 from smartccs import layout
 from smartccs.batches import BatchRef, commit_batch, load_batch
@@ -91,18 +90,6 @@ BROKEN: dict[str, tuple[str, Callable[[Path], Path], str]] = {
 }
 
 
-def corrupt_jpeg_tile(src: Path, dst: Path, page: int, tile: int) -> Path:
-    """``src`` with the middle of one JPEG tile of one pyramid page zeroed: a valid pyramid
-    whose reads of that tile fail in libjpeg."""
-    data = bytearray(src.read_bytes())
-    with tifffile.TiffFile(src) as tif:
-        off = tif.pages[page].dataoffsets[tile]
-        count = tif.pages[page].databytecounts[tile]
-    data[off + 200 : off + count - 10] = bytes(count - 210)
-    dst.write_bytes(bytes(data))
-    return dst
-
-
 def one_line(message: str, name: str) -> str:
     assert "\n" not in message and "Traceback" not in message, message
     assert message.startswith(f"{name}: "), message
@@ -143,9 +130,10 @@ def test_upload_names_every_broken_file_and_writes_nothing(tmp_path: Path, any_s
 
 
 def test_a_corrupt_tile_fails_its_reads_only(tmp_path: Path):
-    """Upload only opens a slide, so a corrupt tile inside a valid pyramid passes it; the read
-    of that tile fails in one line, and reads elsewhere on the same (cached) handle still work:
-    OpenSlide's errors are sticky, so the reader reopens the slide after a failed read."""
+    """A corrupt tile inside a valid pyramid fails the read of that tile in one line (upload
+    decodes only the mask level and one tile per level, test_hostile_upload.py), and reads
+    elsewhere on the same (cached) handle still work: OpenSlide's errors are sticky, so the
+    reader reopens the slide after a failed read."""
     good = write_disc_slide(tmp_path / "good.svs", size_px=4096)
     path = corrupt_jpeg_tile(good, tmp_path / "corrupt.svs", page=2, tile=5)
     with open_slide(path) as slide:

@@ -4,7 +4,8 @@ Each test here reproduces a probe that once lost or leaked data: a concurrent up
 a committed batch, a cache hit handing one center another center's slide, a file changed
 between validation and copy, broken links left out silently, a killed upload locking its
 batch, names too long for the store, keys cut at ``?``/``#``, names forging lines, coerced
-manifest fields (docs/security.md, docs/reliability.md).
+manifest fields, a slide whose tiles ``ccs inspect`` cannot decode (docs/security.md,
+docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from cli import assert_one_line_error, run_ccs
-from slide_factory import write_disc_slide
+from slide_factory import corrupt_jpeg_tile, write_disc_slide
 
 from smartccs import layout, upload
 from smartccs.batches import (
@@ -33,6 +34,9 @@ from smartccs.batches import (
 from smartccs.errors import AlreadyCommittedError, ManifestError, SlideError, StoreError
 from smartccs.manifest import Manifest, SlideEntry
 from smartccs.slide.cache import SlideCache
+from smartccs.slide.inspect import inspect_slide, read_pixels
+from smartccs.slide.reader import Slide, open_slide
+from smartccs.slide.tiling import TilingConfig, plan_tiles
 from smartccs.store import Store
 from smartccs.upload import UploadError, upload_batch
 
@@ -328,3 +332,90 @@ def test_the_lease_holder_is_named_without_control_characters(any_store: Store):
     with pytest.raises(StoreError) as exc:
         UploadLease(any_store, "c1", "b1").__enter__()
     assert "\n" not in str(exc.value)
+
+
+# --- a tile that cannot be decoded (issue 27, 8) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def whole_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4096 px at 0.25 µm/px: levels of 16 x 16 down to 1 x 1 JPEG tiles of 256 px (pages 0-4);
+    the 8 µm/px foreground mask is read from the last, level 4."""
+    return write_disc_slide(tmp_path_factory.mktemp("whole") / "whole.svs", size_px=4096)
+
+
+@pytest.mark.parametrize(
+    ("page", "tile"), [(4, 0), (1, None)], ids=["the-mask-level", "every-tile-of-level-1"]
+)
+def test_a_slide_whose_tiles_inspect_cannot_decode_is_refused_at_upload(
+    tmp_path: Path, local_store: Store, whole_slide: Path, page: int, tile: int | None
+):
+    """``ccs inspect`` refused a corrupt JPEG tile of the level it reads whole, and the upload
+    took the slide (it read that level too, for its warning, and dropped the error). Both now
+    read pixels with ``read_pixels``: the mask level whole and one tile of every level (level 1
+    is corrupt in every tile here, so whichever tile is taken), and say the same line, naming
+    the file, the level and libjpeg's reason; nothing is written, and the good slide uploads."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    write_disc_slide(folder / "good.svs", size_px=1024)
+    bad = corrupt_jpeg_tile(whole_slide, folder / "corrupt.svs", page, tile)
+    with pytest.raises(SlideError) as exc:
+        inspect_slide(str(bad))
+    said = str(exc.value)
+    assert said.startswith(f"corrupt.svs: cannot read level {page} region at "), said
+    assert "Corrupt JPEG data" in said and "\n" not in said, said
+    with pytest.raises(UploadError) as exc:
+        upload_batch(folder, center="c1", batch="b1", store=local_store, progress=False)
+    assert str(exc.value).splitlines() == [f"1 problem(s) in {folder}, nothing uploaded:", said]
+    assert local_store.list("incoming") == []
+    bad.unlink()
+    ref = upload_batch(folder, center="c1", batch="b1", store=local_store, progress=False)
+    assert [s.slide_id for s in ref.manifest.slides] == ["good"]
+
+
+def test_ccs_upload_refuses_what_ccs_inspect_cannot_read(
+    tmp_path: Path, local_store: Store, whole_slide: Path
+):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    bad = corrupt_jpeg_tile(whole_slide, folder / "corrupt.svs", 4, 0)
+    inspected = run_ccs("inspect", str(bad))
+    assert_one_line_error(inspected, "corrupt.svs: cannot read level 4 region", "Corrupt JPEG")
+    reason = inspected.stderr.strip().removeprefix("ccs: error: ")
+    res = run_ccs("upload", str(folder), "--center", "c1", "--batch", "b1", "--store",
+                  local_store.config.uri)  # fmt: skip
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1].strip() == reason, res.stderr  # indented under ccs: error
+    assert local_store.list("incoming") == []
+
+
+def test_reading_pixels_costs_the_mask_level_and_one_tile_per_level(
+    whole_slide: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """What keeps validation cheap: beyond planning's reads of the mask level, one read per
+    level, each inside one stored tile, the level-0 one under a planned tile (the cells)."""
+    reads: list[tuple[int, int, int, int, int]] = []
+    real = Slide.read_rgba
+
+    def spy(self: Slide, level: int, x0: int, y0: int, w: int, h: int):
+        reads.append((level, x0, y0, w, h))
+        return real(self, level, x0, y0, w, h)
+
+    monkeypatch.setattr(Slide, "read_rgba", spy)
+    with open_slide(whole_slide) as slide:
+        plan = plan_tiles(slide, TilingConfig())
+        planning = list(reads)
+        reads.clear()
+        read_pixels(slide, TilingConfig())
+        info = slide.info
+    assert reads[: len(planning)] == planning and {r[0] for r in planning} == {4}
+    probes = reads[len(planning) :]
+    assert [level for level, *_ in probes] == list(range(len(info.level_dimensions)))
+    for level, x0, y0, w, h in probes:
+        d = info.level_downsamples[level]
+        assert (x0 / d) % 256 == 0 and (y0 / d) % 256 == 0 and w <= 256 and h <= 256
+    _, x0, y0, w, h = probes[0]
+    assert any(
+        t.x0 <= x0 and x0 + w <= t.x0 + t.w0 and t.y0 <= y0 and y0 + h <= t.y0 + t.h0
+        for t in plan.tiles
+    ), (probes[0], plan.tiles)

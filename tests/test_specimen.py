@@ -141,6 +141,7 @@ def test_a_rejected_slide_is_neither_scored_nor_negative():
         detector=ModelRef(name="detector", version="1"),
         encoder=ModelRef(name="encoder", version="1"),
         ref=ModelRef(name="classifier", version="1"),
+        label="classifier/1",
     )
     bags = [_bag("cyto"), _bag("tissue", rejected=True, read=0)]
     probs = np.full((2, 7), 1 / 7, np.float32)  # the head is never consulted for "tissue"

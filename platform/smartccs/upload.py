@@ -1,8 +1,8 @@
 """The screening center's door: validate a folder of slides, upload it as one committed batch.
 
-Every file is checked before a byte is sent (OpenSlide opens it, its mpp is known, its checksum
-matches the manifest when one is given), so a bad file costs the center one clear message and
-never a partial batch in the store.
+Every file is checked before a byte is sent (OpenSlide opens it, its mpp is known, its tiles
+decode as ``ccs inspect`` reads them, its checksum matches the manifest when one is given), so
+a bad file costs the center one clear message and never a partial batch in the store.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from smartccs.errors import (
     CCSError,
     InvalidIdError,
     ManifestError,
+    SlideError,
     StoreError,
     printable,
 )
@@ -40,8 +41,8 @@ from smartccs.manifest import MANIFEST_NAME, Manifest, SlideEntry
 from smartccs.store import Store
 
 if TYPE_CHECKING:
+    from smartccs.slide.inspect import Pixels
     from smartccs.slide.reader import Slide
-    from smartccs.slide.specimen import Specimen
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,21 @@ class UploadError(CCSError):
     """One or more files of a batch cannot be uploaded; nothing was uploaded."""
 
 
-def _specimen(slide: Slide) -> Specimen | None:
-    """What screening's specimen guard will make of the slide, measured on the same mask the
-    planner reads; None when the slide opens but its pixels cannot be read (screening says
-    why), so a warning never costs a center its upload."""
-    from smartccs.slide.tiling import TilingConfig, measure_specimen
+def _pixels(slide: Slide) -> Pixels | None:
+    """The slide's pixels read as ``ccs inspect`` reads them (``read_pixels``: the planner's
+    mask level whole, then one tile per level), for what screening's specimen guard will make
+    of it. A tile that cannot be decoded is a ``SlideError``, a problem like any unreadable
+    file: batches are immutable, so a damaged scan is refused before it is one. Anything else
+    going wrong only costs the warnings (None), never a center its upload."""
+    from smartccs.slide.inspect import read_pixels
+    from smartccs.slide.tiling import TilingConfig
 
     try:
-        return measure_specimen(slide, TilingConfig())
-    except Exception as exc:  # unreadable pixels: the upload's checks are about the file
-        log.debug("specimen not measured: %s", type(exc).__name__)
+        return read_pixels(slide, TilingConfig())
+    except SlideError:
+        raise
+    except Exception as exc:  # a measurement that failed: the upload's checks are the file's
+        log.debug("pixels not measured: %s", type(exc).__name__)
         return None
 
 
@@ -136,7 +142,7 @@ def prepare_batch(
             mpp = given_entry.mpp if given_entry else None
             with open_slide(path, mpp_override=mpp, name=rel) as slide:
                 info = slide.info
-                specimen = _specimen(slide)
+                pixels = _pixels(slide)
             digest = sha256_file(path)
         except CCSError as exc:
             problems.append(str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}")
@@ -160,6 +166,7 @@ def prepare_batch(
             info.height,
             info.mpp,
         )
+        specimen = pixels.specimen if pixels else None
         if specimen is not None and specimen.kind != "cytology":
             log.warning(
                 "slide %s is not a cervical cytology preparation; it is uploaded, but screening "

@@ -4,11 +4,13 @@ A center uploading a batch wants to know, per slide, that it opens, its pixel si
 where that came from), how much of it has cells, how many tiles screening will read, and
 whether it is a cytology preparation at all (``specimen``: screening rejects one that is not).
 The same functions open and tile the slide as the screening pipeline does, so what inspect
-says is what a run will do.
+says is what a run will do; and ``ccs upload`` reads a slide's pixels with :func:`read_pixels`,
+as inspect does, so a slide whose tiles inspect cannot decode is refused at upload.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 from urllib.parse import urlparse
@@ -17,9 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.errors import NoForegroundError, SlideError
 from smartccs.slide.cache import SlideCache
-from smartccs.slide.reader import MppSource, open_slide
+from smartccs.slide.reader import MppSource, Slide, open_slide
 from smartccs.slide.specimen import Specimen
-from smartccs.slide.tiling import TilingConfig, TooCoarseError, measure_specimen, plan_tiles
+from smartccs.slide.tiling import (
+    TilePlan,
+    TilingConfig,
+    TooCoarseError,
+    measure_specimen,
+    plan_tiles,
+)
 from smartccs.store import Store, StoreConfig
 
 MPP_OVERRIDE = "override"
@@ -66,10 +74,11 @@ def inspect_slide(
 ) -> SlideReport:
     """Open, describe and plan the tiles of a local slide or an ``s3://`` object.
 
-    Raises a ``SlideError`` (one line) when the file cannot be opened or has no pixel size;
-    a slide that opens but would not tile (no cells, scanned too coarse) is reported, with
-    the reason in ``tiling_error``. ``mpp_override`` replaces the file's pixel size and is
-    reported as ``mpp_source`` ``override``.
+    Raises a ``SlideError`` (one line) when the file cannot be opened, has no pixel size or
+    has a tile :func:`read_pixels` cannot decode; a slide that opens but would not tile (no
+    cells, scanned too coarse) is reported, with the reason in ``tiling_error``.
+    ``mpp_override`` replaces the file's pixel size and is reported as ``mpp_source``
+    ``override``.
     """
     tiling = tiling or TilingConfig()
     remote = "://" in target and not target.startswith("file://")
@@ -77,18 +86,8 @@ def inspect_slide(
     path = _local_copy(target, store, cache) if remote else Path(target.removeprefix("file://"))
     with open_slide(path, mpp_override=mpp_override, name=name) as slide:
         info = slide.info
-        fg_fraction: float | None = None
-        tile_count: int | None = None
-        error = None
-        specimen: Specimen | None = None
-        try:
-            plan = plan_tiles(slide, tiling)
-            fg_fraction, tile_count = plan.foreground_fraction, len(plan.tiles)
-            specimen = plan.specimen
-        except (NoForegroundError, TooCoarseError) as exc:
-            error = str(exc).removeprefix(f"{name}: ")
-            if isinstance(exc, NoForegroundError):  # blank glass: measured all the same
-                specimen = measure_specimen(slide, tiling)
+        pixels = read_pixels(slide, tiling)
+    plan = pixels.plan
     return SlideReport(
         name=name,
         path=target if remote else str(path.resolve()),
@@ -103,12 +102,72 @@ def inspect_slide(
         mpp_source=MPP_OVERRIDE if mpp_override is not None else info.mpp_source,
         objective_power=info.objective_power,
         bytes=info.bytes,
-        foreground_fraction=fg_fraction,
-        tile_count=tile_count,
+        foreground_fraction=plan.foreground_fraction if plan else None,
+        tile_count=len(plan.tiles) if plan else None,
         tiling=tiling,
-        tiling_error=error,
-        specimen=specimen,
+        tiling_error=pixels.tiling_error,
+        specimen=pixels.specimen,
     )
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """What a slide's pixels say: its tile plan, or why it has none, and what the glass holds."""
+
+    plan: TilePlan | None
+    tiling_error: str | None
+    """why screening would fail the slide (no cells, scanned too coarse); None with a plan"""
+    specimen: Specimen | None
+    """cytology or not; None when the slide is too coarse to plan"""
+
+
+def read_pixels(slide: Slide, tiling: TilingConfig) -> Pixels:
+    """Plan ``slide``'s tiles as screening will, and decode one stored tile of every level.
+
+    What ``ccs inspect`` and ``ccs upload`` make of a slide's pixels, so the two doors agree: a
+    tile that cannot be decoded raises the reader's ``SlideError``, one line naming the file,
+    the level, the region and OpenSlide's reason (``Corrupt JPEG data: ...``). A slide that
+    reads but would not tile (no cells, scanned too coarse) is no error: ``tiling_error`` says
+    why screening will fail it.
+
+    The cost is bounded, because a center's upload must not cost a screening run: planning
+    reads the low-resolution mask level whole (so every tile of it is checked), then one tile
+    per level is decoded: a handful of tiles, where decoding every tile of level 0 (some
+    100,000 on a whole slide) would take as long as screening it. The tile is taken under the
+    cells (the middle planned tile), else in the middle of the slide: formats that leave out
+    empty tiles still store those, and a tile that is there decodes or not whatever it shows.
+    A corrupt tile elsewhere is left to screening, which fails only that tile's reads.
+    """
+    plan = None
+    error = None
+    specimen = None
+    try:
+        plan = plan_tiles(slide, tiling)
+        specimen = plan.specimen
+    except (NoForegroundError, TooCoarseError) as exc:
+        error = str(exc).removeprefix(f"{slide.name}: ")
+        if isinstance(exc, NoForegroundError):  # blank glass: measured all the same
+            specimen = measure_specimen(slide, tiling)
+    if plan and plan.tiles:
+        t = plan.tiles[len(plan.tiles) // 2]
+        x, y = t.x0 + t.w0 / 2, t.y0 + t.h0 / 2
+    else:
+        x, y = slide.info.width / 2, slide.info.height / 2
+    _read_one_tile_per_level(slide, x, y)
+    return Pixels(plan=plan, tiling_error=error, specimen=specimen)
+
+
+def _read_one_tile_per_level(slide: Slide, x: float, y: float) -> None:
+    """Decode, on every level, the stored tile holding level-0 point ``(x, y)``: the read is
+    aligned on that level's tile grid, so it decodes that one tile."""
+    info = slide.info
+    for level, ((lw, lh), d) in enumerate(
+        zip(info.level_dimensions, info.level_downsamples, strict=True)
+    ):
+        tw, th = slide.tile_size(level)
+        lx = min(int(x / d), lw - 1) // tw * tw
+        ly = min(int(y / d), lh - 1) // th * th
+        slide.read_rgba(level, round(lx * d), round(ly * d), min(tw, lw - lx), min(th, lh - ly))
 
 
 def _local_copy(uri: str, store: Store | None, cache: SlideCache | None) -> Path:

@@ -105,6 +105,14 @@ class Slide:
                 best = level
         return best
 
+    def tile_size(self, level: int) -> tuple[int, int]:
+        """The size in px of the tiles ``level`` is stored in, as the file declares it
+        (OpenSlide's ``tile-width``/``tile-height``); 256 x 256 where it declares none."""
+        props = self._osr.properties
+        w = _to_float(props.get(f"openslide.level[{level}].tile-width"))
+        h = _to_float(props.get(f"openslide.level[{level}].tile-height"))
+        return (int(w) if w and w >= 1 else 256), (int(h) if h and h >= 1 else 256)
+
     def read_rgba(self, level: int, x0: int, y0: int, w: int, h: int) -> Image.Image:
         """The region as OpenSlide gives it: RGBA, transparent where nothing was scanned.
 
