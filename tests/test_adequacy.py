@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from toy_models import stand_in_classifier
 
 from smartccs.models.detector import SQUAMOUS_KINDS
 from smartccs.screening.adequacy import (
@@ -24,7 +24,6 @@ from smartccs.screening.adequacy import (
     required_squamous,
 )
 from smartccs.screening.bags import SlideBag
-from smartccs.screening.cells import ModelRef
 from smartccs.screening.slides import slides_table
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import TilingConfig, plan_tiles, read_tile
@@ -174,13 +173,7 @@ def _bag(slide_id: str, squamous: int, area_mm2: float) -> SlideBag:
 
 
 def test_a_slide_row_is_adequate_by_the_prorated_minimum():
-    classifier = SimpleNamespace(
-        threshold=0.5,
-        detector=ModelRef(name="detector", version="1"),
-        encoder=ModelRef(name="encoder", version="1"),
-        ref=ModelRef(name="classifier", version="1"),
-        label="classifier/1",
-    )
+    classifier = stand_in_classifier()
     bags = [_bag("tiny-ok", 150, 1.0), _bag("tiny-sparse", 10, 1.0), _bag("whole", 4000, 400.0)]
     table = slides_table(
         bags, np.full((3, 7), 1 / 7, np.float32), run_id="r", classifier=classifier,

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from toy_models import stand_in_classifier
 
 from smartccs.errors import CCSError
 from smartccs.results.schema import SLIDE_STATUSES
 from smartccs.screening.adequacy import AdequacyConfig
 from smartccs.screening.bags import SlideBag
-from smartccs.screening.cells import ModelRef
 from smartccs.screening.slides import slides_table
 from smartccs.service.api import BatchStatus
 from smartccs.service.auth import TokenBook, new_token, token_digest
@@ -81,13 +80,7 @@ def _bag(slide_id: str, squamous: int, read: int = 4, rejected: bool = False) ->
 def test_a_slide_s_progress_status_is_the_one_its_table_row_gets():
     """Issue 27: the service said ``scored`` for a slide the slides table calls
     ``inadequate``. A worker's live status for each slide is the table's."""
-    classifier = SimpleNamespace(
-        threshold=0.5,
-        detector=ModelRef(name="detector", version="1"),
-        encoder=ModelRef(name="encoder", version="1"),
-        ref=ModelRef(name="classifier", version="1"),
-        label="classifier/1",
-    )
+    classifier = stand_in_classifier()
     bags = [
         _bag("ok", 150),
         _bag("sparse", 10),

@@ -12,19 +12,19 @@ import json
 import logging
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from cli import run_ccs
 from slide_factory import CELL, GLASS, disc_slide, write_disc_slide
+from toy_models import stand_in_classifier
 
 from smartccs.data.tiles import NO_TILE
 from smartccs.evaluation.report import EvaluationConfig, evaluate
 from smartccs.results.schema import CELLS, SLIDE_STATUSES, SLIDES, STATUS_REJECTED, grade_column
 from smartccs.screening.bags import SlideBag, collect_bags
-from smartccs.screening.cells import TILE_ROW, ModelRef
+from smartccs.screening.cells import TILE_ROW
 from smartccs.screening.slides import AdequacyConfig, slides_table
 from smartccs.service.records import SlideProgress
 from smartccs.slide.inspect import inspect_slide
@@ -136,13 +136,7 @@ def _bag(slide_id: str, *, rejected: bool = False, read: int = 3) -> SlideBag:
 
 
 def test_a_rejected_slide_is_neither_scored_nor_negative():
-    classifier = SimpleNamespace(
-        threshold=0.5,
-        detector=ModelRef(name="detector", version="1"),
-        encoder=ModelRef(name="encoder", version="1"),
-        ref=ModelRef(name="classifier", version="1"),
-        label="classifier/1",
-    )
+    classifier = stand_in_classifier()
     bags = [_bag("cyto"), _bag("tissue", rejected=True, read=0)]
     probs = np.full((2, 7), 1 / 7, np.float32)  # the head is never consulted for "tissue"
     table = slides_table(

@@ -6,6 +6,7 @@ tables) is the production code. Training itself is covered by test_finetune_jobs
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -89,6 +90,17 @@ def save_toy_models(
     )
     version = save_model(store, cls_card, MILHead(dim, mil).state_dict())
     return ModelRef(name=cls_name, version=version)
+
+
+def stand_in_classifier(threshold: float = 0.5) -> SimpleNamespace:
+    """What ``slides_table`` reads of a ``SlideClassifier``, for row tests without a model."""
+    return SimpleNamespace(
+        threshold=threshold,
+        detector=ModelRef(name="detector", version="1"),
+        encoder=ModelRef(name="encoder", version="1"),
+        ref=ModelRef(name="classifier", version="1"),
+        label="classifier/1",
+    )
 
 
 def toy_screening(tmp: Path, tiles_per_call: int = 8, min_squamous: int = 1) -> ScreeningConfig:
