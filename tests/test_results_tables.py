@@ -26,7 +26,7 @@ from smartccs.results.tables import (
     read_table,
     write_batch_results,
 )
-from smartccs.store import Store
+from smartccs.store import Store, StoreConfig
 
 
 def objects(store: Store) -> list[str]:
@@ -328,3 +328,26 @@ def test_files_of_an_older_minor_version_read_with_nulls_for_new_columns(local_s
         ResultsError, match=f"holds schema 2.0; this smartccs reads {SCHEMA_VERSION}"
     ):
         read_table(local_store, "slides")
+
+
+def test_copying_a_batch_keeps_its_commit_and_never_replaces_committed_results(
+    local_store: Store, tmp_path
+):
+    from smartccs.results.copy import copy_batch_results
+
+    dst = Store(StoreConfig(uri=str(tmp_path / "published")))
+    commit = write(local_store, batch="b1", run="arm-run")
+    write(local_store, batch="b2", run="arm-run")
+    write(dst, batch="b2", run="mine", score=0.25)  # dst's own, newer run of b2
+
+    assert copy_batch_results(local_store, dst, "hospital-a", "b1")
+    assert read_commit(dst, "hospital-a", "b1") == commit
+    for table in TABLES:
+        assert read_table(dst, table, batches="b1").equals(
+            read_table(local_store, table, batches="b1")
+        )
+    assert not copy_batch_results(local_store, dst, "hospital-a", "b1")  # once
+    assert not copy_batch_results(local_store, dst, "hospital-a", "b2")  # never over a commit
+    assert set(read_table(dst, "slides", batches="b2")["run_id"].to_pylist()) == {"mine"}
+    with pytest.raises(ResultsError, match="no committed results for hospital-a/b3"):
+        copy_batch_results(local_store, dst, "hospital-a", "b3")

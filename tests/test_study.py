@@ -1,11 +1,13 @@
 """The main job (``ccs demo``): cohort cut into batches, arms screened in stores of their own,
-the ablation table and report, and a re-run resuming from the study's state.
+the ablation table and report, w/ P&A published at the store's top level, and a re-run
+resuming from the study's state.
 
 Training is covered by test_pretrain.py and test_finetune_jobs.py; a full study trains five
 models (minutes even at a few steps), so here the training stages find their models already
 in the study's state, as a resumed study does, and those models are the tiny random-weight
-ones of toy_models. Everything else is the production path on the shared Ray: real synthetic
-slides, uploads, the screening engine with and without adaptation, evaluation and figures.
+ones of toy_models (toy_study.py). Everything else is the production path on the shared Ray:
+real synthetic slides, uploads, the screening engine with and without adaptation, evaluation
+and figures.
 """
 
 from __future__ import annotations
@@ -15,30 +17,22 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from toy_models import save_toy_models, toy_screening
+from toy_study import run_toy_study, toy_cohort, toy_study_config
 
 from smartccs import layout
 from smartccs.labels import has_cell_labels
 from smartccs.manifest import Manifest
-from smartccs.models.artifacts import load_card
-from smartccs.results.tables import read_table
+from smartccs.models.artifacts import latest_version, list_versions, load_card
+from smartccs.results.tables import read_commit, read_table
 from smartccs.store import Store, StoreConfig
 from smartccs.study.cohort import cut_batches, generated_batches
 from smartccs.study.config import StudyConfig
-from smartccs.study.run import StudyState, run_study
-from smartccs.synth.cohort import generate_cohort
 
 
 @pytest.fixture(scope="module")
 def study_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two internal centers and one external (the built-in order), 4 tiny slides each."""
-    root = tmp_path_factory.mktemp("study-cohort")
-    cfg = StudyConfig(cohort_dir=str(root), centers=3, slides_per_center=4)
-    generate_cohort(
-        cfg.cohort_path(), centers=3, slides_per_center=4, size="tiny", seed=0, workers=2,
-        progress=False, abnormal_density_scale=cfg.abnormal_density_scale,
-    )  # fmt: skip
-    return root
+    return toy_cohort(tmp_path_factory.mktemp("study-cohort"))
 
 
 def test_cut_batches_keeps_internal_test_slides_out_of_training(study_cohort: Path, tmp_path):
@@ -78,6 +72,29 @@ def test_generated_batches_are_made_and_uploaded_once_with_their_labels(tmp_path
     assert generated_batches(*args) == ["int-b/holdout"]  # a re-run reuses both
     assert slide.stat().st_mtime_ns == mtime
     assert generated_batches(store, out, [], 1, "tiny", 3, "holdout") == []
+
+
+def test_a_published_classifier_is_a_copy_made_once_that_never_takes_latest_back(
+    tmp_path: Path,
+):
+    from toy_models import save_toy_models
+
+    from smartccs.models.artifacts import load_model
+    from smartccs.study.publish import publish_model
+
+    store = Store(StoreConfig(uri=str(tmp_path / "store")))
+    src = save_toy_models(store, names=("encoder", "detector-pretrained", "classifier-pretrained"))
+    version = publish_model(store, src.name, src.version)
+    card, weights = load_model(store, "classifier", version)
+    source, source_weights = load_model(store, src.name, src.version)
+    assert card.head == source.head | {"published_from": {"name": src.name, "version": src.version}}
+    assert card.weights_sha256 == source.weights_sha256 and weights.keys() == source_weights.keys()
+    assert latest_version(store, "classifier") == version
+    assert publish_model(store, src.name, src.version) == version  # once
+    mine = save_toy_models(store, seed=1, names=("enc-mine", "det-mine", "classifier"))
+    assert publish_model(store, src.name, src.version) == version
+    assert latest_version(store, "classifier") == mine.version  # a user's newer one stays LATEST
+    assert list_versions(store, "classifier") == sorted([version, mine.version])
 
 
 def test_ablation_table_has_the_operating_point_with_cis_and_the_roc_readings(tmp_path: Path):
@@ -129,37 +146,13 @@ def test_ablation_table_has_the_operating_point_with_cis_and_the_roc_readings(tm
     assert "threshold 0.3 chosen on 6" in page and "adequate" in page
 
 
-def _trained_state(store: Store) -> StudyState:
-    """What a study whose training stages finished holds: models per init (toy weights)."""
-    state = StudyState()
-    for seed, init in enumerate(("random", "pretrained")):
-        names = (f"encoder-{init}", f"detector-{init}", f"classifier-{init}")
-        ref = save_toy_models(store, seed=seed, names=names)
-        det = load_card(store, ref.name, ref.version).head["detector"]
-        state.encoder = state.encoder or "unused-by-screening"
-        state.detectors[init] = det["version"]
-        state.classifiers[init] = ref.version
-    return state
-
-
 def test_study_screens_every_arm_in_its_own_store_and_reports_the_ablation(
     study_cohort: Path, ray_session: str, tmp_path: Path, capsys
 ):
-    screening = toy_screening(tmp_path).model_dump(mode="json", exclude={"adapt"})
-    cfg = StudyConfig(
-        store=StoreConfig(uri=str(tmp_path / "store")),
-        cohort_dir=str(study_cohort),
-        centers=3,
-        slides_per_center=4,
-        batch_slides=2,
-        report_slides=1,
-        jobs={"screening": screening},
-    )
+    cfg = toy_study_config(str(tmp_path / "store"), study_cohort, tmp_path)
     store = Store(cfg.store)
-    state_key = f"{layout.run(cfg.study_id())}/state.json"
-    store.write_bytes(state_key, _trained_state(store).model_dump_json().encode())
 
-    result = run_study(cfg)
+    result = run_toy_study(cfg)
 
     tests = [b for b in result.state.batches if b.role == "test"]
     assert {b.kind for b in tests} == {"internal", "external"}
@@ -183,7 +176,18 @@ def test_study_screens_every_arm_in_its_own_store_and_reports_the_ablation(
         assert set(slides["classifier"].to_pylist()) == {
             f"classifier-{arm.init}/{result.state.classifiers[arm.init]}"
         }
-    assert not read_table(store, "slides").num_rows  # arms never touch the main tables
+    # the main tables hold only what was published there: w/ P&A's partitions, copied with
+    # their commits; its classifier is models/classifier, a copy pinning the same models
+    pa_store = Store(StoreConfig(uri=f"{cfg.store.uri}/{layout.run(result.study_id)}/arms/pa"))
+    assert read_table(store, "slides").equals(read_table(pa_store, "slides"))
+    assert read_table(store, "cells").equals(read_table(pa_store, "cells"))
+    commits = {(c, b): read_commit(store, c, b) for c, b in expected}
+    assert commits == {(c, b): read_commit(pa_store, c, b) for c, b in expected}
+    published = load_card(store, "classifier")  # LATEST
+    source = load_card(store, "classifier-pretrained", result.state.classifiers["pretrained"])
+    assert published.head["published_from"] == {"name": source.name, "version": source.version}
+    assert published.weights_sha256 == source.weights_sha256
+    assert published.head["detector"] == source.head["detector"]
 
     arms = [a.label for a in cfg.arms]
     groups = {(r.kind, r.group) for r in result.rows}
@@ -206,5 +210,8 @@ def test_study_screens_every_arm_in_its_own_store_and_reports_the_ablation(
 
     # a re-run of the same study resumes: nothing is screened again, the table is the same
     runs = {a.name: result.state.screened[a.name] for a in cfg.arms}
-    again = run_study(cfg)
+    again = run_toy_study(cfg)
     assert again.state.screened == runs and again.table == result.table
+    # ... and publishes nothing twice: one classifier copy, the same commits
+    assert list_versions(store, "classifier") == [latest_version(store, "classifier")]
+    assert {(c, b): read_commit(store, c, b) for c, b in expected} == commits

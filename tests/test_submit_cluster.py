@@ -17,30 +17,20 @@ killed at the end. About a minute on an idle 2-core machine.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from cli import run_ccs
+from ray_head import RAY, fresh_env, ray_head
 
 from smartccs.submit import server_auth_mode
 
 pytestmark = [pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-RAY = BIN / "ray"
 HELLO = '''"""A job that only reads its config and joins the cluster."""
 import sys
 
@@ -59,88 +49,18 @@ if __name__ == "__main__":
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _host() -> str:
-    """This machine by name (a remote head's address looks like this), else its loopback IP."""
-    name = socket.gethostname()
-    try:
-        socket.gethostbyname(name)
-    except OSError:
-        return "127.0.0.1"
-    return name
-
-
-def _session_pids(sid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                if fields[3] == str(sid) and fields[0] != "Z":
-                    found.append(int(entry))
-    return found
-
-
-def _fresh_env(home: Path) -> dict[str, str]:
-    """A new shell of this user: no Ray variable of this test session, the venv on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.pop("CCS_FAULTS", None)
-    return env | {"HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-                  "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
-
-
 @pytest.fixture
-def head() -> Iterator[tuple[str, Path]]:
-    """A Ray head started as docs/training.md says; yields its job server URL and the home
-    that holds the cluster's token."""
-    root = Path(tempfile.mkdtemp(prefix="ccs-head-"))  # short: Ray's socket paths
-    home = root / "home"
+def head(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A Ray head started as docs/training.md says (tests/ray_head.py); yields its job server
+    URL and the home that holds the cluster's token."""
+    home = tmp_path / "home"
     home.mkdir()
-    env = _fresh_env(home)
+    env = fresh_env(home)
     subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True,
                    capture_output=True, timeout=120)  # fmt: skip
     assert (home / ".ray" / "auth_token").is_file()
-    dashboard = _free_port()
-    command = [
-        str(RAY), "start", "--head", "--block", "--disable-usage-stats",
-        "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(200 << 20),
-        "--temp-dir", str(root / "ray"), "--port", str(_free_port()),
-        "--dashboard-host", "0.0.0.0", "--dashboard-port", str(dashboard),
-        "--ray-client-server-port", str(_free_port()),
-        "--min-worker-port", "0", "--max-worker-port", "0",
-    ]  # fmt: skip
-    for flag in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                 "runtime-env-agent-port"):  # fmt: skip
-        command += [f"--{flag}", str(_free_port())]
-    log = (root / "start.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # fmt: skip
-    address = f"http://{_host()}:{dashboard}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if server_auth_mode(address, timeout=5) is not None:
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start --head: {(root / 'start.log').read_text()[-3000:]}")
-            time.sleep(1)
+    with ray_head(env) as address:
         yield address, home
-    finally:
-        deadline = time.monotonic() + 30
-        while (pids := _session_pids(process.pid)) and time.monotonic() < deadline:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-        process.wait(30)
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _working_dir(tmp_path: Path) -> Path:
@@ -157,7 +77,7 @@ def test_readme_commands_and_ccs_submit_on_a_token_cluster(head, tmp_path):
     address, home = head
     assert server_auth_mode(address) == "token", "a token existed, so `ray start` turned it on"
     wd = _working_dir(tmp_path)
-    env = _fresh_env(home)
+    env = fresh_env(home)
     mine = tmp_path / "elsewhere" / "hello.yaml"  # a config outside the working dir
     mine.parent.mkdir()
     mine.write_text(yaml.safe_dump({"greeting": "from my own config"}))

@@ -9,7 +9,10 @@ its state file says is done, and Ray Train runs resume from their checkpoints):
 4. train a slide classifier on each detector;
 5. screen the internal and external test batches once per arm, each arm in a store of its
    own under ``runs/<study>/arms/<arm>/``: Base (random init, no adaptation), w/ P
-   (pretrained), w/ P&A (pretrained, test-time adaptation batch by batch);
+   (pretrained), w/ P&A (pretrained, test-time adaptation batch by batch); then w/ P&A is
+   published at the store's top level for the other doors, its classifier as
+   ``models/classifier`` and its result partitions under ``results/``
+   (``smartccs.study.publish``);
 6. evaluate each arm per kind of center (``smartccs.evaluation``);
 7. write the ablation table and report under ``runs/<study>/report/``.
 """
@@ -45,6 +48,7 @@ from smartccs.study.ablation import (
 )
 from smartccs.study.cohort import StudyBatch, center_kinds, cut_batches, ensure_uploaded
 from smartccs.study.config import Arm, StudyConfig
+from smartccs.study.publish import PUBLISHED_ARM, publish_arm
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +260,19 @@ def _screen(s: _Study) -> None:
         s.done(f"screen-{arm.name}", t0)
 
 
+def _publish_arm(s: _Study) -> None:
+    """w/ P&A's classifier and results at the store's top level, once (docs/study.md)."""
+    arm = next(a for a in s.cfg.arms if a.name == PUBLISHED_ARM)
+    classifier = (f"classifier-{arm.init}", s.state.classifiers[arm.init])
+    tests = [(b.center, b.batch) for b in s.state.batches if b.role == "test"]
+    done = publish_arm(s.store, s.arm_store(arm), classifier, tests)
+    log.info(
+        "%s published in %s: %s (a copy of %s/%s), results of %d batches under results/ "
+        "(%d copied now)", arm.label, s.store.uri(), done.classifier, *classifier, len(tests),
+        done.partitions,
+    )  # fmt: skip
+
+
 def _evaluate(s: _Study, out: Path) -> dict[str, dict[str, Evaluation]]:
     t0 = s.stage(6, "evaluating each arm on internal and external centers")
     evals: dict[str, dict[str, Evaluation]] = {}
@@ -295,6 +312,7 @@ def run_study(cfg: StudyConfig) -> StudyResult:
     _detectors(s)
     _classifiers(s)
     _screen(s)
+    _publish_arm(s)
     with tempfile.TemporaryDirectory(prefix="ccs-report-") as tmp:
         local = (
             Path(s.store.path(layout.run(s.id), "report"))
