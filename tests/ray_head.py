@@ -29,6 +29,17 @@ BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
 
 
+NODE_PORT_FLAGS = (
+    "node-manager-port", "object-manager-port", "metrics-export-port",
+    "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+)  # fmt: skip
+
+
+def node_port_args() -> list[str]:
+    """A free port for each of a Ray node's own servers, so nodes of several tests coexist."""
+    return [arg for flag in NODE_PORT_FLAGS for arg in (f"--{flag}", str(free_port()))]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,10 +100,7 @@ def ray_head(env: dict[str, str], num_cpus: int = 1) -> Iterator[str]:
         "--ray-client-server-port", str(free_port()),
         "--min-worker-port", "0", "--max-worker-port", "0",
     ]  # fmt: skip
-    for flag in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                 "runtime-env-agent-port"):  # fmt: skip
-        command += [f"--{flag}", str(free_port())]
+    command += node_port_args()
     log = (root / "start.log").open("w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)  # fmt: skip

@@ -42,7 +42,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,7 @@ from smartccs.upload import upload_batch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from moto_buckets import moto_s3, new_s3_store
+from ray_head import free_port, node_port_args
 from test_faults import assert_one_row_per_slide
 from toy_models import TOY_TILING, save_toy_models, toy_screening
 
@@ -93,12 +93,6 @@ RAY_CONFIG = {
   replies, so the node would take nothing with it. Real slides make blocks far larger, so
   they live on the node that made them: here too, and the node's death loses them.
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -138,7 +132,7 @@ class Node:
         self.root = Path(tempfile.mkdtemp(prefix=f"ccs-{name}-"))  # short: socket paths
         self.home = self.root / "home"
         self.home.mkdir()
-        self.port = _free_port() if head is None else None
+        self.port = free_port() if head is None else None
         node_env = env | {
             "HOME": str(self.home),
             # where this node caches slides, read on the node (the last test of this file)
@@ -151,14 +145,11 @@ class Node:
             "--temp-dir", str(self.root / "ray"),
             "--min-worker-port", "0", "--max-worker-port", "0",
         ]  # fmt: skip
-        for flag in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                     "runtime-env-agent-port"):  # fmt: skip
-            command += [f"--{flag}", str(_free_port())]
+        command += node_port_args()
         if head is None:
             command += ["--head", "--port", str(self.port), "--include-dashboard", "false",
-                        "--dashboard-port", str(_free_port()),
-                        "--ray-client-server-port", str(_free_port())]  # fmt: skip
+                        "--dashboard-port", str(free_port()),
+                        "--ray-client-server-port", str(free_port())]  # fmt: skip
         else:
             command += ["--address", head]
         self.log = self.root / "start.log"
