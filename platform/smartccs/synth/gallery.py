@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from smartccs.synth.cell_table import CELL_KINDS
 from smartccs.synth.profiles import CenterProfile, load_profiles
 from smartccs.synth.render import render_region
-from smartccs.synth.specimen import CELL_KINDS, Specimen, cells_in_disc, make_specimen
+from smartccs.synth.specimen import Specimen, cells_in_disc, make_specimen
 
 PANEL_UM = 120.0
 CELLS_PER_PANEL = {"inflammatory": 8, "debris": 6, "HSIL": 8, "AGC": 30, "parabasal": 3}

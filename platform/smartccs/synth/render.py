@@ -15,6 +15,9 @@ need no margin. Sensor noise is added last.
 Speed: background-only regions are a slice of a precomputed noise texture at a seeded offset;
 otherwise only cells whose reach meets the region are drawn, each on its own bounding box, and
 cells smaller than a pixel (thumbnail levels) are splatted in one vectorised pass.
+
+This module is the optics and sensor (a center's stain matrix, background, noise) and the
+region loop; ``cell_painting`` draws each cell's stain and ``texture`` supplies the grain.
 """
 
 from __future__ import annotations
@@ -23,71 +26,29 @@ import functools
 import hashlib
 import math
 import struct
-from typing import NamedTuple
 
 import numpy as np
 
 from smartccs.stain import grey_axis_rotation
+from smartccs.synth.cell_painting import (
+    CHROMATIN_TEXEL_UM,
+    SPREAD,
+    Blur,
+    CellRecord,
+    draw_cell,
+    splat_cells,
+)
 from smartccs.synth.profiles import CenterProfile, StainProfile
-from smartccs.synth.specimen import CELL_DTYPE, Specimen, contour_table
-
-LUT_SIZE = 512
-"""Angular samples of a contour lookup table (0.7 degrees)."""
+from smartccs.synth.specimen import Specimen
+from smartccs.synth.texture import damping, sample_texture
 
 NOISE_SIZE = 1024
 NOISE_PAD = 512
 """Regions up to NOISE_PAD px on a side take a noise slice; larger ones wrap indices."""
 
-TEXTURE_SIZE = 512
-TEXTURE_SMOOTH_TEXELS = 3.0
-"""Correlation length of the texture in texels: granules span several pixels, not one."""
 CYTOPLASM_TEXEL_UM = 0.4
 CYTOPLASM_MOTTLE = 0.12
-CYTOPLASM_RIM = 0.35
-"""Extra stain along a cell's border, where thin cytoplasm curls."""
-CYTOPLASM_RIM_UM = 1.5
-CHROMATIN_TEXEL_UM = 0.2
-SPREAD = 2.5
-"""How far (in contour ramps) a drawing may reach beyond the cell's ``reach``: half a ramp of
-anti-aliasing, plus features narrower than a ramp being drawn a ramp wide."""
-HALO_CLEARING = 0.9
-"""Fraction of cytoplasm stain missing inside a koilocytic halo."""
-NUCLEAR_RIM = 0.35
-"""Extra hematoxylin along the nuclear membrane (chromatin margination)."""
-
-
-class _Cell(NamedTuple):
-    """One CELL_DTYPE row as Python scalars, for the per-cell drawing loop."""
-
-    kind: int
-    group: int
-    x: float
-    y: float
-    radius: float
-    aspect: float
-    theta: float
-    shape: list
-    tail: float
-    tail_dir: float
-    density: float
-    stain: list
-    nuc_dx: float
-    nuc_dy: float
-    nuc_radius: float
-    nuc_aspect: float
-    nuc_theta: float
-    nuc_shape: list
-    nuc_darkness: float
-    chromatin: float
-    halo: float
-    binucleate: bool
-    nuc2_dx: float
-    nuc2_dy: float
-    reach: float
-    box: list
-
-
-assert _Cell._fields == CELL_DTYPE.names, "keep _Cell in step with CELL_DTYPE"
+"""Grain size (um) and contrast of the mottling that modulates every counterstain."""
 
 
 class Optics:
@@ -128,25 +89,6 @@ def stain_matrix(stain: StainProfile) -> np.ndarray:
     m = np.stack(rows) * stain.intensity
     m[0] *= stain.hematoxylin_scale
     return m.astype(np.float32)
-
-
-@functools.cache
-def _texture() -> np.ndarray:
-    """A smooth periodic noise (std 1) for chromatin granules and cytoplasm mottling."""
-    rng = np.random.default_rng(20250214)
-    white = rng.normal(size=(TEXTURE_SIZE, TEXTURE_SIZE))
-    f = np.fft.fftfreq(TEXTURE_SIZE)
-    gauss = np.exp(-2 * (np.pi * TEXTURE_SMOOTH_TEXELS) ** 2 * (f[:, None] ** 2 + f[None, :] ** 2))
-    smooth = np.fft.ifft2(np.fft.fft2(white) * gauss).real
-    smooth = (smooth - smooth.mean()) / smooth.std()
-    return np.clip(smooth, -3, 3).astype(np.float32)
-
-
-def _sample_texture(xs: np.ndarray, ys: np.ndarray, texel_um: float, offset: int) -> np.ndarray:
-    """The texture at physical positions (nearest texel), so it is the same at any mpp."""
-    ix = (np.floor(xs / texel_um).astype(np.int64) + offset) % TEXTURE_SIZE
-    iy = (np.floor(ys / texel_um).astype(np.int64) + offset * 7) % TEXTURE_SIZE
-    return np.take(np.take(_texture(), iy, axis=0), ix, axis=1)
 
 
 def _stable_int(*parts: object) -> int:
@@ -205,18 +147,18 @@ class Renderer:
         if len(ids) == 0:
             return np.ascontiguousarray(_texture_slice(o.empty, ox, oy, w, h))
 
-        blur = _Blur(edge, _damping(CHROMATIN_TEXEL_UM, sigma2))
+        blur = Blur(edge, damping(CHROMATIN_TEXEL_UM, sigma2))
         planes = np.zeros((4, h, w), np.float32)
         xs = x_um + (np.arange(w) + 0.5) * p
         ys = y_um + (np.arange(h) + 0.5) * p
         cells = self.specimen.cells[ids]
         small = cells["reach"] < 0.75 * p
         if small.any():
-            _splat(planes, x_um, y_um, p, cells[small])
+            splat_cells(planes, x_um, y_um, p, cells[small])
         for rec in cells[~small].tolist():
-            _draw_cell(planes, xs, ys, blur, _Cell(*rec))
-        mottle = _sample_texture(xs, ys, CYTOPLASM_TEXEL_UM, 0)
-        mottle *= CYTOPLASM_MOTTLE * _damping(CYTOPLASM_TEXEL_UM, sigma2)
+            draw_cell(planes, xs, ys, blur, CellRecord(*rec))
+        mottle = sample_texture(xs, ys, CYTOPLASM_TEXEL_UM, 0)
+        mottle *= CYTOPLASM_MOTTLE * damping(CYTOPLASM_TEXEL_UM, sigma2)
         mottle += 1.0
         planes[1:] *= mottle
 
@@ -229,180 +171,3 @@ class Renderer:
         out += _texture_slice(o.noise, ox, oy, w, h)
         np.clip(out, 0, 255, out=out)
         return out.astype(np.uint8)
-
-
-class _Blur(NamedTuple):
-    """Blur and pixel footprint at one resolution, as the drawing loop needs them."""
-
-    edge: float  # contour ramp width, um
-    chromatin_damping: float
-
-
-def _damping(texel_um: float, sigma2: float) -> float:
-    """How much a Gaussian blur of variance ``sigma2`` (um^2) shrinks the texture's contrast."""
-    corr = TEXTURE_SMOOTH_TEXELS * texel_um
-    return corr / math.sqrt(corr * corr + sigma2)
-
-
-def _span(coords: np.ndarray, centre: float, reach: float) -> tuple[int, int]:
-    """Index range of sorted pixel-centre ``coords`` within ``reach`` of ``centre``."""
-    lo = int(np.searchsorted(coords, centre - reach, "left"))
-    hi = int(np.searchsorted(coords, centre + reach, "right"))
-    return lo, hi
-
-
-def _distance_to_contour(
-    dx: np.ndarray,
-    dy: np.ndarray,
-    radius: float,
-    aspect: float,
-    theta: float,
-    table: np.ndarray,
-) -> np.ndarray:
-    """Contour radius minus pixel radius (um, ellipse-normalised) on the grid dx x dy.
-
-    Positive inside. The contour comes from a per-cell lookup table by angle, which costs far
-    less per pixel than summing harmonics.
-    """
-    c, s = math.cos(theta), math.sin(theta)
-    u = np.add.outer(dy * np.float32(s / aspect), dx * np.float32(c / aspect))
-    v = np.add.outer(dy * np.float32(c * aspect), dx * np.float32(-s * aspect))
-    angle = np.arctan2(v, u)
-    rho = u
-    rho *= u
-    v2 = v * v
-    rho += v2
-    np.sqrt(rho, out=rho)
-    angle *= np.float32(LUT_SIZE / (2 * np.pi))
-    angle += np.float32(LUT_SIZE + 0.5)
-    idx = angle.astype(np.int32)
-    idx &= LUT_SIZE - 1
-    d = np.take(table, idx)
-    d *= np.float32(radius)
-    d -= rho
-    return d
-
-
-def _coverage(d: np.ndarray, edge: float) -> np.ndarray:
-    """Anti-aliased inside fraction from the signed distance (a one-pixel ramp)."""
-    d *= np.float32(1.0 / edge)
-    d += np.float32(0.5)
-    return _clip01(d)
-
-
-def _clip01(a: np.ndarray) -> np.ndarray:
-    """In-place clip to [0, 1] (np.clip's wrapper costs more than the work on small boxes)."""
-    np.maximum(a, 0.0, out=a)
-    np.minimum(a, 1.0, out=a)
-    return a
-
-
-def _ramp(d: np.ndarray, width: float) -> np.ndarray:
-    """1 at the contour falling to 0 at ``width`` inside: where borders gather stain."""
-    r = d * np.float32(-1.0 / width)
-    r += 1.0
-    return _clip01(r)
-
-
-def _draw_cell(planes: np.ndarray, xs: np.ndarray, ys: np.ndarray, o: _Blur, c: _Cell) -> None:
-    """Add one cell's cytoplasm (with halo) and nuclei to the stain planes, on its box only."""
-    edge = o.edge
-    j0, j1 = _span(xs, c.x, c.reach + SPREAD * edge)
-    i0, i1 = _span(ys, c.y, c.reach + SPREAD * edge)
-    if j0 >= j1 or i0 >= i1:
-        return
-    dx = (xs[j0:j1] - c.x).astype(np.float32)
-    dy = (ys[i0:i1] - c.y).astype(np.float32)
-    shape = np.asarray(c.shape, np.float32)[None]
-    nuc_shape = np.asarray(c.nuc_shape, np.float32)[None]
-    nuc_table = contour_table(nuc_shape, samples=LUT_SIZE)[0] if c.nuc_radius > 0 else None
-    nuclei = [(c.nuc_dx, c.nuc_dy)] + ([(c.nuc2_dx, c.nuc2_dy)] if c.binucleate else [])
-
-    # Features narrower than the ramp keep their stain mass: drawn wider, proportionally fainter.
-    floor = 0.7 * edge
-    radius = max(c.radius, floor)
-    density = c.density * (c.radius / radius) ** 2
-    if density > 0:
-        rel_tail = np.array([c.tail / c.radius]) if c.tail else None
-        table = contour_table(shape, rel_tail, np.array([c.tail_dir]), LUT_SIZE)[0]
-        d = _distance_to_contour(dx, dy, radius, c.aspect, c.theta, table)
-        rim = _ramp(d, CYTOPLASM_RIM_UM)
-        cov = _coverage(d, edge)
-        rim *= np.float32(CYTOPLASM_RIM)
-        rim += 1.0
-        cov *= rim
-        if c.halo > 0 and nuc_table is not None:
-            halo_r = max(c.nuc_radius * c.halo, floor)
-            for ndx, ndy in nuclei:
-                a0, a1 = _span(dx, ndx, halo_r * c.nuc_aspect * 1.7 + edge)
-                b0, b1 = _span(dy, ndy, halo_r * c.nuc_aspect * 1.7 + edge)
-                if a0 < a1 and b0 < b1:
-                    d = _distance_to_contour(
-                        dx[a0:a1] - ndx,
-                        dy[b0:b1] - ndy,
-                        halo_r,
-                        c.nuc_aspect,
-                        c.nuc_theta,
-                        nuc_table,
-                    )
-                    cov[b0:b1, a0:a1] *= 1.0 - HALO_CLEARING * _coverage(d, edge)
-        for s, weight in enumerate(c.stain, start=1):
-            if weight > 0:
-                planes[s, i0:i1, j0:j1] += cov * np.float32(density * weight)
-
-    if nuc_table is None:
-        return
-    nuc_r = max(c.nuc_radius, floor)
-    darkness = c.nuc_darkness * (c.nuc_radius / nuc_r) ** 2
-    granularity = c.chromatin * o.chromatin_damping
-    offset = (round(c.x * 7.0) ^ round(c.y * 13.0)) % 4096
-    for ndx, ndy in nuclei:
-        reach = nuc_r * c.nuc_aspect * 1.7 + edge
-        a0, a1 = _span(dx, ndx, reach)
-        b0, b1 = _span(dy, ndy, reach)
-        if a0 >= a1 or b0 >= b1:
-            continue
-        d = _distance_to_contour(
-            dx[a0:a1] - ndx, dy[b0:b1] - ndy, nuc_r, c.nuc_aspect, c.nuc_theta, nuc_table
-        )
-        rim = _ramp(d, 0.3 * nuc_r)
-        tex = _sample_texture(
-            xs[j0 + a0 : j0 + a1], ys[i0 + b0 : i0 + b1], CHROMATIN_TEXEL_UM, offset
-        )
-        tex *= np.float32(granularity)
-        tex += 1.0
-        tex += rim * np.float32(NUCLEAR_RIM)
-        np.maximum(tex, 0.05, out=tex)
-        tex *= _coverage(d, edge)
-        tex *= np.float32(darkness)
-        planes[0, i0 + b0 : i0 + b1, j0 + a0 : j0 + a1] += tex
-
-
-def _splat(planes: np.ndarray, x0: float, y0: float, p: float, cells: np.ndarray) -> None:
-    """Cells smaller than a pixel: add their stain mass bilinearly at their centres."""
-    _, h, w = planes.shape
-    area = np.pi / (p * p)
-    nuclei = 1 + cells["binucleate"].astype(np.float32)
-    mass = np.empty((len(cells), 4), np.float64)
-    mass[:, 0] = cells["nuc_darkness"] * cells["nuc_radius"] ** 2 * nuclei * area
-    mass[:, 1:] = (cells["density"] * cells["radius"] ** 2 * area)[:, None] * cells["stain"]
-    fx = (cells["x"] - x0) / p - 0.5
-    fy = (cells["y"] - y0) / p - 0.5
-    ix, iy = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
-    tx, ty = fx - ix, fy - iy
-    flat = planes.reshape(4, -1)
-    for oy, ox, wgt in (
-        (0, 0, (1 - tx) * (1 - ty)),
-        (0, 1, tx * (1 - ty)),
-        (1, 0, (1 - tx) * ty),
-        (1, 1, tx * ty),
-    ):
-        jx, jy = ix + ox, iy + oy
-        ok = (jx >= 0) & (jx < w) & (jy >= 0) & (jy < h)
-        if not ok.any():
-            continue
-        pos = jy[ok] * w + jx[ok]
-        for s in range(4):
-            flat[s] += np.bincount(pos, weights=mass[ok, s] * wgt[ok], minlength=h * w).astype(
-                np.float32
-            )
