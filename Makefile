@@ -20,16 +20,16 @@ demo: $(STAMP)
 	$(BIN)/ccs demo
 
 test: $(STAMP)
-	$(BIN)/ruff check platform jobs tests bench serve
-	$(BIN)/ruff format --check platform jobs tests bench serve
+	$(BIN)/ruff check platform jobs tests bench serve research
+	$(BIN)/ruff format --check platform jobs tests bench serve research
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform jobs tests bench serve
+	$(BIN)/ruff check platform jobs tests bench serve research
 
 format: $(STAMP)
-	$(BIN)/ruff format platform jobs tests bench serve
-	$(BIN)/ruff check --fix platform jobs tests bench serve
+	$(BIN)/ruff format platform jobs tests bench serve research
+	$(BIN)/ruff check --fix platform jobs tests bench serve research
 
 bench: $(STAMP)
 	$(BIN)/python bench/read_stage.py

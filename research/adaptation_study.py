@@ -9,7 +9,7 @@
 3. AUC of the slide score (1 - P(NILM)) against the manifests' grades, per center and pooled
    over internal and over external centers; the differences to ``none``.
 
-    python bench/adaptation_study.py --models bench/out/training-study/store-cohort-small-6-seed0
+    python research/adaptation_study.py --models bench/out/training-study/store-cohort-small-6-seed0
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import time
 from pathlib import Path
 
 import yaml
-from screening import OUT, copy_models
+from study_helpers import OUT, REPO
 
-from smartccs.adaptation.config import AdaptConfig
+from smartccs.adaptation.config import METHODS, AdaptConfig
 from smartccs.data.tiles import StreamConfig
+from smartccs.engine.config import ScorerPool, ScreeningConfig
+from smartccs.engine.job import ScreenJobConfig, run_screen_job
 from smartccs.evaluation.truth import slide_truth
 from smartccs.logs import configure_logging
 from smartccs.manifest import Manifest
@@ -37,16 +39,15 @@ from smartccs.metrics.classification import (
 )
 from smartccs.raycluster import init_ray
 from smartccs.results.tables import read_table
-from smartccs.screening.engine import ScorerPool, ScreeningConfig
-from smartccs.screening.job import ScreenJobConfig, run_screen_job
-from smartccs.screening.slides import AdequacyConfig
+from smartccs.screening.adequacy import AdequacyConfig
 from smartccs.store import Store
 from smartccs.study.cohort import generated_centers
 from smartccs.synth.cohort import generate_cohort
 from smartccs.synth.profiles import abnormal_density_tag, load_profiles
 from smartccs.upload import upload_batch
 
-METHODS = ("none", "smartccs", "tent")
+sys.path.insert(0, str(REPO / "bench"))  # bench/screening.py copies a study store's models
+from screening import copy_models
 
 
 def split_batches(center_dir: Path, n: int, out: Path) -> list[Path]:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
-    command = "python bench/adaptation_study.py " + shlex.join(
+    command = "python research/adaptation_study.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     configure_logging(1)

@@ -1,13 +1,13 @@
 """Saved detectors of a training study, scored again on one common annotated test cohort.
 
-In ``bench/training_study.py`` each seed holds out its own 6 slides, so the pretrained and
+In ``research/training_study.py`` each seed holds out its own 6 slides, so the pretrained and
 random arms of a seed share a test set but seeds do not, and a split's few abnormal cells
 (3-150 per class) decide much of the gap between arms. Here every detector of the study, both
 arms of every seed, reads the same new slides of the same internal centers (a cohort seed the
 study never drew, so none was trained on), several times as many abnormal cells as one split:
 what is left between the arms is the training, not the choice of test slides.
 
-    python bench/detector_common_test.py --run-tag p1500-d300-i256-seed0-aa13a8-u4-t0.2
+    python research/detector_common.py --run-tag p1500-d300-i256-seed0-aa13a8-u4-t0.2
 
 A detector already scored on the same cohort (an earlier output here) is not scored again.
 """
@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from study_helpers import OUT, generated_batches
 from training_study import print_arms
 
 from smartccs.data.tiles import StreamConfig
@@ -28,10 +29,9 @@ from smartccs.logs import configure_logging
 from smartccs.models.artifacts import list_versions, load_card
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
-from smartccs.study.cohort import generated_batches
 from smartccs.train.detector import abnormal_ap_by_cells, abnormal_map, score_detector
 
-OUT = Path(__file__).resolve().parent / "out" / "training-study"
+STUDY = OUT / "training-study"  # where research/training_study.py writes
 INITS = ("pretrained", "random")
 
 
@@ -61,7 +61,7 @@ def earlier_scores(cohort: Path, batches: list[str]) -> dict[str, dict]:
     """Rows of earlier runs on the same common cohort and batches, by detector version: a saved
     detector scored on the same slides gives the same figures, so it is not scored twice."""
     rows: dict[str, dict] = {}
-    for path in sorted(OUT.glob("*-common-seed*.json")):
+    for path in sorted(STUDY.glob("*-common-seed*.json")):
         earlier = json.loads(path.read_text())
         if earlier["cohort"] == str(cohort) and earlier["batches"] == batches:
             for arm in earlier["results"].values():
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "two studies' detector configs, input normalization and seeds are the same, e.g. a "
         "new encoder with the old one's normalization pinned",
     )
-    ap.add_argument("--store", type=Path, default=OUT / "store-cohort-small-6-seed0")
+    ap.add_argument("--store", type=Path, default=STUDY / "store-cohort-small-6-seed0")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--centers", default="int-a,int-b,int-c,int-d")
     ap.add_argument("--slides-per-center", type=int, default=6)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         help="not one the studies draw (0-9): slides no detector was trained on",
     )
     args = ap.parse_args(argv)
-    command = "python bench/detector_common_test.py " + shlex.join(
+    command = "python research/detector_common.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     configure_logging(1)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(str(args.store))
     tags = {"pretrained": args.run_tag, "random": args.random_run_tag or args.run_tag}
     versions = study_versions(store, tags, seeds)
-    cohort = OUT / f"common-test-{args.size}-{args.slides_per_center}-seed{args.cohort_seed}"
+    cohort = STUDY / f"common-test-{args.size}-{args.slides_per_center}-seed{args.cohort_seed}"
     batches = generated_batches(
         store, cohort, args.centers.split(","), args.slides_per_center, args.size,
         args.cohort_seed, f"common-test-seed{args.cohort_seed}",
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{args.run_tag}-common-seed{args.cohort_seed}-s{''.join(map(str, seeds))}"
     if tags["random"] != tags["pretrained"]:
         name += f"-random-{tags['random']}"
-    out = OUT / f"{name}.json"
+    out = STUDY / f"{name}.json"
     out.write_text(json.dumps(summary, indent=2, default=float))
     n_gt = results["pretrained"][0]["n_gt"]
     print(f"\nSYNTHETIC cohorts; {command}\ncommon test cells: {n_gt}\n-> {out}")

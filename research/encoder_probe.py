@@ -1,15 +1,15 @@
 """Frozen-encoder probe: how well do an encoder's patch tokens tell the cell classes apart?
 
 A detector finetuning study costs 10 minutes a detector on 2 CPUs and its result is dominated by
-which classes a split's training slides hold (docs/training.md). This probe asks the narrower
-question first, in a few minutes and with no finetuning: around every annotated cell of one
+which classes a split's training slides hold (docs/studies/training.md). This probe asks the
+narrower question first, in a few minutes and with no finetuning: around every annotated cell of one
 cohort, a window at the detector's magnification goes through the frozen encoder; the patch
 tokens under the cell's centre (and, apart, the class token) are the cell's feature; a
 logistic regression learns the 7 detection classes (6 Bethesda classes and normal squamous)
 from one cohort and is scored on another, generated with another seed. Random weights of the
 same architecture are the baseline: what pretraining adds is the difference.
 
-    python bench/encoder_probe.py --encoders random,v20261203T095352902-bb678e
+    python research/encoder_probe.py --encoders random,v20261203T095352902-bb678e
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from study_helpers import OUT
 
 from smartccs.errors import StoreError
 from smartccs.metrics.classification import roc_auc
@@ -34,7 +35,7 @@ from smartccs.models.encoder import build_from, fold_tokens, patch_grid
 from smartccs.slide.reader import open_slide
 from smartccs.store import Store
 
-OUT = Path(__file__).resolve().parent / "out" / "training-study"
+STUDY = OUT / "training-study"  # where research/training_study.py writes
 
 
 def cohort_cells(cohort: Path, per_class: int, seed: int) -> list[dict]:
@@ -162,9 +163,9 @@ def probe(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.n
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoders", required=True, help="comma-separated versions; 'random' too")
-    ap.add_argument("--store", type=Path, default=OUT / "store-cohort-small-6-seed0")
-    ap.add_argument("--train-cohort", type=Path, default=OUT / "cohort-small-6-seed0")
-    ap.add_argument("--test-cohort", type=Path, default=OUT / "common-test-small-6-seed30")
+    ap.add_argument("--store", type=Path, default=STUDY / "store-cohort-small-6-seed0")
+    ap.add_argument("--train-cohort", type=Path, default=STUDY / "cohort-small-6-seed0")
+    ap.add_argument("--test-cohort", type=Path, default=STUDY / "common-test-small-6-seed30")
     ap.add_argument("--window-px", type=int, default=128, help="at the detector's 0.5 um/px")
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument(
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-seeds", default="0,1,2", help="'random' is averaged over these")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    command = "python bench/encoder_probe.py " + shlex.join(
+    command = "python research/encoder_probe.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     store = Store(str(args.store))
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"abnormal AUC {r['auc_abnormal']:.3f}",
                 flush=True,
             )
-    out = args.out or OUT / f"probe-{'-'.join(v.rsplit('-', 1)[-1] for v in versions)}.json"
+    out = args.out or STUDY / f"probe-{'-'.join(v.rsplit('-', 1)[-1] for v in versions)}.json"
     out.write_text(json.dumps({"command": command, "results": results}, indent=2))
     print(f"SYNTHETIC cohorts; {command} -> {out}")
     return 0

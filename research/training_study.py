@@ -11,8 +11,8 @@
 3. Trains jobs/configs/classifier-demo.yaml (on the pretrained detector) on a second, graded
    cohort of many tiny slides from the same centers: held-out AUC, sensitivity, specificity.
 
-    python bench/training_study.py                     # about 70 minutes on 2 busy CPU cores
-    python bench/training_study.py --label-slides 4 --detector-seeds 0 --no-classifier
+    python research/training_study.py                     # about 70 minutes on 2 busy CPU cores
+    python research/training_study.py --label-slides 4 --detector-seeds 0 --no-classifier
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 from pydantic import BaseModel, ValidationError
+from study_helpers import OUT, REPO, generated_batches
 
 from smartccs.errors import describe_validation_error
 from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
-from smartccs.study.cohort import generated_batches
 from smartccs.study.config import deep_merge
 from smartccs.synth.profiles import abnormal_density_tag
 from smartccs.train.classifier import ClassifierConfig, train_classifier
@@ -47,8 +47,7 @@ from smartccs.train.detector import (
 from smartccs.train.pretrain import PretrainConfig, pretrain
 
 CONFIG_NAMES = ("pretrain", "detector", "classifier")
-OUT = Path(__file__).resolve().parent / "out"
-CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+CONFIGS = REPO / "jobs" / "configs"
 
 
 def _config(name: str, store: Store, override: dict | None = None, **update) -> dict:
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             "--pretrain-seeds: one per detector seed (--detector-seeds), and not with a saved "
             "--encoder-version or --detector-version"
         )
-    command = "python bench/training_study.py " + shlex.join(
+    command = "python research/training_study.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     configure_logging(1)

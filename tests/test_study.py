@@ -20,12 +20,11 @@ import pytest
 from toy_study import run_toy_study, toy_cohort, toy_study_config
 
 from smartccs import layout
-from smartccs.labels import has_cell_labels
 from smartccs.manifest import Manifest
 from smartccs.models.artifacts import latest_version, list_versions, load_card
 from smartccs.results.tables import read_commit, read_table
 from smartccs.store import Store, StoreConfig
-from smartccs.study.cohort import cut_batches, generated_batches
+from smartccs.study.cohort import cut_batches
 from smartccs.study.config import StudyConfig
 
 
@@ -59,19 +58,6 @@ def test_another_abnormal_density_is_another_cohort_with_other_batch_names_and_i
     assert dense.cohort_path() != plain.cohort_path()
     assert dense.batch_tag() != plain.batch_tag()  # the old slides' batches are never reused
     assert dense.study_id() != plain.study_id()
-
-
-def test_generated_batches_are_made_and_uploaded_once_with_their_labels(tmp_path: Path):
-    store = Store(StoreConfig(uri=str(tmp_path / "store")))
-    out = tmp_path / "extra"
-    args = (store, out, ["int-b"], 1, "tiny", 3, "holdout")
-    assert generated_batches(*args) == ["int-b/holdout"]
-    assert has_cell_labels(store, "int-b", "holdout")
-    slide = next(out.glob("int-b/slides/*"))
-    mtime = slide.stat().st_mtime_ns
-    assert generated_batches(*args) == ["int-b/holdout"]  # a re-run reuses both
-    assert slide.stat().st_mtime_ns == mtime
-    assert generated_batches(store, out, [], 1, "tiny", 3, "holdout") == []
 
 
 def test_a_published_classifier_is_a_copy_made_once_that_never_takes_latest_back(

@@ -98,7 +98,7 @@ def patch_grid(model: nn.Module, x: torch.Tensor, window_px: int | None = None) 
     token is taken from the window it sits most central in. An encoder pretrained on small
     views sees a large tile as it learned to: on a token grid its own size, with at least a
     quarter window of context around every token. (On 256 px tiles a ViT pretrained on 96 px
-    views lost its whole lead over random weights, docs/training.md.)"""
+    views lost its whole lead over random weights, docs/studies/training.md.)"""
     b, _, h, w = x.shape
     patch = int(model.patch_embed.patch_size[0])
     check_window(patch, window_px, h, w)
