@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 
 from smartccs.manifest import MANIFEST_NAME, Manifest
 from smartccs.models.detector import SQUAMOUS_KINDS
-from smartccs.screening.adequacy import AdequacyConfig, count_squamous, required_squamous
+from smartccs.screening.adequacy import AdequacyConfig, required_squamous
+from smartccs.screening.squamous import count_squamous
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import TilingConfig, plan_tiles, read_tile
 from smartccs.study.cohort import center_kinds, cut_batches

@@ -33,6 +33,9 @@ from typing import Any
 
 import requests
 
+from smartccs.adaptation.config import METHODS
+from smartccs.service.records import FINAL_STATES
+
 
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -118,7 +121,7 @@ def run_load(
             except (requests.RequestException, ValueError) as exc:
                 errors.append(f"{c}: status: {type(exc).__name__}: {exc}")
                 continue
-            if status.get("state") in ("done", "failed"):
+            if status.get("state") in FINAL_STATES:
                 states[c] = status
                 pending.pop(c)
         time.sleep(poll_s)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slides", type=int, default=1, help="slides per batch")
     ap.add_argument("--side-px", type=int, default=2000)
     ap.add_argument("--resubmits", type=int, default=3)
-    ap.add_argument("--adapt", default="smartccs", choices=("none", "smartccs", "tent"))
+    ap.add_argument("--adapt", default="smartccs", choices=METHODS)
     ap.add_argument("--workers", type=int, default=1, help="workers_per_replica")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--tag", default=None)

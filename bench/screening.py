@@ -62,15 +62,17 @@ from slides import write_bench_slide
 from smartccs import layout
 from smartccs.batches import BatchRef, is_committed, load_batch
 from smartccs.data.tiles import STATUS_OK, StreamConfig, TileReader, plan_slide, slide_rows
+from smartccs.engine.config import ScorerPool, ScreeningConfig, new_run_id
+from smartccs.engine.screen import screen_batches
 from smartccs.models.artifacts import ModelCard, load_card, save_model
 from smartccs.models.artifacts import is_committed as model_committed
 from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
 from smartccs.models.encoder import DEMO_ENCODER, build_from
 from smartccs.models.mil import MILConfig, MILHead
+from smartccs.models.refs import ModelRef
 from smartccs.raycluster import init_ray
 from smartccs.results.tables import read_table
-from smartccs.screening.cells import TILE_ROW, CellConfig, CellScorer, ModelRef
-from smartccs.screening.engine import ScorerPool, ScreeningConfig, new_run_id, screen_batches
+from smartccs.screening.cells import TILE_ROW, CellConfig, CellScorer
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import TilingConfig, plan_tiles, read_tile

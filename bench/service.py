@@ -35,10 +35,12 @@ from load import latency_ms
 from screening import OUT, copy_models, demo_models
 from service_setup import BATCH, bench_cohort, screening_config, serve_app, upload_cohort
 
+from smartccs.adaptation.config import METHODS
+from smartccs.engine.job import ScreenJobConfig, run_screen_job
 from smartccs.raycluster import init_ray
-from smartccs.screening.job import ScreenJobConfig, run_screen_job
 from smartccs.service.auth import new_token
 from smartccs.service.client import absolute
+from smartccs.service.records import FINAL_STATES
 from smartccs.store import Store
 
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--centers", type=int, default=8)
     ap.add_argument("--slides", type=int, default=2, help="slides per batch")
     ap.add_argument("--side-px", type=int, default=3000)
-    ap.add_argument("--adapt", default="smartccs", choices=("none", "smartccs", "tent"))
+    ap.add_argument("--adapt", default="smartccs", choices=METHODS)
     ap.add_argument("--resubmits", type=int, default=4)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--models", default=None, help="store URI with a trained classifier")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c, status_url in list(pending.items()):
                     auth = {"Authorization": f"Bearer {tokens[c][0]}"}
                     state = requests.get(status_url, headers=auth, timeout=60).json()["state"]
-                    if state in ("done", "failed"):
+                    if state in FINAL_STATES:
                         if state == "failed":
                             raise SystemExit(f"service batch of {c} failed")
                         pending.pop(c)

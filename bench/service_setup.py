@@ -16,9 +16,9 @@ from pathlib import Path
 from screening import bench_slides, pin_cpus
 
 from smartccs.data.tiles import StreamConfig
+from smartccs.engine.config import ScorerPool, ScreeningConfig
 from smartccs.logs import configure_logging
-from smartccs.screening.cells import ModelRef
-from smartccs.screening.engine import ScorerPool, ScreeningConfig
+from smartccs.models.refs import ModelRef
 from smartccs.screening.slides import AdequacyConfig
 from smartccs.store import Store
 from smartccs.upload import upload_batch

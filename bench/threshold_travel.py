@@ -32,11 +32,12 @@ import yaml
 
 from smartccs import layout
 from smartccs.batches import load_batch
+from smartccs.engine.config import ScreeningConfig
+from smartccs.engine.screen import screen_batches
 from smartccs.logs import configure_logging
 from smartccs.metrics.classification import roc_auc
 from smartccs.models.artifacts import load_card
 from smartccs.results.tables import list_partitions, read_commit, read_table
-from smartccs.screening.engine import ScreeningConfig, screen_batches
 from smartccs.store import Store, StoreConfig
 from smartccs.study.cohort import StudyBatch, cut_batches, ensure_uploaded
 from smartccs.study.config import StudyConfig

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import sys
 
-from smartccs.jobrunner import JobFlag, run_job
-from smartccs.screening.job import ScreenJobConfig, run_screen_job, summary_line
-
-FLAGS = (
-    JobFlag("--batch", "batches", "a batch id 'center/batch' or URI (repeatable)", repeat=True),
-    JobFlag("--model", "model", "the classifier: 'name[/version]' or its URI"),
-    JobFlag("--run-id", "run_id", "name this run (re-using one replaces its rows)"),
-    JobFlag("--adapt", "adapt", "test-time adaptation: none, smartccs or tent"),
-)
+from smartccs.engine.flags import SCREEN_FLAGS
+from smartccs.engine.job import ScreenJobConfig, check_screen_job, run_screen_job, summary_line
+from smartccs.jobrunner import run_job
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_job(
-        "jobs.screen", __doc__, ScreenJobConfig, run_screen_job, summary_line, argv, flags=FLAGS
-    )
+        "jobs.screen", __doc__, ScreenJobConfig, run_screen_job, summary_line, argv,
+        SCREEN_FLAGS, check=check_screen_job,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

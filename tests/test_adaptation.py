@@ -30,10 +30,11 @@ from smartccs.adaptation.state import (
     rollback,
     state_name,
 )
-from smartccs.adaptation.tent import apply_norms, entropy_loss, norm_parameters, tent_adapt
+from smartccs.adaptation.tent import entropy_loss, tent_adapt
 from smartccs.errors import CCSError
 from smartccs.models.artifacts import latest_version, load_card, load_model
 from smartccs.models.detector import build_detector, preprocess
+from smartccs.models.norms import apply_norms, norm_parameters
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.slides import SlideClassifier
 from smartccs.stain import StainStats
@@ -248,8 +249,8 @@ def test_the_batch_job_adapts_each_center_batch_by_batch(
 ):
     from toy_models import toy_screening
 
+    from smartccs.engine.job import ScreenJobConfig, run_screen_job
     from smartccs.results.tables import read_table
-    from smartccs.screening.job import ScreenJobConfig, run_screen_job
 
     cfg = toy_screening(tmp_path)
     cfg = cfg.model_copy(update={"adapt": AdaptConfig(tent=TentAdaptConfig(tiles=8))})
@@ -284,7 +285,7 @@ def test_a_center_stained_outside_the_detectors_range_is_calibrated_and_one_insi
     from smartccs.adaptation.stain import center_calibration, stain_reference
     from smartccs.batches import resolve_batches
     from smartccs.data.tiles import StreamConfig
-    from smartccs.screening.job import ScreenJobConfig, run_screen_job
+    from smartccs.engine.job import ScreenJobConfig, run_screen_job
     from smartccs.synth.cohort import generate_cohort
     from smartccs.upload import upload_batch
 

@@ -16,15 +16,10 @@ import pytest
 from toy_models import stand_in_classifier
 
 from smartccs.models.detector import SQUAMOUS_KINDS
-from smartccs.screening.adequacy import (
-    AdequacyConfig,
-    count_squamous,
-    label,
-    nucleus_cores,
-    required_squamous,
-)
+from smartccs.screening.adequacy import AdequacyConfig, required_squamous
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.slides import slides_table
+from smartccs.screening.squamous import count_squamous, label, nucleus_cores
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import TilingConfig, plan_tiles, read_tile
 from smartccs.synth.cohort import generate_cohort

@@ -136,3 +136,40 @@ def test_screen_checks_its_model_before_ray_starts(
     assert "classifiers there: classifier-pretrained" in err, err
     if model.startswith("detector"):
         assert "is a detector, not a classifier" in err, err
+
+
+def test_the_screen_job_door_checks_its_model_before_ray_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """Issue 28: ``python -m jobs.screen`` and ``ccs screen`` are one operation with one flag
+    table (``engine.flags``) and one check before Ray (``engine.job.check_screen_job``)."""
+    import sys
+
+    from smartccs import raycluster
+    from smartccs.store import Store, StoreConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jobs import screen
+
+    store = Store(StoreConfig(uri=str(tmp_path / "store")))
+    monkeypatch.setattr(raycluster, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    code = screen.main(["--batch", "c1/b1", "--model", "nope", "--store", store.root])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("jobs.screen: ") and "nope" in err, err
+
+
+def test_a_nested_flag_replaces_its_field_and_keeps_the_config_s_others(tmp_path: Path):
+    from smartccs import cli
+    from smartccs.engine.flags import SCREEN_FLAGS
+    from smartccs.engine.job import ScreenJobConfig
+    from smartccs.jobrunner import flag_overrides, load_config
+
+    config = tmp_path / "screen.yaml"
+    config.write_text("screening:\n  adequacy: {preparation_diameter_mm: 13}\n")
+    args = cli.build_parser().parse_args(
+        ["screen", "--batch", "a/b", "--min-squamous", "7", "--adapt", "tent"]
+    )
+    cfg = load_config(ScreenJobConfig, config, None, flag_overrides(args, SCREEN_FLAGS))
+    assert cfg.batches == ["a/b"] and cfg.adapt == "tent"
+    assert cfg.screening.adequacy.min_squamous == 7
+    assert cfg.screening.adequacy.preparation_diameter_mm == 13

@@ -32,7 +32,8 @@ from smartccs import layout
 from smartccs.batches import BatchRef
 from smartccs.errors import CCSError
 from smartccs.manifest import Manifest, SlideEntry
-from smartccs.screening.engine import ScreeningConfig, screen_batches
+from smartccs.engine.config import ScreeningConfig
+from smartccs.engine.screen import screen_batches
 from smartccs.store import Store, StoreConfig
 from smartccs.study.config import embedded_defaults
 
@@ -103,7 +104,8 @@ def _screening_error(monkeypatch, nodes, autoscaled=False, **pool) -> str | None
     """``check_resources``'s message for ``pool`` (the study's settings otherwise) on ``nodes``
     (CPUs, GPUs) per node; no Ray is started."""
     from smartccs import raycluster
-    from smartccs.screening.engine import ScorerPool, ScreeningConfig, check_resources
+    from smartccs.engine.config import ScorerPool, ScreeningConfig
+    from smartccs.engine.stream import check_resources
     from smartccs.study.config import embedded_defaults
 
     shapes = [{"CPU": float(c), "GPU": float(g)} for c, g in nodes]

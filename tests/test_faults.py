@@ -24,10 +24,10 @@ import pytest
 import yaml
 
 from smartccs.batches import load_batch
+from smartccs.engine.config import ScreeningConfig
+from smartccs.engine.job import ScreenJobConfig, run_screen_job
 from smartccs.faults import FAULTS_ENV, arm, disarm_all, fired
 from smartccs.results.tables import read_commit, read_table
-from smartccs.screening.engine import ScreeningConfig
-from smartccs.screening.job import ScreenJobConfig, run_screen_job
 from smartccs.service.config import ServiceConfig
 from smartccs.service.records import BatchQueue, BatchRecord, batch_id
 from smartccs.service.worker import Worker

@@ -399,7 +399,7 @@ def screened(
     root.addHandler(records)
     ours.setLevel(logging.DEBUG)
     try:
-        from smartccs.screening.engine import screen_batches
+        from smartccs.engine.screen import screen_batches
 
         upload_batch(private, center="private", batch="b1", store=store, progress=False)
         refs: list[BatchRef] = [load_batch(store, c, "b1") for c in ("hostile", "private")]

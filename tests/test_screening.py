@@ -21,18 +21,18 @@ from smartccs import layout
 from smartccs.batches import commit_batch, load_batch, resolve_batches
 from smartccs.checksums import sha256_file
 from smartccs.data.tiles import slide_rows
+from smartccs.engine.job import ScreenJobConfig, resolve, run_screen_job
+from smartccs.engine.stream import cell_stream, embedding_dim
 from smartccs.errors import CCSError
 from smartccs.manifest import Manifest, SlideEntry
 from smartccs.metrics.operating_point import operating_point
 from smartccs.models.detector import SQUAMOUS_KINDS
+from smartccs.models.refs import ModelRef
 from smartccs.results.schema import THRESHOLD_CENTER
 from smartccs.results.tables import read_commit, read_table
-from smartccs.screening.adequacy import count_squamous
 from smartccs.screening.bags import BagCollector
-from smartccs.screening.cells import ModelRef
-from smartccs.screening.engine import cell_stream, embedding_dim
-from smartccs.screening.job import ScreenJobConfig, resolve, run_screen_job
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier
+from smartccs.screening.squamous import count_squamous
 from smartccs.screening.threshold import ThresholdConfig, carried_threshold
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import plan_tiles, read_tile

@@ -25,10 +25,11 @@ from smartccs.checksums import sha256_file
 from smartccs.errors import CCSError
 from smartccs.manifest import Manifest, SlideEntry
 from smartccs.results.tables import PART_NAME
-from smartccs.service.api import BATCHES, MAX_BODY_BYTES, create_app
+from smartccs.service.api import MAX_BODY_BYTES, create_app
 from smartccs.service.auth import TokenBook, new_token, token_digest
 from smartccs.service.config import ServiceConfig
 from smartccs.service.records import batch_id
+from smartccs.service.routes import BATCHES
 
 pytestmark = [
     pytest.mark.hostile,

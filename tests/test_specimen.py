@@ -222,9 +222,9 @@ def test_screening_rejects_tissue_and_blank_glass_and_scores_the_rest(
     from smartccs import layout
     from smartccs.batches import commit_batch, load_batch
     from smartccs.checksums import sha256_file
+    from smartccs.engine.screen import screen_batches
     from smartccs.manifest import Manifest, SlideEntry
     from smartccs.results.tables import read_table
-    from smartccs.screening.engine import screen_batches
     from smartccs.store import Store, StoreConfig
 
     store = Store(StoreConfig(uri=str(tmp_path / "store")))

@@ -12,13 +12,14 @@ import torch
 
 from smartccs.adaptation.stain import REFERENCE_KEY
 from smartccs.data.tiles import StreamConfig
+from smartccs.engine.config import ScorerPool, ScreeningConfig
 from smartccs.metrics.operating_point import OperatingPoint
 from smartccs.models.artifacts import Architecture, ModelCard, save_model
 from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
 from smartccs.models.encoder import build_from
 from smartccs.models.mil import MILConfig, MILHead
-from smartccs.screening.cells import CellConfig, ModelRef
-from smartccs.screening.engine import ScorerPool, ScreeningConfig
+from smartccs.models.refs import ModelRef
+from smartccs.screening.cells import CellConfig
 from smartccs.screening.slides import AdequacyConfig
 from smartccs.slide.tiling import TilingConfig
 from smartccs.stain import StainReference

@@ -1,4 +1,4 @@
-"""Incoming batches in the store: commit, list and load (DESIGN.md, Contracts: Store).
+"""Incoming batches in the store: commit, list and load (docs/store.md, docs/architecture.md).
 
 A batch lives under ``incoming/<center>/<batch>/``: the slide files at the paths its manifest
 names, ``manifest.json``, and a ``_COMMITTED`` marker written last with create-if-absent. Only a

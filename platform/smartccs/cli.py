@@ -17,7 +17,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from smartccs import __version__
+from smartccs.adaptation.config import ADAPTIVE_METHODS, METHODS
+from smartccs.engine.flags import SCREEN_FLAGS
 from smartccs.errors import CCSError, describe_validation_error
+from smartccs.jobrunner import add_flags, flag_overrides
 from smartccs.logs import configure_logging
 from smartccs.store import DEFAULT_STORE_URI, Store, StoreConfig
 
@@ -247,26 +250,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from smartccs.batches import resolve_batches
-    from smartccs.models.artifacts import require_model
+    from smartccs.engine.job import ScreenJobConfig, check_screen_job, run_screen_job, summary_line
+    from smartccs.jobrunner import load_config
     from smartccs.raycluster import init_ray
-    from smartccs.screening.job import ScreenJobConfig, resolve, run_screen_job, summary_line
 
-    raw = {
-        "batches": args.batch or [],
-        "model": args.model,
-        "run_id": args.run_id,
-        "adapt": args.adapt,
-    }
-    if args.store:
-        raw["store"] = {"uri": args.store}
-    if args.min_squamous is not None:
-        raw["screening"] = {"adequacy": {"min_squamous": args.min_squamous}}
-    cfg = ScreenJobConfig.model_validate(raw)
-    store, ids, screening = resolve(cfg)
-    # a wrong model or batch fails here, before a Ray starts
-    require_model(store, screening.classifier_model, screening.classifier_version, "classifier")
-    resolve_batches(store, ids)
+    overrides = flag_overrides(args, SCREEN_FLAGS)
+    cfg = check_screen_job(load_config(ScreenJobConfig, None, args.store, overrides))
     init_ray(args.address)
     print(summary_line(run_screen_job(cfg)))
     return 0
@@ -318,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder's very slides is only registered)",
     )
     p.add_argument("--token", help="the center's service token (default: $CCS_TOKEN)")
-    p.add_argument("--adapt", choices=("none", "smartccs", "tent"), help="with --submit")
+    p.add_argument("--adapt", choices=METHODS, help="with --submit")
     p.add_argument("--wait", action="store_true", help="with --submit: follow it to the end")
     p.add_argument(
         "--break-lease",
@@ -397,32 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="abnormal cells per abnormal slide, times the profiles' (10; 1: their own)",
     )
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--adapt", choices=("smartccs", "tent"), default=None, help="w/ P&A's method")
+    p.add_argument("--adapt", choices=ADAPTIVE_METHODS, default=None, help="w/ P&A's method")
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "screen", help="screen committed batches into the result tables (local door to jobs.screen)"
     )
-    p.add_argument(
-        "--batch", action="append", help="'center/batch' or a batch URI (repeatable); none: all"
-    )
-    p.add_argument("--model", default=None, help="classifier 'name[/version]' or its URI")
+    add_flags(p, SCREEN_FLAGS)  # the same table as python -m jobs.screen
     p.add_argument("--store", default=None, help="store URI (default: the URIs' root, $CCS_STORE)")
-    p.add_argument("--run-id", default=None, help="name the run (default: a new id)")
-    p.add_argument(
-        "--min-squamous",
-        type=int,
-        default=None,
-        help="adequacy minimum for a whole 20 mm preparation (Bethesda: 5000), pro-rated to "
-        "the scanned area",
-    )
-    p.add_argument(
-        "--adapt",
-        choices=("none", "smartccs", "tent"),
-        default=None,
-        help="test-time adaptation per center (docs/adaptation.md); default: none",
-    )
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     p.set_defaults(func=cmd_screen)
 

@@ -7,6 +7,15 @@ from pydantic import AfterValidator
 
 from smartccs.errors import InvalidIdError
 
+SlideKey = tuple[str, str, str]
+"""(center, batch, slide_id): one slide, the same key in bags, labels, splits and evaluation."""
+
+
+def batch_key(center: str, batch: str) -> str:
+    """``center/batch``: how a batch is named in logs, adaptation state and service ids."""
+    return f"{center}/{batch}"
+
+
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Matched with ``fullmatch``: ``$`` would also accept a trailing newline."""
 

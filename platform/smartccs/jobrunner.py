@@ -35,12 +35,49 @@ ENV_PREFIX = "env:"
 
 @dataclass(frozen=True)
 class JobFlag:
-    """A command-line flag that sets one top-level config field (``repeat``: a list field)."""
+    """A command-line flag that sets one config field (``repeat``: a list field; a dotted
+    ``field`` sets a nested one). A job's flags are one table, which both its
+    ``python -m jobs.<name>`` door and any ``ccs`` command for the same job add."""
 
     flag: str
     field: str
     help: str
     repeat: bool = False
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: Sequence[JobFlag]) -> None:
+    for f in flags:
+        action = "append" if f.repeat else "store"
+        metavar = None if f.choices else f.flag.lstrip("-").upper().replace("-", "_")
+        parser.add_argument(
+            f.flag, dest=f.field, action=action, type=f.type, choices=f.choices,
+            metavar=metavar, help=f.help,
+        )  # fmt: skip
+
+
+def flag_overrides(args: argparse.Namespace, flags: Sequence[JobFlag]) -> dict[str, Any]:
+    """The config fields the given flags set, nested where a field is dotted."""
+    out: dict[str, Any] = {}
+    for f in flags:
+        value = getattr(args, f.field)
+        if value is None:
+            continue
+        *parents, leaf = f.field.split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        both = isinstance(v, dict) and isinstance(merged.get(k), dict)
+        merged[k] = _merge(merged[k], v) if both else v
+    return merged
 
 
 def read_config_text(source: Path | str) -> str:
@@ -61,14 +98,14 @@ def load_config(
     overrides: dict[str, Any] | None = None,
 ) -> C:
     """A job config from YAML (or the model's defaults without a file); ``store`` (a URI)
-    replaces the file's store and ``overrides`` replace top-level fields."""
+    replaces the file's store and ``overrides`` replace the fields they name (nested dicts
+    replace nested fields only)."""
     raw = (yaml.safe_load(read_config_text(path)) or {}) if path is not None else {}
     if not isinstance(raw, dict):
         raise CCSError(f"{path}: expected a mapping of config fields")
     if store:
         raw["store"] = {"uri": store}
-    raw.update(overrides or {})
-    return model.model_validate(raw)
+    return model.model_validate(_merge(raw, overrides or {}))
 
 
 def run_job(
@@ -98,14 +135,9 @@ def run_job(
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="Ray's own progress output too (-vv)"
     )
-    for f in flags:
-        parser.add_argument(
-            f.flag, dest=f.field, action="append" if f.repeat else "store", help=f.help
-        )
+    add_flags(parser, flags)
     args = parser.parse_args(argv)
-    overrides = {
-        f.field: getattr(args, f.field) for f in flags if getattr(args, f.field) is not None
-    }
+    overrides = flag_overrides(args, flags)
     configure_logging(args.verbose)
     try:
         cfg = load_config(model, args.config, args.store, overrides)

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from smartccs import layout
 from smartccs.batches import BatchRef
 from smartccs.errors import CCSError
+from smartccs.ids import SlideKey
 from smartccs.store import Store
 
 CELLS_FILE = "cells.parquet"
@@ -43,7 +44,6 @@ class SlideBoxes:
         return len(self.classes)
 
 
-SlideKey = tuple[str, str, str]
 """(center, batch, slide_id): a slide id is unique only within its batch."""
 
 

@@ -1,4 +1,4 @@
-"""Where things live inside a store (DESIGN.md, Contracts: Store).
+"""Where things live inside a store (docs/store.md; contracts: docs/architecture.md).
 
 ``incoming/<center>/<batch>/``, ``results/<table>/center=<c>/batch=<b>/`` (with its commit
 marker in ``results/_commits/<table>/center=<c>/batch=<b>/``), ``models/<name>/<version>/``,

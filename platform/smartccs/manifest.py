@@ -1,4 +1,4 @@
-"""The batch manifest: what a center uploads beside its slides (DESIGN.md, Contracts)."""
+"""The batch manifest: what a center uploads beside its slides (docs/store.md)."""
 
 import codecs
 import json

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from smartccs.batches import BatchRef
+from smartccs.ids import SlideKey
 
 Split = Literal["train", "val", "test"]
 
@@ -39,9 +40,6 @@ class SplitConfig(BaseModel):
 
 def _rank(center: str, batch: str, slide_id: str, seed: int) -> bytes:
     return hashlib.sha256(f"{seed}:{center}:{batch}:{slide_id}".encode()).digest()
-
-
-SlideKey = tuple[str, str, str]
 
 
 def assign_splits(

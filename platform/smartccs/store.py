@@ -104,6 +104,12 @@ class StoreConfig(BaseModel):
         return cls(uri=uri or os.environ.get("CCS_STORE") or DEFAULT_STORE_URI)
 
 
+def open_store(config: StoreConfig | None = None, uri: str | None = None) -> Store:
+    """The store a job or the service is configured with, else the one ``uri`` or the
+    environment names (``StoreConfig.from_env``): every door opens its store this one way."""
+    return Store(config if config is not None else StoreConfig.from_env(uri))
+
+
 S3_MAX_KEY_BYTES = 1024
 STAGING_OVERHEAD = len(".") + len(".tmp-") + 32
 """Bytes :func:`_staging` adds to a file name."""

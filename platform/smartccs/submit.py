@@ -83,7 +83,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
 from urllib.request import urlopen
@@ -378,6 +378,82 @@ def _wait(client: JobSubmissionClient, job_id: str, follow_logs: bool, out: Text
         time.sleep(_POLL_S)
 
 
+def _job_env_vars(
+    config: Path | str, working_dir: Path, extra_env: Mapping[str, str] | None
+) -> dict[str, str]:
+    """The job's environment variables: ``extra_env`` and the config when it does not travel
+    with the working directory; refused where they would set what the driver or the config
+    sets itself."""
+    shipped = config_env(config, working_dir)
+    env = dict(extra_env or {})
+    clash = sorted(DRIVER_ENV_KEYS & env.keys())
+    if clash:
+        raise CCSError(f"extra_env: {', '.join(clash)} is set by the job driver itself")
+    if shipped.keys() & env.keys():
+        raise CCSError(f"extra_env: {CONFIG_ENV} carries the config {config} itself")
+    if shipped:
+        log.info("config %s is not uploaded with %s: it travels in the job's %s", config,
+                 working_dir, CONFIG_ENV)  # fmt: skip
+    return {"PYTHONUNBUFFERED": "1", **env, **shipped}
+
+
+def _hand_over(
+    client: JobSubmissionClient,
+    address: str,
+    name: str,
+    entrypoint: str,
+    runtime_env: dict[str, Any],
+) -> str:
+    """Submit the job and return its id, retrying for ``AGENT_WAIT_S`` while the server has
+    no job agent yet; any other refusal is a ``CCSError`` with the server's first line."""
+    from ray.exceptions import AuthenticationError
+
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=_job_id(name),
+                runtime_env=runtime_env,
+                metadata={"ccs_job": name},
+            )
+        except AuthenticationError as exc:
+            raise CCSError(_auth_hint(address, exc)) from None
+        except (RuntimeError, ValueError) as exc:  # the server's or the packaging's refusal
+            if _NO_AGENT in str(exc) and time.monotonic() < deadline:
+                log.info("job server at %s has no job agent yet; retrying", address)
+                time.sleep(2)
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CCSError(
+                f"Ray job server at {address} did not take job {name!r}: {first}"
+            ) from None
+
+
+def _succeeded(
+    client: JobSubmissionClient, job_id: str, address: str, follow_logs: bool, out: TextIO
+) -> str:
+    """Wait for the job to end and return its status; a ``CCSError`` with its reason and how
+    to read its logs unless it SUCCEEDED. Interrupted, it says the job keeps running."""
+    logs_hint = f"ray job logs {job_id} --address {address}"
+    try:
+        status = _wait(client, job_id, follow_logs, out)
+    except KeyboardInterrupt:
+        print(
+            f"stopped following job {job_id}; it keeps running (`ray job stop {job_id} "
+            f"--address {address}` ends it, `{logs_hint}` shows its logs)",
+            file=sys.stderr,
+        )
+        raise
+    if status != "SUCCEEDED":
+        message = (client.get_job_info(job_id).message or "").strip()
+        reason = message.splitlines()[0].split(", last available logs")[0] if message else ""
+        raise CCSError(
+            f"job {job_id} {status}{': ' + reason if reason else ''} (logs: `{logs_hint}`)"
+        )
+    return status
+
+
 def submit_job(
     name: str,
     config: Path | str,
@@ -402,66 +478,18 @@ def submit_job(
     """
     working_dir = Path(working_dir or default_working_dir()).expanduser().resolve()
     entrypoint = job_entrypoint(name, Path(config), working_dir, store=store, verbose=verbose)
-    shipped = config_env(config, working_dir)
-    env = dict(extra_env or {})
-    clash = sorted(DRIVER_ENV_KEYS & env.keys())
-    if clash:
-        raise CCSError(f"extra_env: {', '.join(clash)} is set by the job driver itself")
-    if shipped.keys() & env.keys():
-        raise CCSError(f"extra_env: {CONFIG_ENV} carries the config {config} itself")
-    if shipped:
-        log.info("config %s is not uploaded with %s: it travels in the job's %s", config,
-                 working_dir, CONFIG_ENV)  # fmt: skip
+    env_vars = _job_env_vars(config, working_dir, extra_env)
     address = resolve_address(address)
     client = _client(address)
     runtime_env = {
         "working_dir": str(working_dir),
         "excludes": list(WORKING_DIR_EXCLUDES),
-        "env_vars": {"PYTHONUNBUFFERED": "1", **env, **shipped},
+        "env_vars": env_vars,
     }
-    from ray.exceptions import AuthenticationError
-
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            job_id = client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=_job_id(name),
-                runtime_env=runtime_env,
-                metadata={"ccs_job": name},
-            )
-            break
-        except AuthenticationError as exc:
-            raise CCSError(_auth_hint(address, exc)) from None
-        except (RuntimeError, ValueError) as exc:  # the server's or the packaging's refusal
-            if _NO_AGENT in str(exc) and time.monotonic() < deadline:
-                log.info("job server at %s has no job agent yet; retrying", address)
-                time.sleep(2)
-                continue
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CCSError(
-                f"Ray job server at {address} did not take job {name!r}: {first}"
-            ) from None
+    job_id = _hand_over(client, address, name, entrypoint, runtime_env)
     log.info("submitted %s to %s: %s", job_id, address, entrypoint)
-    logs_hint = f"ray job logs {job_id} --address {address}"
     if not wait:
-        status = client.get_job_status(job_id)
-        return SubmittedJob(
-            job_id=job_id, address=address, entrypoint=entrypoint, status=str(status.value)
-        )
-    try:
-        status = _wait(client, job_id, follow_logs, out or sys.stdout)
-    except KeyboardInterrupt:
-        print(
-            f"stopped following job {job_id}; it keeps running (`ray job stop {job_id} "
-            f"--address {address}` ends it, `{logs_hint}` shows its logs)",
-            file=sys.stderr,
-        )
-        raise
-    if status != "SUCCEEDED":
-        message = (client.get_job_info(job_id).message or "").strip()
-        reason = message.splitlines()[0].split(", last available logs")[0] if message else ""
-        raise CCSError(
-            f"job {job_id} {status}{': ' + reason if reason else ''} (logs: `{logs_hint}`)"
-        )
+        status = str(client.get_job_status(job_id).value)
+    else:
+        status = _succeeded(client, job_id, address, follow_logs, out or sys.stdout)
     return SubmittedJob(job_id=job_id, address=address, entrypoint=entrypoint, status=status)

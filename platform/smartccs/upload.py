@@ -42,7 +42,7 @@ from smartccs.store import Store
 
 if TYPE_CHECKING:
     from smartccs.slide.inspect import Pixels
-    from smartccs.slide.reader import Slide
+    from smartccs.slide.reader import Slide, SlideInfo
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,96 @@ def _check_manifest_ids(directory: str | Path, center: str, batch: str) -> None:
         )
 
 
+_Candidate = tuple[SlideEntry | None, str, str]
+"""A file to validate: its entry in the folder's manifest (None without one), slide id, path."""
+
+
+def _candidates(directory: str | Path, root: Path) -> tuple[list[_Candidate], list[str]]:
+    """The slides to validate, from the folder's manifest or else its files, and the problems
+    found in listing them (broken links, bad or repeated slide ids)."""
+    problems: list[str] = []
+    candidates: list[_Candidate] = []
+    manifest_path = root / MANIFEST_NAME
+    if manifest_path.exists():
+        given = Manifest.loads(manifest_path.read_bytes(), str(manifest_path))
+        return [(s, s.slide_id, s.path) for s in given.slides], problems
+    files, unreadable = _folder_files(root)
+    problems += unreadable
+    if not files and not unreadable:
+        raise UploadError(f"{directory}: no slide files and no {MANIFEST_NAME}")
+    for p in files:
+        stem = p.name.split(".", 1)[0]
+        try:
+            candidates.append((None, validate_id(stem, "slide id"), p.name))
+        except InvalidIdError as exc:
+            problems.append(f"{printable(p.name)}: {exc}")
+    ids = [sid for _, sid, _ in candidates]
+    problems += [
+        f"slide id {sid!r} is used by more than one file"
+        for sid in sorted({i for i in ids if ids.count(i) > 1})
+    ]
+    return candidates, problems
+
+
+def _log_slide(slide_id: str, info: SlideInfo, pixels: Pixels | None) -> None:
+    """What the upload saw of a valid slide, and a warning when it is no cytology specimen."""
+    # by slide id: a file name may carry what a center should not log (a patient's name)
+    log.debug(
+        "slide %s: %s, %dx%d, %.4f mpp",
+        slide_id,
+        info.vendor,
+        info.width,
+        info.height,
+        info.mpp,
+    )
+    specimen = pixels.specimen if pixels else None
+    if specimen is not None and specimen.kind != "cytology":
+        log.warning(
+            "slide %s is not a cervical cytology preparation; it is uploaded, but screening "
+            "will reject it: %s",
+            slide_id,
+            specimen.reason,
+        )
+
+
+def _validate_slide(root: Path, candidate: _Candidate) -> SlideEntry | str:
+    """One file's manifest entry, or the problem that keeps it out of the batch: not a file,
+    unreadable, changed while read, or not what the folder's manifest says."""
+    from smartccs.slide.reader import open_slide
+
+    given_entry, slide_id, rel = candidate
+    path = root / rel
+    missing = _not_a_file(path)
+    if missing:
+        return f"{rel}: listed in {MANIFEST_NAME} but {missing}"
+    before = _identity(path)
+    size = before[0]
+    try:
+        mpp = given_entry.mpp if given_entry else None
+        with open_slide(path, mpp_override=mpp, name=rel) as slide:
+            info = slide.info
+            pixels = _pixels(slide)
+        digest = sha256_file(path)
+    except CCSError as exc:
+        return str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}"
+    if _identity(path) != before:
+        return f"{rel}: changed while it was being validated; upload again"
+    if given_entry is not None:
+        if given_entry.sha256 != digest:
+            return f"{rel}: sha256 does not match {MANIFEST_NAME}"
+        if given_entry.bytes != size:
+            return f"{rel}: {size} bytes, {MANIFEST_NAME} says {given_entry.bytes}"
+    _log_slide(slide_id, info, pixels)
+    return SlideEntry(
+        slide_id=slide_id,
+        path=rel,
+        sha256=digest,
+        bytes=size,
+        mpp=given_entry.mpp if given_entry else None,
+        grade=given_entry.grade if given_entry else None,
+    )
+
+
 def prepare_batch(
     directory: str | Path, center: str, batch: str, *, progress: bool = True
 ) -> tuple[Manifest, Path]:
@@ -96,94 +186,22 @@ def prepare_batch(
     slide whose id is its file name without extension. The manifest's center and batch are
     replaced by ``center`` and ``batch`` (see ``check_manifest`` of :func:`upload_batch`).
     """
-    from smartccs.slide.reader import open_slide
-
     center = validate_id(center, "center")
     batch = validate_id(batch, "batch")
     root = Path(directory)
     if not root.is_dir():
         raise UploadError(f"{directory}: not a directory")
-    problems: list[str] = []
-    candidates: list[tuple[SlideEntry | None, str, str]] = []  # (entry, slide_id, relpath)
-    manifest_path = root / MANIFEST_NAME
-    if manifest_path.exists():
-        given = Manifest.loads(manifest_path.read_bytes(), str(manifest_path))
-        candidates = [(s, s.slide_id, s.path) for s in given.slides]
-    else:
-        files, unreadable = _folder_files(root)
-        problems += unreadable
-        if not files and not unreadable:
-            raise UploadError(f"{directory}: no slide files and no {MANIFEST_NAME}")
-        for p in files:
-            stem = p.name.split(".", 1)[0]
-            try:
-                candidates.append((None, validate_id(stem, "slide id"), p.name))
-            except InvalidIdError as exc:
-                problems.append(f"{printable(p.name)}: {exc}")
-        ids = [sid for _, sid, _ in candidates]
-        problems += [
-            f"slide id {sid!r} is used by more than one file"
-            for sid in sorted({i for i in ids if ids.count(i) > 1})
-        ]
-
+    candidates, problems = _candidates(directory, root)
     entries: list[SlideEntry] = []
     bar = tqdm(
         candidates, desc="validating slides", unit="slide", disable=None if progress else True
     )
-    for given_entry, slide_id, rel in bar:
-        path = root / rel
-        missing = _not_a_file(path)
-        if missing:
-            problems.append(f"{rel}: listed in {MANIFEST_NAME} but {missing}")
-            continue
-        before = _identity(path)
-        size = before[0]
-        try:
-            mpp = given_entry.mpp if given_entry else None
-            with open_slide(path, mpp_override=mpp, name=rel) as slide:
-                info = slide.info
-                pixels = _pixels(slide)
-            digest = sha256_file(path)
-        except CCSError as exc:
-            problems.append(str(exc) if str(exc).startswith(rel) else f"{rel}: {exc}")
-            continue
-        if _identity(path) != before:
-            problems.append(f"{rel}: changed while it was being validated; upload again")
-            continue
-        if given_entry is not None:
-            if given_entry.sha256 != digest:
-                problems.append(f"{rel}: sha256 does not match {MANIFEST_NAME}")
-                continue
-            if given_entry.bytes != size:
-                problems.append(f"{rel}: {size} bytes, {MANIFEST_NAME} says {given_entry.bytes}")
-                continue
-        # by slide id: a file name may carry what a center should not log (a patient's name)
-        log.debug(
-            "slide %s: %s, %dx%d, %.4f mpp",
-            slide_id,
-            info.vendor,
-            info.width,
-            info.height,
-            info.mpp,
-        )
-        specimen = pixels.specimen if pixels else None
-        if specimen is not None and specimen.kind != "cytology":
-            log.warning(
-                "slide %s is not a cervical cytology preparation; it is uploaded, but screening "
-                "will reject it: %s",
-                slide_id,
-                specimen.reason,
-            )
-        entries.append(
-            SlideEntry(
-                slide_id=slide_id,
-                path=rel,
-                sha256=digest,
-                bytes=size,
-                mpp=given_entry.mpp if given_entry else None,
-                grade=given_entry.grade if given_entry else None,
-            )
-        )
+    for candidate in bar:
+        checked = _validate_slide(root, candidate)
+        if isinstance(checked, str):
+            problems.append(checked)
+        else:
+            entries.append(checked)
     if problems:
         raise _refused(directory, problems)
     try:

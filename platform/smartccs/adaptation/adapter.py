@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from smartccs.adaptation.config import AdaptConfig
+from smartccs.adaptation.config import AdaptConfig, Method
 from smartccs.adaptation.contrastive import adapt_step, relative_drift
 from smartccs.adaptation.state import (
     CenterState,
@@ -25,6 +25,7 @@ from smartccs.adaptation.state import (
     state_name,
 )
 from smartccs.errors import StoreError
+from smartccs.ids import batch_key
 from smartccs.models.artifacts import latest_version
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.slides import SlideClassifier, predict
@@ -64,7 +65,7 @@ class CenterAdapter:
         """What the detector stage runs with (tent's norms, the center's stain), and whether
         ``batch`` is already folded into the state (a re-run adapts nothing)."""
         detector = DetectorAdaptation(norms=self.state.norms, stain=self.state.stain)
-        return detector, f"{self.center}/{batch}" in self.state.batches
+        return detector, batch_key(self.center, batch) in self.state.batches
 
     def _heads(self):
         student = copy.deepcopy(self.classifier.head)
@@ -78,13 +79,13 @@ class CenterAdapter:
         batch: str,
         bags: Sequence[SlideBag],
         detector: DetectorAdaptation | None = None,
-        method: str | None = None,
+        method: Method | None = None,
     ) -> tuple[np.ndarray, str, dict[str, float]]:
         """Adapt on one batch and predict it: (N, 7) probabilities, the adaptation label for
         the slides table, and the step's statistics. ``detector``: the norms and stain the
         batch was screened with, kept in the new state; ``method`` overrides the config's
         for this batch (a service request may choose)."""
-        key = f"{self.center}/{batch}"
+        key = batch_key(self.center, batch)
         state = self.state
         state.method = method = method or self.cfg.method
         student, teacher = self._heads()
@@ -150,4 +151,4 @@ class LocalAdapters:
         bags: list[SlideBag],
         detector: DetectorAdaptation | None,
     ) -> tuple[np.ndarray, str, dict[str, float]]:
-        return self._get(center).adapt(batch, bags, detector)
+        return self._get(center).adapt(batch, bags, detector, self.cfg.method)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Method = Literal["none", "smartccs", "tent"]
+METHODS: tuple[Method, ...] = get_args(Method)
+ADAPTIVE_METHODS: tuple[Method, ...] = tuple(m for m in METHODS if m != "none")
 
 
 class SmartCCSAdaptConfig(BaseModel):
-    """The reference method on the MIL head (DESIGN.md): student, EMA teacher, InfoNCE."""
+    """The reference method on the MIL head (docs/adaptation.md): student, EMA teacher, InfoNCE."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

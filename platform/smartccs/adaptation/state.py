@@ -26,7 +26,7 @@ from smartccs.models.artifacts import (
     load_model,
     save_model,
 )
-from smartccs.screening.cells import ModelRef
+from smartccs.models.refs import ModelRef
 from smartccs.stain import StainStats
 from smartccs.store import Store
 

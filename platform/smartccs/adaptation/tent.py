@@ -13,39 +13,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from smartccs.adaptation.config import AdaptConfig
 from smartccs.adaptation.contrastive import relative_drift
 from smartccs.data.tiles import StreamConfig, sample_tiles
 from smartccs.models.artifacts import load_model
 from smartccs.models.detector import CellDetector, build_detector, preprocess
-from smartccs.screening.cells import ModelRef
+from smartccs.models.norms import apply_norms, norm_parameters
+from smartccs.models.refs import ModelRef
+from smartccs.screening.cells import on_detector_grid
 from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store, StoreConfig
-
-_NORMS = (nn.LayerNorm, nn.GroupNorm)
-
-
-def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The affine weights and biases of every normalisation layer, by state-dict name."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _NORMS):
-            for pname, p in module.named_parameters(recurse=False):
-                found[f"{name}.{pname}" if name else pname] = p
-    return found
-
-
-def apply_norms(model: nn.Module, norms: dict[str, torch.Tensor]) -> None:
-    """Load adapted norm parameters over a model's own (strictly: every name must exist)."""
-    params = norm_parameters(model)
-    unknown = set(norms) - set(params)
-    if unknown:
-        raise KeyError(f"not norm parameters of this model: {sorted(unknown)[:3]}")
-    with torch.no_grad():
-        for k, v in norms.items():
-            params[k].copy_(v)
 
 
 def entropy_loss(detector: CellDetector, x: torch.Tensor, locations: int) -> torch.Tensor:
@@ -118,7 +96,7 @@ def tent_batch(
     card, weights = load_model(Store(store_config), detector_ref.name, detector_ref.version)
     detector = build_detector(card)
     detector.load_state_dict(weights)
-    stream = stream.model_copy(update={"tiling": card.tiling})
+    stream = on_detector_grid(stream, card)
     tiles = sample_tiles(store_config, rows, stream, cfg.tent.tiles)
     if stain is not None:
         tiles = calibrate(tiles, stain)

@@ -1,4 +1,4 @@
-"""Per-center S3 access for a store on AWS S3 (DESIGN.md, Contracts: Store).
+"""Per-center S3 access for a store on AWS S3 (docs/store.md; contracts: docs/architecture.md).
 
 A screening center writes only under ``incoming/<center>/`` (its uploads) and reads only that
 prefix and its own result partitions, ``results/<table>/center=<center>/``, with their commit

@@ -134,7 +134,7 @@ def load_measured(screening: str | Path, stream: str | Path | None = None) -> Me
 
 def production_tiling(config: str | Path) -> tuple[Tiling, float]:
     """The tiling and the CPUs per scorer of a screening job config (screen-prod.yaml)."""
-    from smartccs.screening.job import ScreenJobConfig
+    from smartccs.engine.job import ScreenJobConfig
 
     cfg = ScreenJobConfig.model_validate(yaml.safe_load(Path(config).read_text()) or {})
     t = cfg.screening.stream.tiling

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from smartccs import layout
 from smartccs.adaptation.config import Method
 from smartccs.batches import resolve_batches
+from smartccs.engine.config import BatchOutcome, ScreeningConfig
+from smartccs.engine.screen import screen_batches
 from smartccs.errors import CCSError
-from smartccs.screening.engine import BatchOutcome, ScreeningConfig, screen_batches
-from smartccs.store import Store, StoreConfig
+from smartccs.models.artifacts import require_model
+from smartccs.store import Store, StoreConfig, open_store
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +85,16 @@ def resolve(cfg: ScreenJobConfig) -> tuple[Store, list[str], ScreeningConfig]:
         update = {"classifier_model": parts[0]}
         update["classifier_version"] = parts[1] if len(parts) == 2 else "latest"
         screening = screening.model_copy(update=update)
-    if cfg.store is not None:
-        store_cfg = cfg.store
-    else:
-        root = _one_root(roots, "the batches and model")
-        store_cfg = StoreConfig.from_env(root)
-    return Store(store_cfg), ids, screening
+    root = None if cfg.store is not None else _one_root(roots, "the batches and model")
+    return open_store(cfg.store, root), ids, screening
+
+
+def check_screen_job(cfg: ScreenJobConfig) -> ScreenJobConfig:
+    """A wrong store, model or batch fails here, in one line, before a Ray starts."""
+    store, ids, screening = resolve(cfg)
+    require_model(store, screening.classifier_model, screening.classifier_version, "classifier")
+    resolve_batches(store, ids)
+    return cfg
 
 
 def run_screen_job(cfg: ScreenJobConfig) -> ScreenJobResult:

@@ -17,214 +17,35 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from smartccs.adaptation.config import AdaptConfig
 from smartccs.adaptation.stain import center_calibration, detector_reference, measure_stain
 from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.batches import BatchRef
-from smartccs.data.tiles import StreamConfig, plan_stream, slide_rows, tile_stream
-from smartccs.ids import Id
+from smartccs.data.tiles import slide_rows
+from smartccs.engine.config import BatchOutcome, ScreeningConfig, new_run_id
+from smartccs.engine.stream import check_resources, screen_bags
 from smartccs.logs import Progress
 from smartccs.models.artifacts import load_card
-from smartccs.raycluster import MIN_LOCAL_CPUS, Demand, check_placement
+from smartccs.models.refs import ModelRef, pin
 from smartccs.results.schema import STATUS_REJECTED
-from smartccs.results.tables import ResultCommit, write_batch_results
-from smartccs.screening.bags import SlideBag, SlideKey, iter_bags
-from smartccs.screening.cells import CellConfig, CellScorer, ModelRef, encoder_ref
-from smartccs.screening.slides import AdequacyConfig, SlideClassifier, cells_table, slides_table
+from smartccs.results.tables import write_batch_results
+from smartccs.screening.bags import SlideBag
+from smartccs.screening.cells import on_detector_grid
+from smartccs.screening.slides import SlideClassifier, cells_table, slides_table
 from smartccs.screening.threshold import (
     AppliedThreshold,
     ThresholdConfig,
     carried_threshold,
     center_history,
 )
-from smartccs.stain import StainCalibration, merge_stats
+from smartccs.stain import merge_stats
 from smartccs.store import Store
 
 log = logging.getLogger(__name__)
-
-
-class ScorerPool(BaseModel):
-    """The detector/embedder actors: on a GPU cluster one per GPU, here a CPU or two."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    actors: int = Field(default=1, ge=1)
-    cpus: float = Field(default=1.0, gt=0)
-    gpus: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=16, ge=1, description="tiles per detector call")
-    fused: bool = Field(
-        default=True,
-        description="read tiles inside the scorer actors (no pixels in the object store); "
-        "false: separate reader actors (stream.readers) feed the scorers",
-    )
-
-
-def embedding_dim(store: Store, detector: ModelRef) -> int:
-    """Width of the cell embeddings, read off the encoder built on the meta device: no weights
-    are allocated, so asking costs nothing even for ViT-L."""
-    import torch
-
-    from smartccs.models.encoder import build_from
-
-    enc = encoder_ref(load_card(store, detector.name, detector.version))
-    with torch.device("meta"):
-        return int(build_from(load_card(store, enc.name, enc.version).architecture).num_features)
-
-
-def check_resources(stream: StreamConfig, pool: ScorerPool) -> None:
-    """Fail at once, naming the settings, when the cluster cannot hold the scorer pool (and in
-    split mode one reader) and still run a planning task beside them.
-
-    Ray Data starts every actor of a pool first: were they to take every CPU, planning would
-    wait for ever, with no error and no progress. An autoscaled cluster is judged on what its
-    config lets it grow to (``raycluster.cluster_nodes``), a fixed or local one on its nodes.
-    """
-    one = f"scorers.cpus={pool.cpus:g}"
-    one = f"({one}, scorers.gpus={pool.gpus:g})" if pool.gpus else one
-    label = f"scorers.actors={pool.actors} x {one}"
-    demands = [Demand(label, {"CPU": pool.cpus, "GPU": pool.gpus}, pool.actors)]
-    lower = "scorers.actors or scorers.cpus" + ("/gpus" if pool.gpus else "")
-    if not pool.fused:  # Ray Data starts one reader at least
-        reader = f"a reader of stream.reader_cpus={stream.reader_cpus:g}"
-        demands.append(Demand(reader, {"CPU": stream.reader_cpus}))
-        lower += " or stream.reader_cpus"
-    planner = f"stream.planner_cpus={stream.planner_cpus:g} for planning"
-    demands.append(Demand(planner, {"CPU": stream.planner_cpus}))
-    more = "CPUs or GPUs" if pool.gpus else "logical CPUs"
-    check_placement(
-        "screening",
-        demands,
-        f"lower {lower}, or give Ray more {more} (the CLI doors start a local Ray with at "
-        f"least {MIN_LOCAL_CPUS} CPUs)",
-    )
-
-
-def cell_stream(
-    store: Store,
-    rows: list[dict[str, Any]],
-    detector: ModelRef,
-    cells: CellConfig,
-    stream: StreamConfig,
-    pool: ScorerPool,
-    views: int = 1,
-    norms: dict[str, Any] | None = None,
-    stain: StainCalibration | None = None,
-):
-    """A Ray Dataset of cell rows and tile summary rows (see ``screening.cells``) for ``rows``.
-
-    Tiles are cut on the grid the detector was trained on (its card's tiling), whatever
-    ``stream.tiling`` says: a detector sees cells at the scale it learned them or not at all.
-    """
-    import ray
-
-    check_resources(stream, pool)
-    tiling = load_card(store, detector.name, detector.version).tiling
-    if tiling != stream.tiling:
-        log.info("tiling from detector %s/%s: %s", detector.name, detector.version, tiling)
-        stream = stream.model_copy(update={"tiling": tiling})
-
-    kwargs: dict[str, Any] = {
-        "store_config": store.config,
-        "detector": detector,
-        "cells": cells,
-        "threads": max(1, int(pool.cpus)),
-        "views": views,
-        "norms": {k: np.asarray(v) for k, v in (norms or {}).items()} or None,
-        "stain": stain,
-    }
-    if pool.fused:
-        source = plan_stream(rows, store.config, stream)
-        kwargs["stream"] = stream
-    else:
-        source = tile_stream(rows, store.config, stream)
-    return source.map_batches(
-        CellScorer,
-        fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(size=pool.actors),  # all up at once: no ramp-up
-        batch_size=pool.batch_size,
-        batch_format="numpy",
-        num_cpus=pool.cpus,
-        num_gpus=pool.gpus or None,
-    )
-
-
-def _keys(rows: list[dict[str, Any]]) -> list[SlideKey]:
-    return [(r["center"], r["batch"], r["slide_id"]) for r in rows]
-
-
-def screen_bags(
-    store: Store,
-    rows: list[dict[str, Any]],
-    detector: ModelRef,
-    cells: CellConfig,
-    stream: StreamConfig,
-    pool: ScorerPool,
-    top_k: int,
-    views: int = 1,
-    norms: dict[str, Any] | None = None,
-    stain: StainCalibration | None = None,
-) -> Iterator[SlideBag]:
-    """Each slide's bag as soon as its last tile is scored, then any incomplete ones."""
-    ds = cell_stream(
-        store, rows, detector, cells, stream, pool, views=views, norms=norms, stain=stain
-    )
-    yield from iter_bags(
-        ds.iter_batches(batch_size=256, batch_format="numpy"),
-        top_k=top_k,
-        dim=embedding_dim(store, detector),
-        expected=_keys(rows),
-        views=views,
-    )
-
-
-class ScreeningConfig(BaseModel):
-    """What a screening run uses besides its batches; shared by the job and the service."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    classifier_model: Id = "classifier"
-    classifier_version: str = Field(default="latest", description="resolved once, at start")
-    stream: StreamConfig = StreamConfig(readers=1, reader_cpus=0.5, planner_cpus=0.25)
-    scorers: ScorerPool = ScorerPool()
-    adequacy: AdequacyConfig = AdequacyConfig()
-    adapt: AdaptConfig = AdaptConfig()
-    threshold: ThresholdConfig = ThresholdConfig()
-
-
-class BatchOutcome(BaseModel):
-    """One published batch."""
-
-    model_config = ConfigDict(frozen=True)
-
-    center: str
-    batch: str
-    run_id: str
-    slides: int
-    screened: int
-    inadequate: int
-    failed: int
-    positive: int
-    cells: int
-    commit: ResultCommit
-    adaptation: str | None = None
-    rejected: int = 0  # not cytology (slide.specimen): neither scored nor negative
-
-
-def new_run_id() -> str:
-    return datetime.now(UTC).strftime("screen-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-
-
-def _manifest_order(ref: BatchRef, bags: Iterable[SlideBag]) -> list[SlideBag]:
-    order = {s.slide_id: i for i, s in enumerate(ref.manifest.slides)}
-    return sorted(bags, key=lambda b: order.get(b.slide_id, len(order)))
 
 
 def batch_threshold(
@@ -247,7 +68,7 @@ def batch_threshold(
     return applied
 
 
-def _publish(
+def publish_batch(
     store: Store,
     ref: BatchRef,
     bags: list[SlideBag],
@@ -331,18 +152,16 @@ def screen_batches(
     refs = list(refs)
     check_resources(cfg.stream, cfg.scorers)  # before adaptation's tasks, which wait the same
     run_id = run_id or new_run_id()
-    # resolves 'latest' once; classifier.ref is the pinned version
-    ref = ModelRef(name=cfg.classifier_model, version=cfg.classifier_version)
+    # 'latest' resolved once, as the service does (models.refs.pin)
+    ref = pin(store, ModelRef(name=cfg.classifier_model, version=cfg.classifier_version))
     classifier = SlideClassifier(store, ref)
     log.info(
-        "run %s: screening %d slides in %d batches with %s/%s (detector %s/%s), adaptation %s",
+        "run %s: screening %d slides in %d batches with %s (detector %s), adaptation %s",
         run_id,
         sum(len(r.manifest.slides) for r in refs),
         len(refs),
-        classifier.ref.name,
-        classifier.ref.version,
-        classifier.detector.name,
-        classifier.detector.version,
+        classifier.ref.label,
+        classifier.detector.label,
         cfg.adapt.method,
     )
     t0 = time.perf_counter()
@@ -359,7 +178,7 @@ def screen_batches(
             on_slide(bag)
 
     def publish(ref: BatchRef, bags: list[SlideBag], probs: np.ndarray, label: str | None):
-        outcome = _publish(store, ref, bags, probs, label, classifier, cfg, run_id)
+        outcome = publish_batch(store, ref, bags, probs, label, classifier, cfg, run_id)
         outcomes.append(outcome)
         if on_batch:
             on_batch(outcome)
@@ -378,6 +197,11 @@ def screen_batches(
             publish(ref, bags, probs, label)
     log.info("run %s: %d batches in %.1f s", run_id, len(outcomes), time.perf_counter() - t0)
     return outcomes
+
+
+def _manifest_order(ref: BatchRef, bags: Iterable[SlideBag]) -> list[SlideBag]:
+    order = {s.slide_id: i for i, s in enumerate(ref.manifest.slides)}
+    return sorted(bags, key=lambda b: order.get(b.slide_id, len(order)))
 
 
 def _stream_batches(
@@ -432,7 +256,7 @@ def _adapted_stream(
     prepared, seen = adapters.prepare(ref.center, ref.batch)
     norms, stain = prepared.norms or None, prepared.stain
     card = load_card(store, classifier.detector.name, classifier.detector.version)
-    stream = cfg.stream.model_copy(update={"tiling": card.tiling})
+    stream = on_detector_grid(cfg.stream, card)
     resources = {"num_cpus": cfg.scorers.cpus, "num_gpus": cfg.scorers.gpus or None}
     calibration = None
     if cfg.adapt.stain.enabled and detector_reference(card) is None:

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from smartccs.evaluation.tables import EvaluationError, Key, key_name, require
+from smartccs.evaluation.tables import EvaluationError, key_name, require
+from smartccs.ids import SlideKey
 from smartccs.labels import SlideBoxes
 from smartccs.metrics.detection import Boxes, DetectionReport, detection_report
 from smartccs.taxonomy import ABNORMAL_CLASSES
@@ -73,7 +74,7 @@ class CellRows:
         return Boxes(ids, self.boxes[mask], self.labels[mask], self.scores[mask])
 
 
-def _truth_boxes(cell_truth: Mapping[Key, SlideBoxes], keys: list[Key]) -> Boxes:
+def _truth_boxes(cell_truth: Mapping[SlideKey, SlideBoxes], keys: list[SlideKey]) -> Boxes:
     ids: list[str] = []
     boxes: list[np.ndarray] = []
     labels: list[int] = []
@@ -94,8 +95,8 @@ def _truth_boxes(cell_truth: Mapping[Key, SlideBoxes], keys: list[Key]) -> Boxes
 
 def detection_result(
     cells: CellRows,
-    cell_truth: Mapping[Key, SlideBoxes] | None,
-    scored_keys: list[Key],
+    cell_truth: Mapping[SlideKey, SlideBoxes] | None,
+    scored_keys: list[SlideKey],
     iou: float,
 ) -> tuple[DetectionResult | None, str | None]:
     """AP of the kept cells on the scored slides that have annotations, or why there is none."""

@@ -222,55 +222,54 @@ def _detection_rows(ev: Evaluation) -> list[list[Cell]]:
     return rows
 
 
-def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> list[_Block]:
+def _intro_blocks(ev: Evaluation) -> list[_Block]:
+    """The title and what was evaluated: sources, models, threshold and CI methods."""
     m = ev.model
     level = round((1 - ev.config.alpha) * 100)
-    targets = ev.config.sensitivity_targets
     thr = threshold_text(m.threshold, m.threshold_min, m.threshold_max, m.threshold_sources, 4)
-    b: list[_Block] = [_Block("h1", "Smart-CCS screening evaluation")]
-    b.append(
+    return [
+        _Block("h1", "Smart-CCS screening evaluation"),
         _Block(
             "p",
             f"Results: {ev.results_uri or 'in-memory tables'}; ground truth: "
             f"{ev.truth_source or 'given table'}; batches: {', '.join(ev.partitions) or 'none'}; "
             f"screening runs: {', '.join(ev.run_ids) or 'none'}. Generated {ev.created_at}.",
-        )
-    )
-    b.append(
+        ),
         _Block(
             "p",
             f"Models: classifier {m.classifier or '—'}, detector {m.detector or '—'}, "
             f"encoder {m.encoder or '—'}; operating threshold {thr}. AUC CI: {level}% "
             f"stratified bootstrap, {ev.config.n_boot} resamples, seed {ev.config.seed}; "
             f"sensitivity and specificity CIs: {level}% Wilson score.",
-        )
-    )
-    b.append(_Block("p", _operating_point(m)))
-    b.append(_Block("h2", "Slide-level screening (abnormal vs NILM)"))
-    b.append(
-        _Block(
-            "table",
-            header=[
-                "group",
-                "slides",
-                "abnormal",
-                "scored",
-                "inadequate (abn.)",
-                "failed (abn.)",
-                "rejected (abn.)",
-                "no truth",
-                "not in results",
-                f"AUC ({level}% CI)",
-                "threshold",
-                f"sensitivity ({level}% CI)",
-                f"specificity ({level}% CI)",
-                *(f"specificity at sensitivity {t:.2f}" for t in targets),
-                "note",
-            ],
-            rows=[_screening_row(g, targets) for g in ev.groups],
-        )
-    )
-    b.append(
+        ),
+        _Block("p", _operating_point(m)),
+    ]
+
+
+def _screening_blocks(ev: Evaluation) -> list[_Block]:
+    """The slide-level abnormal-vs-NILM section: per-group table, how to read it, ROC."""
+    level = round((1 - ev.config.alpha) * 100)
+    targets = ev.config.sensitivity_targets
+    header = [
+        "group",
+        "slides",
+        "abnormal",
+        "scored",
+        "inadequate (abn.)",
+        "failed (abn.)",
+        "rejected (abn.)",
+        "no truth",
+        "not in results",
+        f"AUC ({level}% CI)",
+        "threshold",
+        f"sensitivity ({level}% CI)",
+        f"specificity ({level}% CI)",
+        *(f"specificity at sensitivity {t:.2f}" for t in targets),
+        "note",
+    ]
+    return [
+        _Block("h2", "Slide-level screening (abnormal vs NILM)"),
+        _Block("table", header=header, rows=[_screening_row(g, targets) for g in ev.groups]),
         _Block(
             "p",
             "Sensitivity and specificity count each slide at the threshold the platform called "
@@ -279,77 +278,94 @@ def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> li
             "range where a group's slides were called at several. Specificity at sensitivity s "
             "is read off each group's own ROC (the highest specificity of a point reaching s): "
             "what the ranking allows with a threshold tuned on these slides, for comparison.",
-        )
-    )
-    b.append(_Block("img", "roc.png", items=["ROC curves"]))
-    b.append(_Block("h2", "Slide grades"))
-    b.append(_Block("p", "Scored slides by true grade (rows) and predicted grade (columns)."))
-    b.append(_Block("img", "confusion.png", items=["grade confusion matrices"]))
+        ),
+        _Block("img", "roc.png", items=["ROC curves"]),
+    ]
+
+
+def _grade_blocks(ev: Evaluation) -> list[_Block]:
+    """The slide-grade section: confusion figure and the overall confusion table."""
     o = ev.overall.confusion
-    b.append(
+    return [
+        _Block("h2", "Slide grades"),
+        _Block("p", "Scored slides by true grade (rows) and predicted grade (columns)."),
+        _Block("img", "confusion.png", items=["grade confusion matrices"]),
         _Block(
             "table",
             header=["true \\ predicted", *o.labels],
             rows=[
                 [lab, *(str(v) for v in row)] for lab, row in zip(o.labels, o.counts, strict=True)
             ],
-        )
-    )
-    b.append(_Block("h2", f"Cell detection (AP at IoU {ev.config.iou:g})"))
-    b.append(_Block("p", DETECTION_NOTE + " Each cell: AP (kept cells / annotated cells)."))
-    b.append(
+        ),
+    ]
+
+
+def _detection_blocks(ev: Evaluation) -> list[_Block]:
+    """The cell-detection section: per-class AP for each group."""
+    return [
+        _Block("h2", f"Cell detection (AP at IoU {ev.config.iou:g})"),
+        _Block("p", DETECTION_NOTE + " Each cell: AP (kept cells / annotated cells)."),
         _Block(
             "table",
             header=["group", "annotated slides", *ABNORMAL_CLASSES, "mAP", "note"],
             rows=_detection_rows(ev),
-        )
-    )
-    b.append(_Block("h2", "Slides"))
-    b.append(
+        ),
+    ]
+
+
+def _slide_row(f: SlideFigure) -> list[Cell]:
+    """One slide's line in the slide list, linking its figures (or saying why there are none)."""
+    return [
+        f.center,
+        f.batch,
+        f.slide_id,
+        f.truth or "—",
+        f.status,
+        _f(f.score),
+        f.predicted_grade or "—",
+        str(f.n_cells),
+        _Link("heatmap", f.heatmap) if f.heatmap else (f.error or "—"),
+        _Link("cells", f.cells) if f.cells else "—",
+    ]
+
+
+def _slide_blocks(figures: list[SlideFigure], n_candidates: int) -> list[_Block]:
+    """The per-slide section: which slides got figures, and the list linking them."""
+    header = [
+        "center",
+        "batch",
+        "slide",
+        "truth",
+        "status",
+        "score",
+        "predicted",
+        "kept cells",
+        "heatmap",
+        "cells",
+    ]
+    return [
+        _Block("h2", "Slides"),
         _Block(
             "p",
             f"Figures for {len(figures)} of {n_candidates} scored slides: every abnormal slide "
             "(by truth) first, then the highest scores. Heatmap: score-weighted density of the "
             "kept abnormal cells on a thumbnail; cells: the top kept cells of each class.",
-        )
-    )
-    rows: list[list[Cell]] = []
-    for f in figures:
-        rows.append(
-            [
-                f.center,
-                f.batch,
-                f.slide_id,
-                f.truth or "—",
-                f.status,
-                _f(f.score),
-                f.predicted_grade or "—",
-                str(f.n_cells),
-                _Link("heatmap", f.heatmap) if f.heatmap else (f.error or "—"),
-                _Link("cells", f.cells) if f.cells else "—",
-            ]
-        )
-    b.append(
-        _Block(
-            "table",
-            header=[
-                "center",
-                "batch",
-                "slide",
-                "truth",
-                "status",
-                "score",
-                "predicted",
-                "kept cells",
-                "heatmap",
-                "cells",
-            ],
-            rows=rows,
-        )
-    )
-    b.append(_Block("h2", "Rules"))
-    b.append(_Block("ul", items=ev.rules))
-    return b
+        ),
+        _Block("table", header=header, rows=[_slide_row(f) for f in figures]),
+    ]
+
+
+def _blocks(ev: Evaluation, figures: list[SlideFigure], n_candidates: int) -> list[_Block]:
+    """The whole report as one document, rendered alike to Markdown and HTML."""
+    return [
+        *_intro_blocks(ev),
+        *_screening_blocks(ev),
+        *_grade_blocks(ev),
+        *_detection_blocks(ev),
+        *_slide_blocks(figures, n_candidates),
+        _Block("h2", "Rules"),
+        _Block("ul", items=ev.rules),
+    ]
 
 
 def write_report(

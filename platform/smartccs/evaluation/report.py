@@ -54,12 +54,13 @@ from smartccs.evaluation.detection import (
     DetectionResult,
     detection_result,
 )
-from smartccs.evaluation.tables import EvaluationError, Key
+from smartccs.evaluation.tables import EvaluationError
 from smartccs.evaluation.tables import column as _col
 from smartccs.evaluation.tables import key_name as _key_name
 from smartccs.evaluation.tables import one_value as _one_value
 from smartccs.evaluation.tables import require as _require
 from smartccs.evaluation.tables import truth_map as _truth_map
+from smartccs.ids import SlideKey
 from smartccs.labels import SlideBoxes
 from smartccs.metrics.classification import (
     BinaryReport,
@@ -259,7 +260,7 @@ class _Slides:
     def __init__(self, slides: pa.Table):
         _require(slides, SLIDE_COLUMNS, "slides")
         n = slides.num_rows
-        self.keys: list[Key] = [
+        self.keys: list[SlideKey] = [
             (str(c), str(b), str(s))
             for c, b, s in zip(
                 _col(slides, "center"), _col(slides, "batch"), _col(slides, "slide_id"), strict=True
@@ -268,7 +269,7 @@ class _Slides:
         self.status: list[str] = _col(slides, "status")
         self.score: list[float | None] = _col(slides, "score")
         self.error: list[str | None] = _col(slides, "error")
-        seen: set[Key] = set()
+        seen: set[SlideKey] = set()
         for i, key in enumerate(self.keys):
             if key in seen:
                 raise EvaluationError(
@@ -426,7 +427,7 @@ def evaluate(
     slides: pa.Table,
     cells: pa.Table,
     truth: pa.Table,
-    cell_truth: Mapping[Key, SlideBoxes] | None = None,
+    cell_truth: Mapping[SlideKey, SlideBoxes] | None = None,
     cfg: EvaluationConfig | None = None,
 ) -> Evaluation:
     """Evaluate screening results against ground truth: groups ``overall`` + one per center.

@@ -12,11 +12,10 @@ from typing import Any
 import pyarrow as pa
 
 from smartccs.errors import CCSError
+from smartccs.ids import SlideKey
 from smartccs.taxonomy import GRADES
 
-__all__ = ["EvaluationError", "Key", "column", "key_name", "one_value", "require", "truth_map"]
-
-Key = tuple[str, str, str]
+__all__ = ["EvaluationError", "SlideKey", "column", "key_name", "one_value", "require", "truth_map"]
 
 
 class EvaluationError(CCSError):
@@ -40,15 +39,15 @@ def column(table: pa.Table, name: str) -> list[Any]:
     return table[name].to_pylist()
 
 
-def key_name(key: Key) -> str:
+def key_name(key: SlideKey) -> str:
     """``center/batch/slide_id``, as messages and the cells' slide ids write a slide."""
     return "/".join(key)
 
 
-def truth_map(truth: pa.Table) -> dict[Key, str]:
+def truth_map(truth: pa.Table) -> dict[SlideKey, str]:
     """Slide key -> true grade; a grade outside GRADES or two grades for a slide are errors."""
     require(truth, ("center", "batch", "slide_id", "grade"), "truth")
-    out: dict[Key, str] = {}
+    out: dict[SlideKey, str] = {}
     for c, b, s, g in zip(
         *(column(truth, n) for n in ("center", "batch", "slide_id", "grade")), strict=True
     ):

@@ -1,1 +1,3 @@
-"""The screening engine: tiles -> cells -> bags -> slide results, for the job and the service."""
+"""The screening steps, one module each: a tile's cells (cells), a slide's bag (bags), its grade
+and row (slides), adequacy (adequacy, squamous) and the threshold it is called at (threshold).
+``smartccs.engine`` runs them over Ray Data for the batch job and the service."""

@@ -21,12 +21,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from smartccs.data.tiles import NO_TILE, STATUS_OK
+from smartccs.ids import SlideKey
 from smartccs.results.schema import STATUS_REJECTED
 from smartccs.screening.cells import AUG_EMBEDDING, SECONDS, TILE_ROW
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 N_CLASSES = len(ABNORMAL_CLASSES)
-SlideKey = tuple[str, str, str]
 
 
 @dataclass

@@ -26,7 +26,9 @@ from smartccs.faults import fault_point
 from smartccs.models.artifacts import ModelCard, load_model
 from smartccs.models.detector import build_detector, normalize, preprocess
 from smartccs.models.encoder import build_from, input_size
-from smartccs.screening.adequacy import count_squamous
+from smartccs.models.norms import apply_norms
+from smartccs.models.refs import ModelRef, encoder_ref
+from smartccs.screening.squamous import count_squamous
 from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import ABNORMAL_CLASSES
@@ -67,21 +69,13 @@ class CellConfig(BaseModel):
     )
 
 
-class ModelRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    version: str
-
-
-def encoder_ref(detector: ModelCard) -> ModelRef:
-    """The frozen encoder that embeds a detector's cells: the pretrained encoder it was
-    finetuned from, or the card's own ``embedder`` (a detector trained from random weights)."""
-    own = detector.head.get("embedder")
-    if own:
-        return ModelRef(name=own["name"], version=own["version"])
-    cfg = detector.training_config
-    return ModelRef(name=cfg["encoder_model"], version=cfg["encoder_version"])
+def on_detector_grid(stream: StreamConfig, detector: ModelCard) -> StreamConfig:
+    """``stream`` with the tiling the detector was trained on, whatever it said before: a
+    detector sees cells at the scale it learned them or not at all."""
+    if stream.tiling == detector.tiling:
+        return stream
+    log.info("tiling from detector %s/%s: %s", detector.name, detector.version, detector.tiling)
+    return stream.model_copy(update={"tiling": detector.tiling})
 
 
 def crop_cells(
@@ -141,8 +135,6 @@ class CellScorer:
         self.detector = build_detector(self.card)
         self.detector.load_state_dict(state)
         if norms:  # a center's adapted normalisation layers (tent)
-            from smartccs.adaptation.tent import apply_norms
-
             apply_norms(self.detector, {k: torch.tensor(np.array(v)) for k, v in norms.items()})
         self.detector.eval().to(self.device)
         self.views = views

@@ -26,6 +26,7 @@ from smartccs.errors import CCSError
 from smartccs.metrics.operating_point import OperatingPoint
 from smartccs.models.artifacts import ModelCard, load_model
 from smartccs.models.mil import MILConfig, MILHead
+from smartccs.models.refs import ModelRef
 from smartccs.results.schema import (
     CELLS,
     PROB_COLUMNS,
@@ -38,7 +39,7 @@ from smartccs.results.schema import (
 )
 from smartccs.screening.adequacy import AdequacyConfig, required_squamous
 from smartccs.screening.bags import SlideBag
-from smartccs.screening.cells import CellConfig, ModelRef
+from smartccs.screening.cells import CellConfig
 from smartccs.screening.threshold import AppliedThreshold
 from smartccs.store import Store
 from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES
@@ -93,7 +94,7 @@ class SlideClassifier:
     @property
     def label(self) -> str:
         """The ``classifier`` column: name/version."""
-        return _version(self.ref)
+        return self.ref.label
 
     @property
     def top_k(self) -> int:
@@ -120,10 +121,6 @@ def _prorated(adequacy: AdequacyConfig, bag: SlideBag) -> str:
         return f" (the minimum for a whole {spot})"
     scanned = f"{bag.slide_area_mm2:.3g} mm² scanned"
     return f" ({adequacy.min_squamous} per {spot}, pro-rated to the {scanned})"
-
-
-def _version(ref: ModelRef) -> str:
-    return f"{ref.name}/{ref.version}"
 
 
 def slides_table(
@@ -185,9 +182,9 @@ def slides_table(
             "slide_mpp": _finite(bag.slide_mpp),
             "background_fraction": _finite(bag.background_fraction),
             "blur": _finite(bag.blur),
-            "detector": _version(classifier.detector),
+            "detector": classifier.detector.label,
             "classifier": classifier.label,
-            "encoder": _version(classifier.encoder),
+            "encoder": classifier.encoder.label,
             "adaptation": adaptation,
             "screen_seconds": _finite(bag.seconds),
             "screened_at": when,

@@ -14,24 +14,26 @@ import asyncio
 import numpy as np
 
 from smartccs.adaptation.adapter import CenterAdapter
+from smartccs.adaptation.config import Method
 from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.slides import SlideClassifier
 from smartccs.service.config import ServiceConfig
-from smartccs.service.worker import parse_adapter_key, service_store
+from smartccs.service.worker import parse_adapter_key
+from smartccs.store import open_store
 
 
 class AdapterHost:
     def __init__(self, cfg: ServiceConfig):
         self.cfg = cfg
-        self.store = service_store(cfg)
+        self.store = open_store(cfg.store)
         self._classifiers: dict[str, SlideClassifier] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     def load(self, key: str) -> CenterAdapter:
         """A center's adapter for a pinned classifier version (the multiplexed model id)."""
         center, ref = parse_adapter_key(key)
-        model = f"{ref.name}/{ref.version}"
+        model = ref.label
         if model not in self._classifiers:
             self._classifiers[model] = SlideClassifier(self.store, ref)
         return CenterAdapter(self.store, self._classifiers[model], center, self.cfg.screening.adapt)
@@ -53,7 +55,7 @@ class AdapterHost:
         batch: str,
         bags: list[SlideBag],
         detector: DetectorAdaptation | None,
-        method: str,
+        method: Method,
     ) -> tuple[np.ndarray, str, dict[str, float]]:
         async with self._lock(key):
             await asyncio.to_thread(adapter.refresh)

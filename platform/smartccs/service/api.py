@@ -29,13 +29,11 @@ from smartccs.results.tables import ResultsError, read_table
 from smartccs.service.auth import TokenBook
 from smartccs.service.config import ServiceConfig
 from smartccs.service.records import BatchQueue, BatchRecord, batch_id, is_batch_id
-from smartccs.service.worker import service_store
+from smartccs.service.routes import BATCHES
+from smartccs.store import open_store
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "v1"
-BATCHES = f"/{API_VERSION}/batches"
-"""The batches' routes: ``BATCHES`` (submit), ``BATCHES/<id>`` (status), ``.../results``."""
 
 RETRY_AFTER_S = 60
 """What a 503 asks a client to wait before it tries again."""
@@ -171,7 +169,7 @@ class Service:
 
     def __init__(self, cfg: ServiceConfig, wake: Any = None):
         self.cfg = cfg
-        self.store = service_store(cfg)
+        self.store = open_store(cfg.store)
         self.queue = BatchQueue(self.store, cfg.lease_s)
         self.tokens = TokenBook.load(cfg.tokens, cfg.tokens_source)
         self.wake = wake or (lambda: None)
@@ -252,6 +250,65 @@ def _results(service: Service, record: BatchRecord) -> list[dict[str, Any]]:
     return rows
 
 
+def _submitted(body: SubmitBatch, center: str) -> JSONResponse:
+    """POST /v1/batches: queue the caller's committed batch (again, when it had failed); 202
+    when it was queued now, 200 when it already was."""
+    service = _service()
+    if body.center != center:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"this token submits for {center}, not {body.center}"
+        )
+    if not is_committed(service.store, body.center, body.batch):
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"batch {body.batch!r} of center {body.center!r} is not committed: upload "
+            "and commit it first (`ccs upload`)",
+        )
+    adapt = body.adapt or service.cfg.screening.adapt.method
+    bid = batch_id(body.center, body.batch)
+    record, new = service.queue.register(
+        BatchRecord(batch_id=bid, center=body.center, batch=body.batch, adapt=adapt)
+    )
+    if not new and record.state == "failed":  # a failed batch is retried when resubmitted
+        record = record.model_copy(update={"state": "queued", "error": None})
+        service.queue.save(record)
+        new = True
+    if new:
+        service.wake()
+    base = service.cfg.public(f"{BATCHES}/{bid}")  # never from the request's Host
+    out = Submitted(
+        batch_id=bid,
+        state=record.state,
+        new=new,
+        status_url=base,
+        results_url=f"{base}/results",
+    )
+    return JSONResponse(out.model_dump(), status_code=202 if new else 200)
+
+
+def _batch_results(bid: str, center: str) -> dict[str, Any]:
+    """GET /v1/batches/<id>/results: a done batch's slide rows and which run wrote them."""
+    service = _service()
+    record = _own(service, bid, center)
+    if record.state != "done":
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"batch {bid} is {record.state}, results come when done"
+        )
+    t0 = time.perf_counter()
+    rows = _results(service, record)
+    run_id = rows[0]["run_id"]
+    return {
+        "batch_id": bid,
+        "center": record.center,
+        "batch": record.batch,
+        "run_id": run_id,
+        "superseded": run_id != record.run_id,  # a later run (the batch job) replaced it
+        "adaptation": record.adaptation,
+        "slides": [iso_times(r) for r in rows],
+        "read_seconds": round(time.perf_counter() - t0, 4),
+    }
+
+
 def create_app() -> FastAPI:
     """The API; its routes read their service from :func:`bind_service`."""
     app = FastAPI(
@@ -270,37 +327,7 @@ def create_app() -> FastAPI:
 
     @app.post(BATCHES, status_code=202, response_model=Submitted)
     def submit(body: SubmitBatch, center: CenterOf):
-        service = _service()
-        if body.center != center:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN, f"this token submits for {center}, not {body.center}"
-            )
-        if not is_committed(service.store, body.center, body.batch):
-            raise HTTPException(
-                status.HTTP_404_NOT_FOUND,
-                f"batch {body.batch!r} of center {body.center!r} is not committed: upload "
-                "and commit it first (`ccs upload`)",
-            )
-        adapt = body.adapt or service.cfg.screening.adapt.method
-        bid = batch_id(body.center, body.batch)
-        record, new = service.queue.register(
-            BatchRecord(batch_id=bid, center=body.center, batch=body.batch, adapt=adapt)
-        )
-        if not new and record.state == "failed":  # a failed batch is retried when resubmitted
-            record = record.model_copy(update={"state": "queued", "error": None})
-            service.queue.save(record)
-            new = True
-        if new:
-            service.wake()
-        base = service.cfg.public(f"{BATCHES}/{bid}")  # never from the request's Host
-        out = Submitted(
-            batch_id=bid,
-            state=record.state,
-            new=new,
-            status_url=base,
-            results_url=f"{base}/results",
-        )
-        return JSONResponse(out.model_dump(), status_code=202 if new else 200)
+        return _submitted(body, center)
 
     @app.get(f"{BATCHES}/{{bid}}", response_model=BatchStatus)
     def batch_status(bid: str, center: CenterOf):
@@ -313,24 +340,6 @@ def create_app() -> FastAPI:
 
     @app.get(f"{BATCHES}/{{bid}}/results")
     def batch_results(bid: str, center: CenterOf):
-        service = _service()
-        record = _own(service, bid, center)
-        if record.state != "done":
-            raise HTTPException(
-                status.HTTP_409_CONFLICT, f"batch {bid} is {record.state}, results come when done"
-            )
-        t0 = time.perf_counter()
-        rows = _results(service, record)
-        run_id = rows[0]["run_id"]
-        return {
-            "batch_id": bid,
-            "center": record.center,
-            "batch": record.batch,
-            "run_id": run_id,
-            "superseded": run_id != record.run_id,  # a later run (the batch job) replaced it
-            "adaptation": record.adaptation,
-            "slides": [iso_times(r) for r in rows],
-            "read_seconds": round(time.perf_counter() - t0, 4),
-        }
+        return _batch_results(bid, center)
 
     return app

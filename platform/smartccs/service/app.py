@@ -5,35 +5,34 @@
 
 They live in the installed library so that every replica, on any node, can import them.
 
-Three deployments: ``Ingress`` (the FastAPI API: auth, submit, status, results), ``Screener``
-(workers that take submitted batches from the store's queue and run the screening engine on
-them, Ray Data fanning tiles out over the cluster) and ``Adapters`` (centers' adapted
-classifiers, multiplexed: a center's batches go to the replica that holds its state).
+Three deployments: ``Ingress`` (the FastAPI API: auth, submit, status, results; it imports no
+torch), ``Screener`` (workers that take submitted batches from the store's queue and run the
+screening engine on them, Ray Data fanning tiles out over the cluster) and ``Adapters``
+(centers' adapted classifiers, multiplexed: a center's batches go to the replica that holds its
+state). Replica counts and autoscaling are the operator's, in serve/config.yaml only; run from
+code without it, each deployment has one replica.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.logs import configure_logging
-from smartccs.screening.cells import ModelRef
-from smartccs.service.adapters import AdapterHost
 from smartccs.service.api import Service, bind_service, create_app
 from smartccs.service.config import ServiceConfig
-from smartccs.service.worker import RemoteAdapters, Worker
+
+if TYPE_CHECKING:
+    from smartccs.adaptation.state import DetectorAdaptation
+    from smartccs.models.refs import ModelRef
 
 api = create_app()
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
-)
+@serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
     def __init__(self, screener: DeploymentHandle, config: dict[str, Any]):
@@ -51,6 +50,8 @@ class Screener:
     runs on Ray Data over the cluster."""
 
     def __init__(self, adapters: DeploymentHandle, config: dict[str, Any]):
+        from smartccs.service.worker import RemoteAdapters, Worker  # torch: not in the ingress
+
         configure_logging(1)
         cfg = ServiceConfig.model_validate(config)
 
@@ -68,12 +69,11 @@ class Screener:
             w.wakeup.set()
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.1},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2},
-)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
 class Adapters:
     def __init__(self, config: dict[str, Any]):
+        from smartccs.service.adapters import AdapterHost  # torch: not in the ingress
+
         configure_logging(1)
         self.host = AdapterHost(ServiceConfig.model_validate(config))
 

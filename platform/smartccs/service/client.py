@@ -10,6 +10,8 @@ from typing import Any
 import requests
 
 from smartccs.errors import CCSError
+from smartccs.service.records import FINAL_STATES
+from smartccs.service.routes import BATCHES
 
 TOKEN_ENV = "CCS_TOKEN"
 
@@ -44,7 +46,7 @@ def submit(url: str, center: str, batch: str, token: str | None = None, adapt: s
     body: dict[str, Any] = {"center": center, "batch": batch}
     if adapt:
         body["adapt"] = adapt
-    answer = _call("POST", f"{url.rstrip('/')}/v1/batches", resolve_token(token), json=body)
+    answer = _call("POST", f"{url.rstrip('/')}{BATCHES}", resolve_token(token), json=body)
     for name in ("status_url", "results_url"):
         answer[name] = absolute(url, answer[name])
     return answer
@@ -62,6 +64,6 @@ def wait(status_url: str, token: str | None = None, timeout_s: float = 3600, pol
     deadline = time.monotonic() + timeout_s
     while True:
         status = _call("GET", status_url, token)
-        if status["state"] in ("done", "failed") or time.monotonic() > deadline:
+        if status["state"] in FINAL_STATES or time.monotonic() > deadline:
             return status
         time.sleep(poll_s)

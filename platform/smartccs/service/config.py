@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 
 from smartccs.adaptation.config import AdaptConfig
-from smartccs.screening.engine import ScreeningConfig
+from smartccs.engine.config import ScreeningConfig
 from smartccs.store import StoreConfig
 
 

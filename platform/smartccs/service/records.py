@@ -17,12 +17,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from smartccs.adaptation.config import Method
 from smartccs.errors import StoreError
+from smartccs.ids import batch_key
 from smartccs.results.schema import SLIDE_STATUSES, STATUS_SCREENED
 from smartccs.store import Store
 
 PREFIX = "runs/service/batches"
 State = Literal["queued", "running", "done", "failed"]
+FINAL_STATES: tuple[State, ...] = ("done", "failed")
+"""A batch in one of these states changes no more."""
 SlideState = Literal[("pending", *SLIDE_STATUSES)]  # type: ignore[valid-type]
 """``pending``, then the slide's ``status`` in the slides table (results/schema.py)."""
 
@@ -34,7 +38,7 @@ _BATCH_ID = re.compile(r"b-[0-9a-f]{20}")
 
 
 def batch_id(center: str, batch: str) -> str:
-    return "b-" + hashlib.sha256(f"{center}/{batch}".encode()).hexdigest()[:20]
+    return "b-" + hashlib.sha256(batch_key(center, batch).encode()).hexdigest()[:20]
 
 
 def is_batch_id(value: str) -> bool:
@@ -66,7 +70,7 @@ class BatchRecord(BaseModel):
     center: str
     batch: str
     state: State = "queued"
-    adapt: str = "none"
+    adapt: Method = "none"
     submitted_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None

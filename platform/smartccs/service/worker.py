@@ -18,9 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from smartccs.adaptation.config import Method
 from smartccs.adaptation.state import DetectorAdaptation
 from smartccs.batches import load_batch
-from smartccs.models.artifacts import latest_version
+from smartccs.engine.config import ScreeningConfig
+from smartccs.engine.screen import screen_batches
+from smartccs.models.refs import ModelRef, pin
 from smartccs.results.schema import (
     STATUS_FAILED,
     STATUS_INADEQUATE,
@@ -30,29 +33,22 @@ from smartccs.results.schema import (
 from smartccs.results.tables import read_table
 from smartccs.screening.adequacy import AdequacyConfig
 from smartccs.screening.bags import SlideBag
-from smartccs.screening.cells import ModelRef
-from smartccs.screening.engine import ScreeningConfig, screen_batches
 from smartccs.screening.slides import estimated_squamous, required_squamous
 from smartccs.service.config import ServiceConfig
 from smartccs.service.records import BatchQueue, BatchRecord, SlideProgress
-from smartccs.store import Store, StoreConfig
+from smartccs.store import open_store
 
 log = logging.getLogger(__name__)
 
 
-def service_store(cfg: ServiceConfig) -> Store:
-    return Store(cfg.store or StoreConfig.from_env())
-
-
 def adapter_key(center: str, classifier: ModelRef) -> str:
     """The multiplexed model id of a center's adapted classifier."""
-    return f"{center}|{classifier.name}/{classifier.version}"
+    return f"{center}|{classifier.label}"
 
 
 def parse_adapter_key(key: str) -> tuple[str, ModelRef]:
     center, _, model = key.partition("|")
-    name, _, version = model.partition("/")
-    return center, ModelRef(name=name, version=version)
+    return center, ModelRef.parse(model)
 
 
 def slide_status(bag: SlideBag, adequacy: AdequacyConfig) -> str:
@@ -71,7 +67,7 @@ class RemoteAdapters:
     """``Adapters`` served by a multiplexed deployment: one call per batch, routed to the
     replica that already holds the center's state."""
 
-    def __init__(self, handle: Any, classifier: ModelRef, method: str):
+    def __init__(self, handle: Any, classifier: ModelRef, method: Method):
         self.handle, self.classifier, self.method = handle, classifier, method
 
     def _center(self, center: str):
@@ -91,7 +87,7 @@ class Worker:
 
     def __init__(self, cfg: ServiceConfig, adapters_for: Any = None, name: str | None = None):
         self.cfg = cfg
-        self.store = service_store(cfg)
+        self.store = open_store(cfg.store)
         self.queue = BatchQueue(self.store, cfg.lease_s)
         self.adapters_for = adapters_for  # (ModelRef, method) -> Adapters; None: in-process
         self.name = name or f"worker-{uuid.uuid4().hex[:8]}"
@@ -198,9 +194,8 @@ class Worker:
         """The screening config with the record's adaptation and the classifier pinned, so the
         bags and the adapter agree on one classifier version even if LATEST moves meanwhile."""
         s = self.cfg.screening
-        version = s.classifier_version
-        if version == "latest":
-            version = latest_version(self.store, s.classifier_model)
+        ref = pin(self.store, ModelRef(name=s.classifier_model, version=s.classifier_version))
+        version = ref.version
         adapt = s.adapt.model_copy(update={"method": record.adapt})
         return s.model_copy(update={"classifier_version": version, "adapt": adapt})
 

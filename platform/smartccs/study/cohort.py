@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from smartccs.batches import BatchRef, is_committed, load_batch
 from smartccs.errors import AlreadyCommittedError, CCSError
+from smartccs.ids import batch_key
 from smartccs.labels import has_cell_labels, put_cell_labels
 from smartccs.manifest import MANIFEST_NAME, Manifest
 from smartccs.splits import SplitConfig, assign_splits
@@ -45,7 +46,7 @@ class StudyBatch(BaseModel):
 
     @property
     def id(self) -> str:
-        return f"{self.center}/{self.batch}"
+        return batch_key(self.center, self.batch)
 
 
 def generated_centers(cohort_dir: Path) -> list[Path]:
@@ -105,35 +106,6 @@ def ensure_uploaded(store: Store, folder: Path, center: str, batch: str) -> Batc
     if cells.is_file() and not has_cell_labels(store, center, batch):
         put_cell_labels(store, ref, cells)
     return ref
-
-
-def generated_batches(
-    store: Store,
-    out: Path,
-    centers: list[str],
-    slides_per_center: int,
-    size: str,
-    seed: int,
-    batch: str,
-    abnormal_density_scale: float = 1.0,
-) -> list[str]:
-    """Slides of these centers generated once under ``out`` and uploaded (with their cell
-    annotations) as ``center/batch``: the extra held-out or unlabelled sets of a study."""
-    from smartccs.synth.cohort import generate_cohort  # the renderer only where slides are made
-
-    if not centers or slides_per_center == 0:
-        return []
-    if not (out / "cohort.json").is_file():
-        generate_cohort(
-            out,
-            center_names=centers,
-            slides_per_center=slides_per_center,
-            size=size,
-            seed=seed,
-            abnormal_density_scale=abnormal_density_scale,
-        )
-    return [f"{d.name}/{ensure_uploaded(store, d, d.name, batch).batch}"
-            for d in generated_centers(out)]  # fmt: skip
 
 
 def cut_batches(

@@ -31,12 +31,13 @@ from pydantic import BaseModel, Field
 from smartccs import layout
 from smartccs.batches import load_batch
 from smartccs.commits import copy_committed
+from smartccs.engine.config import ScreeningConfig
+from smartccs.engine.screen import screen_batches
 from smartccs.errors import CCSError
 from smartccs.evaluation.report import Evaluation
 from smartccs.evaluation.run import run_evaluation
 from smartccs.models.artifacts import load_card
-from smartccs.screening.cells import encoder_ref
-from smartccs.screening.engine import ScreeningConfig, screen_batches
+from smartccs.models.refs import encoder_ref
 from smartccs.store import Store, StoreConfig
 from smartccs.study.ablation import (
     KINDS,

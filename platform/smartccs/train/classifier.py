@@ -25,17 +25,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs import layout
-from smartccs.batches import manifests_sha256, resolve_batches
+from smartccs.batches import BatchRef, manifests_sha256, resolve_batches
 from smartccs.data.tiles import StreamConfig
+from smartccs.engine.config import ScorerPool
+from smartccs.engine.stream import screen_bags
 from smartccs.errors import CCSError
-from smartccs.ids import Id
+from smartccs.ids import Id, SlideKey
 from smartccs.metrics.classification import BinaryReport, binary_report, confusion_matrix
 from smartccs.metrics.operating_point import OperatingPoint, operating_point
 from smartccs.models.artifacts import ModelCard, config_sha256, load_card, save_model
 from smartccs.models.mil import MILConfig, MILHead, abnormal_logit, pooled_embedding
+from smartccs.models.refs import ModelRef, encoder_ref
 from smartccs.screening.bags import SlideBag
-from smartccs.screening.cells import CellConfig, ModelRef, encoder_ref
-from smartccs.screening.engine import ScorerPool, screen_bags
+from smartccs.screening.cells import CellConfig
 from smartccs.screening.slides import predict
 from smartccs.splits import SplitConfig, assign_folds, split_rows
 from smartccs.store import Store
@@ -44,8 +46,6 @@ from smartccs.train.loop import RunFields, fit, optimizer_step, worker_loop
 from smartccs.train.selection import batch_ids, check_splits, graded_batches
 
 log = logging.getLogger(__name__)
-
-BagKey = tuple[str, str, str]
 
 
 class ClassifierConfig(RunFields):
@@ -113,7 +113,7 @@ def _bags_key(cfg: ClassifierConfig, detector: ModelRef) -> str:
     return f"{layout.run(cfg.run_name)}/bags-{detector.name}-{detector.version}.npz"
 
 
-def save_bags(store: Store, key: str, bags: dict[BagKey, SlideBag]) -> None:
+def save_bags(store: Store, key: str, bags: dict[SlideKey, SlideBag]) -> None:
     items = list(bags.values())
     buf = io.BytesIO()
     np.savez(
@@ -129,7 +129,7 @@ def save_bags(store: Store, key: str, bags: dict[BagKey, SlideBag]) -> None:
     store.write_bytes(key, buf.getvalue())
 
 
-def load_bags(store: Store, key: str) -> dict[BagKey, SlideBag]:
+def load_bags(store: Store, key: str) -> dict[SlideKey, SlideBag]:
     z = np.load(io.BytesIO(store.read_bytes(key)))
     out = {}
     for i, (c, b, s) in enumerate(z["keys"].tolist()):
@@ -142,7 +142,7 @@ def load_bags(store: Store, key: str) -> dict[BagKey, SlideBag]:
     return out
 
 
-def _grade_index(grade: str | None, key: BagKey) -> int:
+def _grade_index(grade: str | None, key: SlideKey) -> int:
     if grade is None:
         raise CCSError(f"slide {'/'.join(key)} has no ground-truth grade in its manifest")
     return GRADES.index(grade)
@@ -318,6 +318,138 @@ def plan_classifier(cfg: ClassifierConfig) -> ClassifierConfig:
     return cfg.model_copy(update={"batches": batch_ids(refs)})
 
 
+def _screened_bags(
+    store: Store, cfg: ClassifierConfig, detector: ModelRef, splits: dict[str, list[dict[str, Any]]]
+) -> dict[SlideKey, SlideBag]:
+    """Every split slide's bag: the run's saved ones when they exist (a resumed run does not
+    screen again), else screened now and saved."""
+    key = _bags_key(cfg, detector)
+    if store.exists(key):
+        log.info("reusing the screened bags at %s", store.uri(key))
+        return load_bags(store, key)
+    rows = [r for part in splits.values() for r in part]
+    log.info("screening %d slides into top-%d cell bags", len(rows), cfg.mil.top_k)
+    screened = screen_bags(store, rows, detector, cfg.cells, cfg.stream, cfg.scorers, cfg.mil.top_k)
+    bags = {b.key: b for b in screened}
+    save_bags(store, key, bags)
+    return bags
+
+
+def _split_bags(
+    splits: dict[str, list[dict[str, Any]]],
+    bags: dict[SlideKey, SlideBag],
+    grade_of: dict[SlideKey, str | None],
+) -> dict[str, tuple[list[SlideBag], list[int]]]:
+    """Per split, the bags of the slides that were read and their grades; the others are
+    left out, each logged with why."""
+    part: dict[str, tuple[list[SlideBag], list[int]]] = {}
+    for name, rows in splits.items():
+        ks = [(r["center"], r["batch"], r["slide_id"]) for r in rows]
+        ok = [k for k in ks if bags[k].ok]
+        for k in set(ks) - set(ok):
+            log.warning("slide %s left out: %s", "/".join(k), bags[k].error or "no tile read")
+        part[name] = ([bags[k] for k in ok], [_grade_index(grade_of[k], k) for k in ok])
+    return part
+
+
+def _choose_threshold(
+    cfg: ClassifierConfig,
+    folds: tuple[np.ndarray, int] | None,
+    pooled_grades: list[int],
+    val_abnormal: np.ndarray,
+    val_probs: np.ndarray,
+) -> OperatingPoint:
+    """The operating point on out-of-fold scores when there are folds, else on the
+    validation split (said in the log when folds were asked for but could not be made)."""
+    if folds is not None:
+        oof, k = folds
+        return _operating_point(np.asarray(pooled_grades) != 0, oof, cfg.target_sensitivity,
+                                f"out-of-fold ({k} folds)")  # fmt: skip
+    if cfg.threshold_folds >= 2:
+        log.warning("too few slides of a class for %d folds: threshold chosen on the "
+                    "validation split", cfg.threshold_folds)  # fmt: skip
+    return _operating_point(val_abnormal, 1 - val_probs[:, 0], cfg.target_sensitivity)
+
+
+def _test_report(
+    cfg: ClassifierConfig,
+    grades: list[int],
+    is_abnormal: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+) -> tuple[BinaryReport, list[list[int]]]:
+    """The test slides' screening report and grade confusion at the threshold, logged."""
+    test = binary_report(is_abnormal, 1 - probs[:, 0], threshold,
+                         n_boot=cfg.n_boot, seed=cfg.seed)  # fmt: skip
+    confusion = confusion_matrix(
+        [GRADES[g] for g in grades],
+        [GRADES[int(i)] for i in probs.argmax(1)],
+        GRADES,
+    ).tolist()
+    log.info(
+        "held-out slides: AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f "
+        "at threshold %.3f",
+        test.auc, test.auc_ci_low, test.auc_ci_high, test.sensitivity, test.specificity,
+        threshold,
+    )  # fmt: skip
+    return test, confusion
+
+
+def _test_metrics(test: BinaryReport | None) -> dict[str, float]:
+    """The card's test metrics; none without test slides."""
+    if test is None:
+        return {}
+    rates = ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity")
+    tested = {f"test_{name}": getattr(test, name) for name in rates}
+    return tested | {"test_slides": float(test.n_pos + test.n_neg)}
+
+
+def _classifier_card(
+    cfg: ClassifierConfig,
+    store: Store,
+    refs: list[BatchRef],
+    det_card: ModelCard,
+    enc_card: ModelCard,
+    dim: int,
+    op: OperatingPoint,
+    test: BinaryReport | None,
+    steps: int,
+) -> ModelCard:
+    """The saved head's card: what it screens with (detector, encoder, threshold), what it
+    was trained on and how, and what it reached."""
+    config = cfg.model_dump(mode="json", exclude={"store"})
+    detector = ModelRef(name=det_card.name, version=str(det_card.version))
+    return ModelCard(
+        name=cfg.model_name,
+        architecture=enc_card.architecture,
+        task="classifier",
+        classes=list(GRADES),
+        head={
+            "mil": cfg.mil.model_dump(mode="json"),
+            "cells": cfg.cells.model_dump(mode="json"),
+            "detector": detector.model_dump(),
+            "encoder": encoder_ref(det_card).model_dump(),
+            "dim": dim,
+            "threshold": op.threshold,
+            "operating_point": op.model_dump(mode="json"),
+        },
+        tiling=det_card.tiling,
+        normalization=enc_card.normalization,
+        training_config=config,
+        training_config_sha256=config_sha256(config),
+        data_manifest_sha256=manifests_sha256(store, refs),
+        metrics=_test_metrics(test)
+        | {
+            "threshold": op.threshold,
+            "target_sensitivity": op.target_sensitivity,
+            "val_sensitivity": op.sensitivity,
+            "val_specificity": op.specificity,
+            "steps": float(steps),
+        },
+        synthetic=True,
+    )
+
+
 def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     """Screen the slides into bags, fit the head, pick the threshold, measure, save."""
     store = Store(cfg.store)
@@ -330,25 +462,7 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     enc_card = load_card(store, enc.name, enc.version)
     splits = split_rows(refs, cfg.split)  # none that is needed empty: plan_classifier checked
     grade_of = {(r.center, r.batch, s.slide_id): s.grade for r in refs for s in r.manifest.slides}
-    key = _bags_key(cfg, detector)
-    if store.exists(key):
-        log.info("reusing the screened bags at %s", store.uri(key))
-        bags = load_bags(store, key)
-    else:
-        rows = [r for part in splits.values() for r in part]
-        log.info("screening %d slides into top-%d cell bags", len(rows), cfg.mil.top_k)
-        screened = screen_bags(
-            store, rows, detector, cfg.cells, cfg.stream, cfg.scorers, cfg.mil.top_k
-        )
-        bags = {b.key: b for b in screened}
-        save_bags(store, key, bags)
-    part: dict[str, tuple[list[SlideBag], list[int]]] = {}
-    for name, rows in splits.items():
-        ks = [(r["center"], r["batch"], r["slide_id"]) for r in rows]
-        ok = [k for k in ks if bags[k].ok]
-        for k in set(ks) - set(ok):
-            log.warning("slide %s left out: %s", "/".join(k), bags[k].error or "no tile read")
-        part[name] = ([bags[k] for k in ok], [_grade_index(grade_of[k], k) for k in ok])
+    part = _split_bags(splits, _screened_bags(store, cfg, detector, splits), grade_of)
     dim = int(part["train"][0][0].embeddings.shape[-1])
     pooled = (part["train"][0] + part["val"][0], part["train"][1] + part["val"][1])
     folds = out_of_fold_scores(cfg, *pooled, dim) if cfg.threshold_folds >= 2 else None
@@ -359,77 +473,21 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     head.load_state_dict(fitted.state["model"])
     probs = {name: predict(head, b) for name, (b, _) in part.items()}
     is_abnormal = {name: np.asarray(g) != 0 for name, (_, g) in part.items()}
-    if folds is not None:
-        oof, k = folds
-        op = _operating_point(np.asarray(pooled[1]) != 0, oof, cfg.target_sensitivity,
-                              f"out-of-fold ({k} folds)")  # fmt: skip
-    else:
-        if cfg.threshold_folds >= 2:
-            log.warning("too few slides of a class for %d folds: threshold chosen on the "
-                        "validation split", cfg.threshold_folds)  # fmt: skip
-        op = _operating_point(is_abnormal["val"], 1 - probs["val"][:, 0], cfg.target_sensitivity)
+    op = _choose_threshold(cfg, folds, pooled[1], is_abnormal["val"], probs["val"])
     threshold = op.threshold
     head.prototypes.copy_(prototype_bank(*part["train"], probs["train"], cfg.prototype_slides, dim))
     test, confusion = None, None
     if part["test"][0]:
-        test = binary_report(is_abnormal["test"], 1 - probs["test"][:, 0], threshold,
-                             n_boot=cfg.n_boot, seed=cfg.seed)  # fmt: skip
-        confusion = confusion_matrix(
-            [GRADES[g] for g in part["test"][1]],
-            [GRADES[int(i)] for i in probs["test"].argmax(1)],
-            GRADES,
-        ).tolist()
-        log.info(
-            "held-out slides: AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f "
-            "at threshold %.3f",
-            test.auc, test.auc_ci_low, test.auc_ci_high, test.sensitivity, test.specificity,
-            threshold,
-        )  # fmt: skip
-    tested = {}
-    if test is not None:
-        tested = {
-            "test_auc": test.auc,
-            "test_auc_ci_low": test.auc_ci_low,
-            "test_auc_ci_high": test.auc_ci_high,
-            "test_sensitivity": test.sensitivity,
-            "test_specificity": test.specificity,
-            "test_slides": float(test.n_pos + test.n_neg),
-        }
-    config = cfg.model_dump(mode="json", exclude={"store"})
-    card = ModelCard(
-        name=cfg.model_name,
-        architecture=enc_card.architecture,
-        task="classifier",
-        classes=list(GRADES),
-        head={
-            "mil": cfg.mil.model_dump(mode="json"),
-            "cells": cfg.cells.model_dump(mode="json"),
-            "detector": detector.model_dump(),
-            "encoder": enc.model_dump(),
-            "dim": dim,
-            "threshold": threshold,
-            "operating_point": op.model_dump(mode="json"),
-        },
-        tiling=det_card.tiling,
-        normalization=enc_card.normalization,
-        training_config=config,
-        training_config_sha256=config_sha256(config),
-        data_manifest_sha256=manifests_sha256(store, refs),
-        metrics=tested
-        | {
-            "threshold": threshold,
-            "target_sensitivity": op.target_sensitivity,
-            "val_sensitivity": op.sensitivity,
-            "val_specificity": op.specificity,
-            "steps": float(fitted.state["step"]),
-        },
-        synthetic=True,
-    )
+        test, confusion = _test_report(
+            cfg, part["test"][1], is_abnormal["test"], probs["test"], threshold
+        )
+    step = int(fitted.state["step"])
+    card = _classifier_card(cfg, store, refs, det_card, enc_card, dim, op, test, step)
     version = save_model(store, card, head.state_dict())
     log.info("saved %s as %s", cfg.model_name, store.uri(layout.model(cfg.model_name, version)))
     return ClassifierResult(
         version=version,
-        step=int(fitted.state["step"]),
+        step=step,
         test=test,
         threshold=threshold,
         operating_point=op,

@@ -25,8 +25,8 @@ from smartccs.adaptation.stain import REFERENCE_KEY, stain_reference
 from smartccs.batches import manifests_sha256, resolve_batches
 from smartccs.data.tiles import StreamConfig
 from smartccs.errors import CCSError
-from smartccs.ids import Id
-from smartccs.labels import SlideBoxes, SlideKey, load_cell_labels
+from smartccs.ids import Id, SlideKey
+from smartccs.labels import SlideBoxes, load_cell_labels
 from smartccs.metrics.detection import DetectionReport
 from smartccs.models.artifacts import ModelCard, config_sha256, load_card, load_model, save_model
 from smartccs.models.detector import (

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from smartccs.batches import BatchRef
 from smartccs.data.tiles import STATUS_OK, StreamConfig, tile_draw, tile_stream
 from smartccs.errors import CCSError
-from smartccs.labels import SlideBoxes, SlideKey
+from smartccs.ids import SlideKey
+from smartccs.labels import SlideBoxes
 from smartccs.models.detector import detection_class
 from smartccs.store import Store
 from smartccs.taxonomy import ABNORMAL_CLASSES

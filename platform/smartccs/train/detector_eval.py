@@ -17,7 +17,8 @@ from smartccs.adaptation.stain import center_calibration, measure_stain
 from smartccs.batches import BatchRef, resolve_batches
 from smartccs.data.tiles import StreamConfig, slide_rows
 from smartccs.errors import CCSError
-from smartccs.labels import SlideBoxes, SlideKey, load_cell_labels
+from smartccs.ids import SlideKey
+from smartccs.labels import SlideBoxes, load_cell_labels
 from smartccs.metrics.detection import Boxes, DetectionReport, detection_report
 from smartccs.models.artifacts import ModelCard, load_model
 from smartccs.models.detector import DETECTION_CLASSES, CellDetector, build_detector, preprocess

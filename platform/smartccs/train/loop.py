@@ -18,9 +18,10 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from smartccs.errors import CCSError
 from smartccs.ids import Id
 from smartccs.models.artifacts import config_sha256
 from smartccs.store import Store, StoreConfig
+
+if TYPE_CHECKING:
+    from smartccs.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +158,123 @@ def optimizer_step(
     return value
 
 
+def _resume(cfg: RunFields, learner: Learner) -> tuple[int, int, int]:
+    """Load the run's newest checkpoint into ``learner``, if there is one: (step, epoch,
+    batches of that epoch already trained on), all 0 for a fresh run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0, 0
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    learner.load(state)
+    step, epoch = int(state["step"]), int(state["epoch"])
+    position = int(state.get("position", 0))
+    log.info(
+        "resumed %s at step %d (epoch %d, batch %d of it)", cfg.run_name, step, epoch, position
+    )
+    return step, epoch, position
+
+
+@dataclass
+class _WorkerRun:
+    """One worker's run in progress: where it is (what a checkpoint saves and a progress line
+    or a report tells) and what it needs to take the next step."""
+
+    cfg: RunFields
+    learner: Learner
+    unit: str
+    rank: int
+    gen: torch.Generator
+    progress: Progress
+    t0: float
+    step: int
+    epoch: int
+    position: int  # batches of the current epoch already trained on
+    start_step: int
+    seen: int = 0
+
+    def report(self, with_checkpoint: bool) -> None:
+        """Report metrics to Ray Train, with a checkpoint (written by rank 0) when asked."""
+        import ray.train
+
+        metrics = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "start_step": self.start_step,
+            "loss": self.learner.last_loss,
+            f"{self.unit}_per_s": self.seen / max(1e-9, time.monotonic() - self.t0),
+        }
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if self.rank == 0:
+                extra = {"step": self.step, "epoch": self.epoch, "position": self.position}
+                torch.save(self.learner.state() | extra, Path(d) / STATE_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    def log_progress(self) -> None:
+        """Rank 0's progress line, when one is due at this step."""
+        if self.rank != 0 or not self.progress.due(self.step):
+            return
+        rate = self.seen / max(1e-9, time.monotonic() - self.t0)
+        log.info(
+            "step %d/%d epoch %d loss %.4f %.1f %s/s %s",
+            self.step,
+            self.cfg.max_steps,
+            self.epoch,
+            self.learner.last_loss,
+            rate,
+            self.unit,
+            self.progress.eta(self.step),
+        )
+
+    def epoch_batches(self, shard: Any) -> Iterable[dict[str, np.ndarray]]:
+        """This worker's batches of the current epoch, shuffled by a seed of rank and epoch."""
+        cfg = self.cfg
+        seed = cfg.seed + 1000 * self.rank + self.epoch
+        return shard.iter_batches(
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=seed if cfg.shuffle_buffer else None,
+        )
+
+    def train(self, shard: Any) -> int:
+        """Step until ``max_steps`` or ``max_epochs``, checkpointing every
+        ``checkpoint_every`` steps and at the last; returns the step last checkpointed."""
+        cfg = self.cfg
+        last_checkpoint = self.step
+        skip = self.position
+        while self.step < cfg.max_steps and self.epoch < cfg.max_epochs:
+            for batch in self.epoch_batches(shard):
+                if skip:  # the resumed epoch continues from its position instead of restarting
+                    skip -= 1
+                    continue
+                n = self.learner.train_batch(batch, self.step, self.gen)
+                self.position += 1
+                if n == 0:
+                    continue
+                self.step += 1
+                self.seen += n
+                self.log_progress()
+                if self.step % cfg.checkpoint_every == 0 or self.step >= cfg.max_steps:
+                    self.report(with_checkpoint=True)
+                    last_checkpoint = self.step
+                if self.step >= cfg.max_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.position = 0
+                continue
+            break
+        return last_checkpoint
+
+
 def worker_loop(
     cfg: RunFields,
     make_learner: Callable[[torch.device, Callable[[Any], Any]], Learner],
@@ -171,86 +292,16 @@ def worker_loop(
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.seed)  # same init on every worker; DDP broadcasts it anyway
     learner = make_learner(ray.train.torch.get_device(), ray.train.torch.prepare_model)
-    step = epoch = position = 0  # position: batches of the current epoch already trained on
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        learner.load(state)
-        step, epoch = int(state["step"]), int(state["epoch"])
-        position = int(state.get("position", 0))
-        log.info(
-            "resumed %s at step %d (epoch %d, batch %d of it)", cfg.run_name, step, epoch, position
-        )
-    start_step = step
+    step, epoch, position = _resume(cfg, learner)
     learner.prepare()
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank * 100_003 + step)
     shard = ray.train.get_dataset_shard("train")
-    seen, t0 = 0, time.monotonic()
+    t0 = time.monotonic()
     progress = Progress(cfg.max_steps, every=log_interval(cfg), start=step)
-
-    def report(with_checkpoint: bool) -> None:
-        metrics = {
-            "step": step,
-            "epoch": epoch,
-            "start_step": start_step,
-            "loss": learner.last_loss,
-            f"{unit}_per_s": seen / max(1e-9, time.monotonic() - t0),
-        }
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                extra = {"step": step, "epoch": epoch, "position": position}
-                torch.save(learner.state() | extra, Path(d) / STATE_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
-
-    last_checkpoint = step
-    skip = position
-    while step < cfg.max_steps and epoch < cfg.max_epochs:
-        batches = shard.iter_batches(
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + 1000 * rank + epoch if cfg.shuffle_buffer else None,
-        )
-        for batch in batches:
-            if skip:  # the resumed epoch continues from its position instead of restarting
-                skip -= 1
-                continue
-            n = learner.train_batch(batch, step, gen)
-            position += 1
-            if n == 0:
-                continue
-            step += 1
-            seen += n
-            if rank == 0 and progress.due(step):
-                rate = seen / max(1e-9, time.monotonic() - t0)
-                log.info(
-                    "step %d/%d epoch %d loss %.4f %.1f %s/s %s",
-                    step,
-                    cfg.max_steps,
-                    epoch,
-                    learner.last_loss,
-                    rate,
-                    unit,
-                    progress.eta(step),
-                )
-            if step % cfg.checkpoint_every == 0 or step >= cfg.max_steps:
-                report(with_checkpoint=True)
-                last_checkpoint = step
-            if step >= cfg.max_steps:
-                break
-        else:
-            epoch += 1
-            position = 0
-            continue
-        break
-    if last_checkpoint != step or step == start_step:
-        report(with_checkpoint=True)
+    run = _WorkerRun(cfg, learner, unit, rank, gen, progress, t0, step, epoch, position, step)
+    last_checkpoint = run.train(shard)
+    if last_checkpoint != run.step or run.step == run.start_step:
+        run.report(with_checkpoint=True)
 
 
 class FitResult(BaseModel):

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from smartccs import layout
 from smartccs.batches import BatchRef, list_batches, load_batch, resolve_batches
 from smartccs.errors import CCSError
+from smartccs.ids import batch_key
 from smartccs.labels import CELLS_FILE, LabelsError, has_cell_labels
 from smartccs.splits import Split, SplitConfig
 from smartccs.store import Store
@@ -34,7 +35,7 @@ _LISTED = 10
 
 
 def batch_ids(refs: Iterable[BatchRef]) -> list[str]:
-    return [f"{r.center}/{r.batch}" for r in refs]
+    return [batch_key(r.center, r.batch) for r in refs]
 
 
 def _names(ids: Sequence[str]) -> str:
@@ -100,7 +101,7 @@ def graded_batches(store: Store, names: Sequence[str]) -> list[BatchRef]:
     """The batches a classifier learns from: ``names`` (every slide graded in the manifest), or
     with none named every committed batch whose slides all have a grade."""
     refs = resolve_batches(store, list(names))
-    why = {f"{r.center}/{r.batch}": _ungraded(r) for r in refs}
+    why = {batch_key(r.center, r.batch): _ungraded(r) for r in refs}
     if names:
         bad = {b: w for b, w in why.items() if w}
         if bad:
@@ -110,7 +111,7 @@ def graded_batches(store: Store, names: Sequence[str]) -> list[BatchRef]:
                 f"{bad[first]} in its manifest; leave such batches out"
             )
         return refs
-    kept = [r for r in refs if not why[f"{r.center}/{r.batch}"]]
+    kept = [r for r in refs if not why[batch_key(r.center, r.batch)]]
     skipped = {b: w for b, w in why.items() if w}
     if not kept:
         raise CCSError(
