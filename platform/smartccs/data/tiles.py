@@ -111,20 +111,28 @@ def _slide_columns(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+TILE_COLUMNS = {"tile_index": "index", **{f: f for f in TileSpec.model_fields if f != "index"}}
+"""A planned tile's columns in the stream (``tile_index`` is ``TileSpec.index``): written by
+:func:`_tile_row`, read back into a ``TileSpec`` by :func:`tile_spec`."""
+
+
+def _spec_columns(spec: TileSpec | None) -> dict[str, Any]:
+    if spec is None:
+        return {c: float("nan") if f == "fg_fraction" else NO_TILE for c, f in TILE_COLUMNS.items()}
+    return {c: getattr(spec, f) for c, f in TILE_COLUMNS.items()}
+
+
+def tile_spec(row: dict[str, Any]) -> TileSpec:
+    """The ``TileSpec`` a stream row was planned from (numpy scalars made Python's)."""
+    return TileSpec(**{f: np.asarray(row[c]).item() for c, f in TILE_COLUMNS.items()})
+
+
 def _tile_row(row: dict[str, Any], spec: TileSpec | None, n_tiles: int, **extra) -> dict:
     return (
         _slide_columns(row)
+        | _spec_columns(spec)
         | {
-            "tile_index": spec.index if spec else NO_TILE,
             "n_tiles": n_tiles,
-            "col": spec.col if spec else NO_TILE,
-            "row": spec.row if spec else NO_TILE,
-            "x0": spec.x0 if spec else NO_TILE,
-            "y0": spec.y0 if spec else NO_TILE,
-            "w0": spec.w0 if spec else NO_TILE,
-            "h0": spec.h0 if spec else NO_TILE,
-            "level": spec.level if spec else NO_TILE,
-            "fg_fraction": float(spec.fg_fraction) if spec else float("nan"),
             "slide_mpp": float("nan"),
             "slide_area_mm2": float("nan"),
             "sat_threshold": float("nan"),
@@ -199,17 +207,7 @@ class TileReader:
             row = {k: batch[k][i] for k in batch}
             try:
                 slide = self.handles.get(row)
-                spec = TileSpec(
-                    index=int(row["tile_index"]),
-                    col=int(row["col"]),
-                    row=int(row["row"]),
-                    x0=int(row["x0"]),
-                    y0=int(row["y0"]),
-                    w0=int(row["w0"]),
-                    h0=int(row["h0"]),
-                    level=int(row["level"]),
-                    fg_fraction=float(row["fg_fraction"]),
-                )
+                spec = tile_spec(row)
                 copy_rgb(images[i], read_tile(slide, spec, self.cfg.tiling))
                 fault_point("tiles.read", row["key"])
                 q = tile_qc(

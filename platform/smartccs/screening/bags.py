@@ -66,7 +66,10 @@ class SlideBag:
         return self.errors[0] if self.errors else ""
 
 
-class _Acc:
+class _SlideInProgress:
+    """One slide whose tiles are still arriving: its best cells per class so far, its tile
+    counts and QC sums, and the cells of tiles whose summary row has not come yet."""
+
     def __init__(self, k: int, dim: int, views: int = 1):
         self.k, self.dim = k, dim
         self.emb = [np.zeros((0, views * dim), np.float32) for _ in range(N_CLASSES)]
@@ -174,13 +177,13 @@ class BagCollector:
 
     def __init__(self, top_k: int, dim: int, views: int = 1):
         self.top_k, self.dim, self.views = top_k, dim, views
-        self._acc: dict[SlideKey, _Acc] = {}
+        self._acc: dict[SlideKey, _SlideInProgress] = {}
         self._done: set[SlideKey] = set()
 
-    def _get(self, key: SlideKey) -> _Acc:
+    def _get(self, key: SlideKey) -> _SlideInProgress:
         acc = self._acc.get(key)
         if acc is None:
-            acc = self._acc[key] = _Acc(self.top_k, self.dim, self.views)
+            acc = self._acc[key] = _SlideInProgress(self.top_k, self.dim, self.views)
         return acc
 
     def add(self, b: dict[str, np.ndarray]) -> tuple[list[SlideBag], int]:
