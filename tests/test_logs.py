@@ -145,3 +145,20 @@ def test_a_submitted_job_gets_the_submitters_verbosity():
     assert set(ray_output_env(verbose=True)) <= DRIVER_ENV_KEYS
     assert ray_output_env(verbose=False)["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     assert ray_output_env(verbose=True)["RAY_DATA_DISABLE_PROGRESS_BARS"] == "0"
+
+
+def test_ray_data_s_issue_warnings_are_off_by_default_and_back_with_verbose():
+    """The demo's log carried Ray Data's "Found 2 issues ... consider setting memory=" blocks
+    for its tiny pipelines; they are hints for -v."""
+    import ray.data
+
+    from smartccs.logs import apply_ray_output
+
+    ctx = ray.data.DataContext.get_current()
+    try:
+        apply_ray_output(False)
+        assert ctx.issue_detectors_config.detectors == []
+        apply_ray_output(True)
+        assert ctx.issue_detectors_config.detectors
+    finally:
+        apply_ray_output(False)

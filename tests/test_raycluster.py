@@ -66,3 +66,16 @@ def test_a_started_local_ray_is_the_one_its_driver_and_workers_find(ray_session:
     assert result["driver"] == result["started"], result
     assert result["worker"] == result["started"], result
     assert result["state"] == "ALIVE", result
+
+
+def test_a_worker_of_a_job_started_in_the_background_can_be_interrupted_again():
+    """A job started with ``&`` or ``nohup`` hands Ray's workers an ignored SIGINT; Ray cancels
+    tasks with SIGINT and, finding it ignored, printed "TypeError: 'Handlers' object is not
+    callable" in the demo's log. The worker hook restores Python's own handler."""
+    code = (
+        "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "from smartccs.raycluster import setup_worker; setup_worker()\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out.stderr

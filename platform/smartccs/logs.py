@@ -111,8 +111,9 @@ def hide_ray_data_notices() -> None:
 
 
 def apply_ray_output(verbose: bool | None = None) -> None:
-    """Ray Data's output in this process (a job's driver): progress bars, the execution plan
-    and Ray Data's INFO lines on with ``-v``, off without. Datasets made afterwards carry it."""
+    """Ray Data's output in this process (a job's driver): progress bars, the execution plan,
+    Ray Data's INFO lines and its issue detectors' warnings on with ``-v``, off without.
+    Datasets made afterwards carry it."""
     import ray.data
 
     verbose = ray_verbose() if verbose is None else verbose
@@ -120,6 +121,8 @@ def apply_ray_output(verbose: bool | None = None) -> None:
     ctx.enable_progress_bars = verbose
     ctx.enable_operator_progress_bars = verbose
     ctx.print_on_execution_start = verbose
+    issues = ctx.issue_detectors_config  # its hints: "consider setting memory=..."
+    issues.detectors = type(issues)().detectors if verbose else []
     logging.getLogger("ray.data").setLevel(_ray_data_log_level(verbose))
     hide_ray_data_notices()
 

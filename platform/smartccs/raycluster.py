@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from typing import NamedTuple
 
 from smartccs.errors import CCSError
@@ -69,8 +70,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
 def setup_worker() -> None:
     """In each Ray worker process: ``RAY_ADDRESS`` names the cluster the worker belongs to,
-    and Ray Data's notices that its progress bars are off are hidden (``smartccs.logs``)."""
+    Ray Data's notices that its progress bars are off are hidden (``smartccs.logs``), and
+    SIGINT interrupts again. A job started in the background (``make demo &``, ``nohup``)
+    hands its workers an ignored SIGINT; Ray cancels tasks with SIGINT (a stream stopped
+    early), and with it ignored prints "TypeError: 'Handlers' object is not callable"."""
     import ray
+
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from smartccs.logs import hide_ray_data_notices
 

@@ -122,7 +122,7 @@ def publish_batch(
     return outcome
 
 
-class Adapters(Protocol):
+class CenterAdapters(Protocol):
     """Where centers' adapted states live: in this process for the batch job
     (``smartccs.adaptation.adapter.LocalAdapters``), a multiplexed deployment for the service."""
 
@@ -142,7 +142,7 @@ def screen_batches(
     run_id: str | None = None,
     on_batch: Callable[[BatchOutcome], None] | None = None,
     on_slide: Callable[[SlideBag], None] | None = None,
-    adapters: Adapters | None = None,
+    adapters: CenterAdapters | None = None,
 ) -> list[BatchOutcome]:
     """Screen committed batches and publish each one's tables as soon as it is complete.
 
@@ -245,7 +245,7 @@ def _adapted_stream(
     ref: BatchRef,
     classifier: SlideClassifier,
     cfg: ScreeningConfig,
-    adapters: Adapters,
+    adapters: CenterAdapters,
     on_slide: Callable[[SlideBag], None] | None,
 ) -> tuple[list[SlideBag], DetectorAdaptation]:
     """One batch's bags under its center's adaptation. First the batch's stain is measured on

@@ -164,15 +164,27 @@ class CellScorer:
         squamous = dict(zip(ok.tolist(), n_squamous.tolist(), strict=True))
         if self.stain is not None:  # before detection and crops alike: the whole model sees it
             batch = batch | {"image": calibrate(batch["image"], self.stain)}
+        kept, crops = self._keep_and_crop(batch, self._detect(batch, ok))
+        # every crop of the call through the encoder at once, not tile by tile
+        emb = self._embed(torch.cat(crops)) if crops else np.zeros((0, self.dim), np.float32)
+        return self._rows(batch, kept, emb, squamous, t0)
+
+    def _detect(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[int, Any]:
+        """The detector's output for each readable tile, by its index in the batch."""
         detections = []
         if len(ok):
             x = preprocess(batch["image"][ok], self.input_px, self.card.normalization)
             with self._autocast():
                 detections = self.detector.detect(x.to(self.device))
             fault_point("cells.detect")
-        by_tile = dict(zip(ok.tolist(), detections, strict=True))
+        return dict(zip(ok.tolist(), detections, strict=True))
+
+    def _keep_and_crop(
+        self, batch: dict[str, np.ndarray], by_tile: dict[int, Any]
+    ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]], list[torch.Tensor]]:
+        """Each tile's best abnormal cells (labels, scores, level-0 boxes) and their crops
+        (with ``views=2`` the augmented view after them)."""
         scale = self.tile_px / self.input_px
-        # pass 1: each tile's best abnormal cells and their crops
         kept: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
         crops: list[torch.Tensor] = []
         for i, det in by_tile.items():
@@ -189,9 +201,17 @@ class CellScorer:
                 crop = torch.cat([crop, dihedral(crop, int(batch["tile_index"][i]))])
             crops.append(crop)
             kept[i] = (labels[keep], scores[keep], self._level0(batch, i, boxes))
-        # every crop of the call through the encoder at once, not tile by tile
-        emb = self._embed(torch.cat(crops)) if crops else np.zeros((0, self.dim), np.float32)
-        # pass 2: one row per kept cell, then the tile's summary row
+        return kept, crops
+
+    def _rows(
+        self,
+        batch: dict[str, np.ndarray],
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]],
+        emb: np.ndarray,
+        squamous: dict[int, int],
+        t0: float,
+    ) -> dict[str, np.ndarray]:
+        """One row per kept cell, then each tile's summary row, as the output columns."""
         rows: dict[str, list[Any]] = {k: [] for k in _ROW_KEYS}
         emb_rows: list[np.ndarray] = []
         at = 0
@@ -223,10 +243,10 @@ class CellScorer:
             tile_rows, (time.perf_counter() - t0) / max(1, int(tile_rows.sum())), np.nan
         )
         out["box"] = np.stack(rows["box"]).astype(np.float64)
-        emb = np.stack(emb_rows).astype(np.float32)
-        out["embedding"] = emb[:, : self.dim]
+        all_emb = np.stack(emb_rows).astype(np.float32)
+        out["embedding"] = all_emb[:, : self.dim]
         if self.views > 1:
-            out[AUG_EMBEDDING] = emb[:, self.dim :]
+            out[AUG_EMBEDDING] = all_emb[:, self.dim :]
         return out
 
     def _embed(self, crops: torch.Tensor, chunk: int = 256) -> np.ndarray:

@@ -1,8 +1,8 @@
 """The service's worker: takes submitted batches from the store's queue and screens them.
 
 A worker runs the same ``screen_batches`` as the batch job, one batch at a time, with the
-center's adaptation done by whatever ``Adapters`` it is given (the multiplexed deployment in
-the service). Progress is written to the batch's record as each slide is read, with the status
+center's adaptation done by whatever ``CenterAdapters`` it is given (the multiplexed deployment
+in the service). Progress is written to the batch's record as each slide is read, with the status
 the slides table will give it (``slide_status``), and the committed rows' own statuses once the
 batch is published; a heartbeat thread keeps the record fresh during long slides so no other
 worker takes the batch over.
@@ -64,8 +64,8 @@ def slide_status(bag: SlideBag, adequacy: AdequacyConfig) -> str:
 
 
 class RemoteAdapters:
-    """``Adapters`` served by a multiplexed deployment: one call per batch, routed to the
-    replica that already holds the center's state."""
+    """``CenterAdapters`` served by the multiplexed ``Adapters`` deployment: one call per
+    batch, routed to the replica that already holds the center's state."""
 
     def __init__(self, handle: Any, classifier: ModelRef, method: Method):
         self.handle, self.classifier, self.method = handle, classifier, method
@@ -89,7 +89,7 @@ class Worker:
         self.cfg = cfg
         self.store = open_store(cfg.store)
         self.queue = BatchQueue(self.store, cfg.lease_s)
-        self.adapters_for = adapters_for  # (ModelRef, method) -> Adapters; None: in-process
+        self.adapters_for = adapters_for  # (ModelRef, method) -> CenterAdapters; None: in-process
         self.name = name or f"worker-{uuid.uuid4().hex[:8]}"
         self.wakeup = threading.Event()
         self._lock = threading.Lock()
