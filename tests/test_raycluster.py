@@ -79,3 +79,32 @@ def test_a_worker_of_a_job_started_in_the_background_can_be_interrupted_again():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_a_job_starts_its_own_ray_beside_a_ray_start_head_on_the_same_machine():
+    """The README's tour: after `ray start --head`, `python -m jobs.pretrain` ("here, local
+    Ray") failed with "When connecting to an existing cluster, num_cpus and num_gpus must not
+    be provided": with no address Ray joins the cluster `ray start` last wrote to
+    <temp>/ray/ray_current_cluster. Here that file names a cluster that is not there."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="ccs-r-")  # short: Ray's socket paths
+    try:
+        os.makedirs(os.path.join(tmp, "ray"))
+        with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:9")
+        code = (
+            "import ray; from smartccs.raycluster import init_ray; init_ray()\n"
+            "print('RESULT', ray.get_runtime_context().gcs_address); ray.shutdown()"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
+        child = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        out = child.stdout + child.stderr
+        assert child.returncode == 0, out[-3000:]
+        [line] = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
+        assert not line.endswith("127.0.0.1:9"), line
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

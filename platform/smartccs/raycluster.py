@@ -55,6 +55,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         cpus = num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
         log.info("starting a local Ray with %d logical CPUs", cpus)
         ctx = ray.init(
+            # a Ray of its own: without "local", Ray joins the last `ray start` on this
+            # machine, and fails there because num_cpus is given
+            address="local",
             num_cpus=cpus,
             # Ray's default: the dashboard's modules, the state API among them, which Ray
             # Train's PlacementGroupCleaner polls (False leaves it failing every second)
