@@ -72,7 +72,8 @@ from smartccs.models.mil import MILConfig, MILHead
 from smartccs.models.refs import ModelRef
 from smartccs.raycluster import init_ray
 from smartccs.results.tables import read_table
-from smartccs.screening.cells import TILE_ROW, CellConfig, CellScorer
+from smartccs.screening.cell_rows import TILE_ROW
+from smartccs.screening.cells import CellConfig, CellScorer
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import TilingConfig, plan_tiles, read_tile

@@ -24,7 +24,7 @@ from smartccs.data.tiles import NO_TILE
 from smartccs.evaluation.report import EvaluationConfig, evaluate
 from smartccs.results.schema import CELLS, SLIDE_STATUSES, SLIDES, STATUS_REJECTED, grade_column
 from smartccs.screening.bags import SlideBag, collect_bags
-from smartccs.screening.cells import TILE_ROW
+from smartccs.screening.cell_rows import TILE_ROW
 from smartccs.screening.slides import AdequacyConfig, slides_table
 from smartccs.service.records import SlideProgress
 from smartccs.slide.inspect import inspect_slide

@@ -23,7 +23,27 @@ from tqdm.auto import tqdm
 from smartccs.data.tiles import NO_TILE, STATUS_OK
 from smartccs.ids import SlideKey
 from smartccs.results.schema import STATUS_REJECTED
-from smartccs.screening.cells import AUG_EMBEDDING, SECONDS, TILE_ROW
+from smartccs.screening.cell_rows import (
+    AUG_EMBEDDING,
+    BACKGROUND,
+    BATCH,
+    BLUR,
+    BOX,
+    CENTER,
+    CLASS_INDEX,
+    EMBEDDING,
+    ERROR,
+    N_SQUAMOUS,
+    N_TILES,
+    SCORE,
+    SECONDS,
+    SLIDE_AREA,
+    SLIDE_ID,
+    SLIDE_MPP,
+    STATUS,
+    TILE_INDEX,
+    TILE_ROW,
+)  # fmt: skip
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 N_CLASSES = len(ABNORMAL_CLASSES)
@@ -101,35 +121,35 @@ class _SlideInProgress:
 
     def tile(self, b: dict[str, np.ndarray], i: int) -> int:
         """Fold one summary row in; returns 1 if it was a new tile, 0 for a repeat."""
-        index = int(b["tile_index"][i])
+        index = int(b[TILE_INDEX][i])
         if index == NO_TILE:  # the slide could not be planned: its only row
             self.planned = True
-            self.rejected = str(b["status"][i]) == STATUS_REJECTED
-            self.errors.append(str(b["error"][i]))
+            self.rejected = str(b[STATUS][i]) == STATUS_REJECTED
+            self.errors.append(str(b[ERROR][i]))
             return 1
         cells = self.pending.pop(index, [])
         if index in self.seen:
             return 0
         self.seen.add(index)
-        self.n_tiles, self.planned = int(b["n_tiles"][i]), True
-        if "slide_mpp" in b:
-            self.mpp = float(b["slide_mpp"][i])
-        if "slide_area_mm2" in b:
-            self.area_mm2 = float(b["slide_area_mm2"][i])
+        self.n_tiles, self.planned = int(b[N_TILES][i]), True
+        if SLIDE_MPP in b:
+            self.mpp = float(b[SLIDE_MPP][i])
+        if SLIDE_AREA in b:
+            self.area_mm2 = float(b[SLIDE_AREA][i])
         if SECONDS in b and np.isfinite(b[SECONDS][i]):
             self.seconds += float(b[SECONDS][i])
-        if b["status"][i] == STATUS_OK:
+        if b[STATUS][i] == STATUS_OK:
             self.read += 1
-            self.squamous += int(b["n_squamous"][i])
-            if "background_fraction" in b and np.isfinite(b["background_fraction"][i]):
-                self.bg_sum += float(b["background_fraction"][i])
-                self.blur_sum += float(b["blur"][i])
+            self.squamous += int(b[N_SQUAMOUS][i])
+            if BACKGROUND in b and np.isfinite(b[BACKGROUND][i]):
+                self.bg_sum += float(b[BACKGROUND][i])
+                self.blur_sum += float(b[BLUR][i])
                 self.qc_n += 1
             for c, emb, score, box in cells:
                 self.add(c, emb[None], np.array([score], np.float32), box[None])
         else:
             self.failed += 1
-            self.errors.append(str(b["error"][i]))
+            self.errors.append(str(b[ERROR][i]))
         return 1
 
     def bag(self, key: SlideKey) -> SlideBag:
@@ -188,10 +208,8 @@ class BagCollector:
 
     def add(self, b: dict[str, np.ndarray]) -> tuple[list[SlideBag], int]:
         """Fold one batch in; returns the slides it completed and how many new tiles it held."""
-        keys = list(
-            zip(b["center"].tolist(), b["batch"].tolist(), b["slide_id"].tolist(), strict=True)
-        )
-        cls = b["class_index"]
+        keys = list(zip(b[CENTER].tolist(), b[BATCH].tolist(), b[SLIDE_ID].tolist(), strict=True))
+        cls = b[CLASS_INDEX]
         new_tiles = 0
         touched: dict[SlideKey, None] = {}
         for i, key in enumerate(keys):
@@ -202,12 +220,12 @@ class BagCollector:
             if c == TILE_ROW:
                 new_tiles += acc.tile(b, i)
                 touched[key] = None
-            elif int(b["tile_index"][i]) not in acc.seen:
-                emb = b["embedding"][i]
+            elif int(b[TILE_INDEX][i]) not in acc.seen:
+                emb = b[EMBEDDING][i]
                 if self.views > 1:  # the augmented view rides along, cell by cell
                     emb = np.concatenate([emb, b[AUG_EMBEDDING][i]])
-                acc.pending.setdefault(int(b["tile_index"][i]), []).append(
-                    (c, emb, float(b["score"][i]), b["box"][i])
+                acc.pending.setdefault(int(b[TILE_INDEX][i]), []).append(
+                    (c, emb, float(b[SCORE][i]), b[BOX][i])
                 )
         done = [key for key in touched if self._acc[key].complete]
         return [self._pop(key) for key in done], new_tiles

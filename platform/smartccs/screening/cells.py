@@ -28,27 +28,28 @@ from smartccs.models.detector import build_detector, normalize, preprocess
 from smartccs.models.encoder import build_from, input_size
 from smartccs.models.norms import apply_norms
 from smartccs.models.refs import ModelRef, encoder_ref
+from smartccs.screening.cell_rows import (
+    AUG_EMBEDDING,
+    BOX,
+    CLASS_INDEX,
+    EMBEDDING,
+    ERROR,
+    N_SQUAMOUS,
+    QC_COLUMNS,
+    ROW_COLUMNS,
+    SCORE,
+    SECONDS,
+    SLIDE_COLUMNS,
+    STATUS,
+    TILE_INDEX,
+    TILE_ROW,
+)  # fmt: skip
 from smartccs.screening.squamous import count_squamous
 from smartccs.stain import StainCalibration, calibrate
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 log = logging.getLogger(__name__)
-
-TILE_ROW = -1
-"""``class_index`` of a tile's summary row."""
-
-SLIDE_COLUMNS = ("center", "batch", "slide_id", "n_tiles")
-QC_COLUMNS = ("slide_mpp", "background_fraction", "blur", "slide_area_mm2")
-"""Copied from the tile row onto its summary row only (NaN on cell rows, and where a tile row
-lacks one)."""
-AUG_EMBEDDING = "embedding_aug"
-"""With ``views=2``: each cell's embedding under a random flip and 90° rotation of its crop,
-the augmented view test-time adaptation contrasts with (zeros on summary rows)."""
-SECONDS = "seconds"
-"""On a summary row: the tile's share of the actor's time on its batch (read, detect, crop,
-embed). Summed per slide it is the compute the slide cost, which a streaming pipeline cannot
-give as a wall time."""
 
 
 class CellConfig(BaseModel):
@@ -156,7 +157,7 @@ class CellScorer:
         t0 = time.perf_counter()
         if self.reader is not None:  # planned rows in: the pixels never leave this process
             batch = self.reader(batch)
-        ok = np.flatnonzero(batch["status"] == STATUS_OK)
+        ok = np.flatnonzero(batch[STATUS] == STATUS_OK)
         tiling = self.card.tiling  # the count sees the tiles as read, before any calibration
         n_squamous = count_squamous(
             batch["image"][ok], tiling.target_mpp, overlap_px=tiling.overlap_px, device=self.device
@@ -198,7 +199,7 @@ class CellScorer:
             tile = torch.from_numpy(batch["image"][i]).permute(2, 0, 1).float() / 255
             crop = crop_cells(tile, (boxes[:, :2] + boxes[:, 2:]) / 2, self.crop_px, self.embed_px)
             if self.views > 1:  # the augmented view, seeded by the tile: a re-run sees the same
-                crop = torch.cat([crop, dihedral(crop, int(batch["tile_index"][i]))])
+                crop = torch.cat([crop, dihedral(crop, int(batch[TILE_INDEX][i]))])
             crops.append(crop)
             kept[i] = (labels[keep], scores[keep], self._level0(batch, i, boxes))
         return kept, crops
@@ -212,11 +213,11 @@ class CellScorer:
         t0: float,
     ) -> dict[str, np.ndarray]:
         """One row per kept cell, then each tile's summary row, as the output columns."""
-        rows: dict[str, list[Any]] = {k: [] for k in _ROW_KEYS}
+        rows: dict[str, list[Any]] = {k: [] for k in ROW_COLUMNS}
         emb_rows: list[np.ndarray] = []
         at = 0
-        for i in range(len(batch["slide_id"])):
-            base = {k: batch[k][i] for k in (*SLIDE_COLUMNS, "tile_index")}
+        for i in range(len(batch[TILE_INDEX])):
+            base = {k: batch[k][i] for k in (*SLIDE_COLUMNS, TILE_INDEX)}
             if i in kept:
                 labels, scores, level0 = kept[i]
                 n = len(labels)
@@ -231,20 +232,20 @@ class CellScorer:
                     )  # fmt: skip
                     emb_rows.append(tile_emb[j])
             qc = tuple(float(batch[k][i]) if k in batch else float("nan") for k in QC_COLUMNS)
-            status, error = str(batch["status"][i]), str(batch["error"][i])
+            status, error = str(batch[STATUS][i]), str(batch[ERROR][i])
             _append(
                 rows, base, TILE_ROW, float("nan"), np.full(4, np.nan), status, error,
                 squamous.get(i, 0), qc,
             )  # fmt: skip
             emb_rows.append(np.zeros(self.dim * self.views, np.float32))
         out = {k: np.asarray(v) for k, v in rows.items()}
-        tile_rows = out["class_index"] == TILE_ROW
+        tile_rows = out[CLASS_INDEX] == TILE_ROW
         out[SECONDS] = np.where(
             tile_rows, (time.perf_counter() - t0) / max(1, int(tile_rows.sum())), np.nan
         )
-        out["box"] = np.stack(rows["box"]).astype(np.float64)
+        out[BOX] = np.stack(rows[BOX]).astype(np.float64)
         all_emb = np.stack(emb_rows).astype(np.float32)
-        out["embedding"] = all_emb[:, : self.dim]
+        out[EMBEDDING] = all_emb[:, : self.dim]
         if self.views > 1:
             out[AUG_EMBEDDING] = all_emb[:, self.dim :]
         return out
@@ -271,17 +272,6 @@ class CellScorer:
         return boxes.numpy().astype(np.float64) * s + np.array([x0, y0, x0, y0])
 
 
-_ROW_KEYS = (
-    *SLIDE_COLUMNS,
-    "tile_index",
-    "class_index",
-    "score",
-    "box",
-    "status",
-    "error",
-    "n_squamous",
-    *QC_COLUMNS,
-)
 _NO_QC = (float("nan"),) * len(QC_COLUMNS)
 
 
@@ -298,11 +288,11 @@ def _append(
 ) -> None:
     for k, v in base.items():
         rows[k].append(v)
-    rows["class_index"].append(cls)
-    rows["score"].append(score)
-    rows["box"].append(box)
-    rows["status"].append(status)
-    rows["error"].append(error)
-    rows["n_squamous"].append(squamous)
+    rows[CLASS_INDEX].append(cls)
+    rows[SCORE].append(score)
+    rows[BOX].append(box)
+    rows[STATUS].append(status)
+    rows[ERROR].append(error)
+    rows[N_SQUAMOUS].append(squamous)
     for k, v in zip(QC_COLUMNS, qc, strict=True):
         rows[k].append(v)
