@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smartccs.synth.cohort import render_slide
 from smartccs.synth.profiles import load_profiles
+from smartccs.synth.scan import render_slide
 from smartccs.synth.specimen import make_specimen
 from smartccs.synth.writer import SlideFormat
 

@@ -32,10 +32,10 @@ from pydantic import BaseModel, ValidationError
 from study_helpers import OUT, REPO, generated_batches
 
 from smartccs.errors import describe_validation_error
+from smartccs.jobrunner import deep_merge
 from smartccs.logs import configure_logging
 from smartccs.raycluster import init_ray
 from smartccs.store import Store
-from smartccs.study.config import deep_merge
 from smartccs.synth.profiles import abnormal_density_tag
 from smartccs.train.classifier import ClassifierConfig, train_classifier
 from smartccs.train.detector import (

@@ -22,10 +22,11 @@ from smartccs.screening.slides import slides_table
 from smartccs.screening.squamous import count_squamous, label, nucleus_cores
 from smartccs.slide.reader import open_slide
 from smartccs.slide.tiling import TilingConfig, plan_tiles, read_tile
+from smartccs.synth.cell_drawing import draw_cells
 from smartccs.synth.cohort import generate_cohort
 from smartccs.synth.profiles import load_profiles
 from smartccs.synth.render import render_region
-from smartccs.synth.specimen import Specimen, draw_cells
+from smartccs.synth.specimen import Specimen
 
 TILING = TilingConfig(target_mpp=0.5, tile_px=256)  # the demo detector's grid
 PROFILES = {p.name: p for p in load_profiles()}

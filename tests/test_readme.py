@@ -48,8 +48,9 @@ from moto_buckets import moto_s3
 from ray_head import free_port, fresh_env, kill_session, ray_head
 from toy_study import run_toy_study, toy_cohort, toy_study_config
 
+from smartccs.jobrunner import deep_merge
 from smartccs.store import S3Options, Store, StoreConfig
-from smartccs.study.config import StudyConfig, deep_merge
+from smartccs.study.config import StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

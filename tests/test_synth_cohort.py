@@ -13,14 +13,11 @@ import pytest
 
 from smartccs.errors import CCSError
 from smartccs.manifest import Manifest
-from smartccs.synth.cohort import (
-    CELLS_SCHEMA,
-    SLIDES_SCHEMA,
-    CohortSummary,
-    generate_cohort,
-    render_slide,
-)
+from smartccs.synth.cohort import generate_cohort
+from smartccs.synth.cohort_summary import CohortSummary
+from smartccs.synth.ground_truth import CELLS_SCHEMA, SLIDES_SCHEMA
 from smartccs.synth.profiles import load_profiles
+from smartccs.synth.scan import render_slide
 from smartccs.synth.specimen import make_specimen
 from smartccs.taxonomy import ABNORMAL_CLASSES, slide_grade
 

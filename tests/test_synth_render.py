@@ -5,14 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from smartccs.synth.cell_table import CELL_KINDS
 from smartccs.synth.profiles import CenterProfile, load_profiles
 from smartccs.synth.render import render_region
-from smartccs.synth.specimen import (
-    CELL_KINDS,
-    Specimen,
-    cells_in_disc,
-    make_specimen,
-)
+from smartccs.synth.specimen import Specimen, cells_in_disc, make_specimen
 from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES, SEVERITY, slide_grade
 
 

@@ -105,8 +105,8 @@ def test_broken_slide_becomes_one_error_row_and_the_rest_go_on(tiny_cohort, tmp_
 
 
 def test_two_scans_of_one_specimen_give_the_same_physical_grid(tmp_path, local_store):
-    from smartccs.synth.cohort import render_slide
     from smartccs.synth.profiles import load_profiles
+    from smartccs.synth.scan import render_slide
     from smartccs.synth.specimen import make_specimen
 
     profile = load_profiles(None)[0]

@@ -72,12 +72,14 @@ def flag_overrides(args: argparse.Namespace, flags: Sequence[JobFlag]) -> dict[s
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for k, v in over.items():
-        both = isinstance(v, dict) and isinstance(merged.get(k), dict)
-        merged[k] = _merge(merged[k], v) if both else v
-    return merged
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` laid onto ``base``: nested mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
 
 
 def read_config_text(source: Path | str) -> str:
@@ -105,7 +107,7 @@ def load_config(
         raise CCSError(f"{path}: expected a mapping of config fields")
     if store:
         raw["store"] = {"uri": store}
-    return model.model_validate(_merge(raw, overrides or {}))
+    return model.model_validate(deep_merge(raw, overrides or {}))
 
 
 def run_job(

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from smartccs.adaptation.config import Method
+from smartccs.jobrunner import deep_merge
 from smartccs.store import StoreConfig
 from smartccs.synth.profiles import abnormal_density_tag
 
@@ -22,16 +23,6 @@ def embedded_defaults() -> dict[str, Any]:
     """The jobs' settings the demo runs with (``smartccs/study/defaults.yaml``)."""
     text = resources.files("smartccs.study").joinpath("defaults.yaml").read_text()
     return yaml.safe_load(text)
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``update`` laid onto ``base``: nested mappings merge key by key, anything else replaces."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = (
-            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        )
-    return out
 
 
 class Arm(BaseModel):

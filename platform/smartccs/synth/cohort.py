@@ -38,21 +38,11 @@ from smartccs.synth.atomic_write import atomic_write_bytes
 from smartccs.synth.center_output import finish_center
 from smartccs.synth.cohort_plan import choose_centers, plan_center
 from smartccs.synth.cohort_summary import CenterSummary, CohortSummary
-from smartccs.synth.ground_truth import CELLS_SCHEMA, SLIDES_SCHEMA
 from smartccs.synth.profiles import CenterProfile, load_profiles
-from smartccs.synth.scan import SIZES_UM, Size, render_slide
+from smartccs.synth.scan import SIZES_UM, Size
 from smartccs.synth.slide_job import SlideJob, SlideResult, make_slide
 from smartccs.synth.worker_pool import make_slides_in_pool
 from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES
-
-# The schemas, the summary and render_slide are re-exported: tests and benches import them here.
-__all__ = [
-    "CELLS_SCHEMA",
-    "SLIDES_SCHEMA",
-    "CohortSummary",
-    "generate_cohort",
-    "render_slide",
-]
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from smartccs.errors import CCSError
-from smartccs.synth.cell_drawing import draw_cells
 from smartccs.synth.cell_geometry import fill_box_and_reach
 from smartccs.synth.cell_table import CELL_DTYPE, CELL_KINDS, NORMAL_KINDS
 from smartccs.synth.grid_index import GridIndex
@@ -25,18 +24,6 @@ from smartccs.synth.placement import GroupCounter, place_kind
 from smartccs.synth.prep_area import PrepArea
 from smartccs.synth.profiles import CenterProfile
 from smartccs.taxonomy import SEVERITY, slide_grade
-
-# CELL_KINDS and draw_cells are re-exported: tests import them from here.
-__all__ = [
-    "CELL_KINDS",
-    "COMPANIONS",
-    "GRADE_SHARE",
-    "NORMAL_MIX",
-    "Specimen",
-    "cells_in_disc",
-    "draw_cells",
-    "make_specimen",
-]
 
 NORMAL_MIX = np.array([0.32, 0.43, 0.07, 0.12, 0.06])
 """Mean share of each normal kind (superficial .. debris); each slide draws its own mix."""
