@@ -17,17 +17,22 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 from moto_buckets import new_s3_store
+from ray_head import TRAIN_TIMING_ENV
 
 from smartccs.faults import FAULTS_ENV
 from smartccs.store import Store, StoreConfig
 
-pytest_plugins = ["vendor_fixtures", "service_fixtures"]
+pytest_plugins = ["vendor_fixtures", "service_fixtures", "toy_study"]
 
 # Property tests stay quick in the default run; HYPOTHESIS_PROFILE=thorough digs deeper.
 # No deadline: on a shared 2-core machine a slow example is not a failure.
 settings.register_profile("ccs", max_examples=50, deadline=None)
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ccs"))
+
+# before any Ray starts: the shared Ray's runs and the jobs the tests start inherit it
+for _name, _value in TRAIN_TIMING_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:

@@ -28,6 +28,15 @@ from smartccs.submit import server_auth_mode
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
 
+TRAIN_TIMING_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+"""Ray Train timing for the suite. By default its controller polls the workers every 2 s and
+each run starts a spot-preemption watcher actor: on 2 cores that is 3.5 s of every fit (a
+trivial TorchTrainer.fit, 12 s, takes 8.5 s with these), and the suite fits about 30 times.
+No test here preempts a spot machine; the jobs' own settings are left as Ray ships them."""
+
 
 NODE_PORT_FLAGS = (
     "node-manager-port", "object-manager-port", "metrics-export-port",
@@ -79,11 +88,12 @@ def kill_session(sid: int, timeout: float = 30) -> None:
 
 
 def fresh_env(home: Path) -> dict[str, str]:
-    """A new shell of this user: no Ray variable of this test session, the venv on PATH."""
+    """A new shell of this user: no Ray variable of this test session (but the suite's Ray
+    Train timing), the venv on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.pop("CCS_FAULTS", None)
-    return env | {"HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-                  "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    return env | TRAIN_TIMING_ENV | {"HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
+                                     "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}  # fmt: skip
 
 
 @contextlib.contextmanager

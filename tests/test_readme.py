@@ -46,7 +46,7 @@ import pytest
 import yaml
 from moto_buckets import moto_s3
 from ray_head import free_port, fresh_env, kill_session, ray_head
-from toy_study import run_toy_study, toy_cohort, toy_study_config
+from toy_study import ToyDemo
 
 from smartccs.jobrunner import deep_merge
 from smartccs.store import S3Options, Store, StoreConfig
@@ -390,16 +390,15 @@ def make_scans(cohort: Path, to: Path) -> None:
 
 @pytest.fixture
 def tour(
-    ray_session: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
+    toy_demo: ToyDemo, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Tour]:
     import boto3
 
     root = tmp_path_factory.mktemp("readme")
     port = free_port()
     checkout = make_checkout(root, s3_endpoint, port)
-    cohort = toy_cohort(root / "cohort")
-    make_scans(cohort, checkout / "scans" / "2026-11-21")
-    run_toy_study(toy_study_config(str(checkout / "ccs-data"), cohort, root))
+    make_scans(toy_demo.cohort, checkout / "scans" / "2026-11-21")
+    shutil.copytree(toy_demo.store_dir, checkout / "ccs-data")  # what the demo leaves
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):

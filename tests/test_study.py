@@ -16,8 +16,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
-from toy_study import run_toy_study, toy_cohort, toy_study_config
+from toy_study import ToyDemo, run_toy_study
 
 from smartccs import layout
 from smartccs.manifest import Manifest
@@ -28,14 +27,8 @@ from smartccs.study.cohort import cut_batches
 from smartccs.study.config import StudyConfig
 
 
-@pytest.fixture(scope="module")
-def study_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two internal centers and one external (the built-in order), 4 tiny slides each."""
-    return toy_cohort(tmp_path_factory.mktemp("study-cohort"))
-
-
-def test_cut_batches_keeps_internal_test_slides_out_of_training(study_cohort: Path, tmp_path):
-    cohort = StudyConfig(cohort_dir=str(study_cohort), centers=3, slides_per_center=4)
+def test_cut_batches_keeps_internal_test_slides_out_of_training(toy_demo_cohort: Path, tmp_path):
+    cohort = StudyConfig(cohort_dir=str(toy_demo_cohort), centers=3, slides_per_center=4)
     cut = cut_batches(cohort.cohort_path(), tmp_path, "t", 0.34, 2, seed=0)
     by_center: dict[str, dict[str, set[str]]] = {}
     for folder, b in cut:
@@ -132,13 +125,9 @@ def test_ablation_table_has_the_operating_point_with_cis_and_the_roc_readings(tm
     assert "threshold 0.3 chosen on 6" in page and "adequate" in page
 
 
-def test_study_screens_every_arm_in_its_own_store_and_reports_the_ablation(
-    study_cohort: Path, ray_session: str, tmp_path: Path, capsys
-):
-    cfg = toy_study_config(str(tmp_path / "store"), study_cohort, tmp_path)
+def test_study_screens_every_arm_in_its_own_store_and_reports_the_ablation(toy_demo: ToyDemo):
+    cfg, result = toy_demo.config, toy_demo.result
     store = Store(cfg.store)
-
-    result = run_toy_study(cfg)
 
     tests = [b for b in result.state.batches if b.role == "test"]
     assert {b.kind for b in tests} == {"internal", "external"}

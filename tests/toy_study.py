@@ -10,8 +10,10 @@ adaptation, evaluation, figures, and what the study publishes at the store's top
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from toy_models import save_toy_models, toy_screening
 
 from smartccs import layout
@@ -73,3 +75,32 @@ def run_toy_study(cfg: StudyConfig) -> StudyResult:
     if not store.exists(state_key):
         store.write_bytes(state_key, trained_state(store).model_dump_json().encode())
     return run_study(cfg)
+
+
+@dataclass(frozen=True)
+class ToyDemo:
+    """The toy study as ``make demo`` would leave it: its cohort, config and first result."""
+
+    cohort: Path
+    config: StudyConfig
+    result: StudyResult
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(self.config.store.uri)
+
+
+@pytest.fixture(scope="session")
+def toy_demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return toy_cohort(tmp_path_factory.mktemp("toy-demo-cohort"))
+
+
+@pytest.fixture(scope="session")
+def toy_demo(
+    ray_session: str, toy_demo_cohort: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ToyDemo:
+    """The toy study, run once per session (a minute on 2 cores): test_study.py checks what it
+    made, test_readme.py tours a copy of its store as the README's ``./ccs-data``."""
+    root = tmp_path_factory.mktemp("toy-demo")
+    cfg = toy_study_config(str(root / "store"), toy_demo_cohort, root)
+    return ToyDemo(toy_demo_cohort, cfg, run_toy_study(cfg))

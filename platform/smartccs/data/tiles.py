@@ -16,7 +16,7 @@ import hashlib
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +150,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def plan_slide(row: dict[str, Any], *, store_config: StoreConfig, cfg: StreamConfig) -> list[dict]:
-    """Tile rows of one slide, or one row when the slide cannot be planned: an error row, or a
-    ``rejected`` row when the glass is not a cytology preparation (blank, a tissue section,
-    almost no cells), whose ``error`` says what was measured. Neither has a tile to read."""
+def plan_slide(
+    row: dict[str, Any],
+    *,
+    store_config: StoreConfig,
+    cfg: StreamConfig,
+    select: Callable[[dict[str, Any]], bool] | None = None,
+) -> list[dict]:
+    """Tile rows of one slide (those ``select`` keeps, if given), or one row when the slide
+    cannot be planned: an error row, or a ``rejected`` row when the glass is not a cytology
+    preparation (blank, a tissue section, almost no cells), whose ``error`` says what was
+    measured. Neither has a tile to read, and both always pass ``select``."""
     fault_point("tiles.plan", row["key"])
     slide_name = f"{row['center']}/{row['batch']}/{row['slide_id']}"
     try:
@@ -181,14 +188,25 @@ def plan_slide(row: dict[str, Any], *, store_config: StoreConfig, cfg: StreamCon
         "sat_threshold": float(plan.saturation_threshold),
         "od_threshold": float(plan.od_threshold),
     }
-    return [_tile_row(row, t, n, **slide) for t in plan.tiles]
+    rows = [_tile_row(row, t, n, **slide) for t in plan.tiles]
+    return rows if select is None else [r for r in rows if select(r)]
 
 
 class TileReader:
-    """Ray Data actor: reads the pixels and QC of a batch of planned tiles."""
+    """Ray Data actor: reads the pixels and QC of a batch of planned tiles.
 
-    def __init__(self, store_config: StoreConfig, cfg: StreamConfig):
-        self.cfg = cfg
+    With ``readable_only`` it returns just the tiles read without error, and only ``columns``
+    of them: a training stream's filter done where the pixels are, not in a stage of its own
+    (another operator is more worker processes and a copy of every batch)."""
+
+    def __init__(
+        self,
+        store_config: StoreConfig,
+        cfg: StreamConfig,
+        readable_only: bool = False,
+        columns: Sequence[str] | None = None,
+    ):
+        self.cfg, self.readable_only, self.columns = cfg, readable_only, columns
         self.handles = _SlideHandles(store_config, cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -219,7 +237,7 @@ class TileReader:
             except Exception as exc:  # one unreadable tile must not sink its slide's batch
                 status[i], error[i] = STATUS_ERROR, _describe(exc)
                 images[i] = 0
-        return dict(batch) | {
+        out = dict(batch) | {
             "status": status.astype(str),
             "error": error.astype(str),
             "image": images,
@@ -227,6 +245,10 @@ class TileReader:
             "blur": blur,
             "mean_od": od,
         }
+        if not self.readable_only:
+            return out
+        keep = out["status"] == STATUS_OK
+        return {c: out[c][keep] for c in self.columns or out}
 
 
 def tile_draw(row: dict[str, Any], seed: int) -> float:
@@ -255,14 +277,6 @@ def shuffled_slides(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any
     return out
 
 
-class _KeepErrors:
-    def __init__(self, select: Callable[[dict[str, Any]], bool]):
-        self.select = select
-
-    def __call__(self, row: dict[str, Any]) -> bool:
-        return row["tile_index"] == NO_TILE or bool(self.select(row))
-
-
 def plan_stream(
     rows: list[dict[str, Any]],
     store_config: StoreConfig,
@@ -278,14 +292,11 @@ def plan_stream(
     import ray
 
     cfg = cfg or StreamConfig()
-    planned = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).flat_map(
+    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).flat_map(
         plan_slide,
-        fn_kwargs={"store_config": store_config, "cfg": cfg},
+        fn_kwargs={"store_config": store_config, "cfg": cfg, "select": select},
         num_cpus=cfg.planner_cpus,
     )
-    if select is not None:
-        planned = planned.filter(_KeepErrors(select), num_cpus=0.1)
-    return planned
 
 
 def tile_stream(
@@ -293,20 +304,25 @@ def tile_stream(
     store_config: StoreConfig,
     cfg: StreamConfig | None = None,
     select: Callable[[dict[str, Any]], bool] | None = None,
+    readable_only: bool = False,
+    columns: Sequence[str] | None = None,
 ):
     """A Ray Dataset of tile rows (coordinates, status, ``image`` uint8 HxWx3, QC) for ``rows``.
 
     ``rows`` come from :func:`slide_rows`. The dataset is lazy and streams: iterate it, or chain
     the detector onto it, and memory stays bounded by Ray Data's backpressure. ``select``
     keeps only some planned tiles (a training job's sampling) before any pixel is read; a
-    slide's error row always passes.
+    slide's error row always passes. ``readable_only`` (training) keeps only the tiles read
+    without error, and of them only ``columns`` (all when None).
     """
     import ray
 
     cfg = cfg or StreamConfig()
+    reader = {"store_config": store_config, "cfg": cfg, "readable_only": readable_only,
+              "columns": tuple(columns) if columns is not None else None}  # fmt: skip
     return plan_stream(rows, store_config, cfg, select).map_batches(
         TileReader,
-        fn_constructor_kwargs={"store_config": store_config, "cfg": cfg},
+        fn_constructor_kwargs=reader,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.readers),
         batch_size=cfg.batch_size,
         batch_format="numpy",

@@ -43,7 +43,7 @@ from smartccs.splits import SplitConfig, split_rows
 from smartccs.store import Store
 from smartccs.taxonomy import ABNORMAL_CLASSES
 from smartccs.train.detector_data import (
-    TILE_COLUMNS,
+    TARGET_COLUMNS,
     AugmentConfig,
     TileSampler,
     assign,
@@ -69,7 +69,7 @@ from smartccs.train.loop import RunFields, autocast_enabled, fit, optimizer_step
 from smartccs.train.selection import batch_ids, check_splits, labelled_batches
 
 __all__ = [  # the detector's public names, with those of its two helper modules
-    "TILE_COLUMNS",
+    "TARGET_COLUMNS",
     "AugmentConfig",
     "DetectorConfig",
     "DetectorLearner",

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smartccs.batches import BatchRef
-from smartccs.data.tiles import STATUS_OK, StreamConfig, tile_draw, tile_stream
+from smartccs.data.tiles import StreamConfig, tile_draw, tile_stream
 from smartccs.errors import CCSError
 from smartccs.ids import SlideKey
 from smartccs.labels import SlideBoxes
@@ -28,7 +28,8 @@ from smartccs.store import Store
 from smartccs.taxonomy import ABNORMAL_CLASSES
 from smartccs.train.multicrop import brightness_contrast, gaussian_blur, stain_jitter
 
-TILE_COLUMNS = ["image", "center", "batch", "slide_id", "x0", "y0", "w0", "h0"]
+TARGET_COLUMNS = ("image", "center", "batch", "slide_id", "x0", "y0", "w0", "h0")
+"""What a detector training or evaluation tile carries: its pixels and where it lies."""
 
 
 class AugmentConfig(BaseModel):
@@ -158,11 +159,6 @@ def augment(
 # -- data ---------------------------------------------------------------------------------
 
 
-def _ok_tiles(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keep = batch["status"] == STATUS_OK
-    return {c: batch[c][keep] for c in TILE_COLUMNS}
-
-
 class TileSampler:
     """Keeps every tile holding an annotated abnormal cell and a fixed share of the others.
 
@@ -192,8 +188,8 @@ def tiles_dataset(
     select: TileSampler | None = None,
 ):
     """Readable tiles of these slides with their coordinates (what the targets need)."""
-    return tile_stream(rows, store.config, stream, select=select).map_batches(
-        _ok_tiles, batch_format="numpy", num_cpus=0.1
+    return tile_stream(
+        rows, store.config, stream, select=select, readable_only=True, columns=TARGET_COLUMNS
     )
 
 

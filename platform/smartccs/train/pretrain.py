@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from smartccs import layout
 from smartccs.batches import BatchRef, manifests_sha256, resolve_batches
 from smartccs.data.tiles import (
-    STATUS_OK,
     StreamConfig,
     TileShare,
     shuffled_slides,
@@ -223,18 +222,13 @@ def train_loop(config: dict[str, Any]) -> None:
     worker_loop(cfg, lambda device, wrap: Learner(cfg, device, wrap))
 
 
-def _keep_ok_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"image": batch["image"][batch["status"] == STATUS_OK]}
-
-
 def training_dataset(store: Store, cfg: PretrainConfig, refs: list[BatchRef]):
     """The tile stream of these batches, slides in seeded random order (centers mixed):
     readable tiles only, pixels only."""
     rows = shuffled_slides(slide_rows(refs), cfg.seed)
     select = TileShare(cfg.tile_share, cfg.seed) if cfg.tile_share < 1 else None
-    return tile_stream(rows, store.config, cfg.stream, select).map_batches(
-        _keep_ok_images, batch_format="numpy", num_cpus=0.1
-    )
+    return tile_stream(rows, store.config, cfg.stream, select, readable_only=True,
+                       columns=("image",))  # fmt: skip
 
 
 def plan_pretrain(cfg: PretrainConfig) -> PretrainConfig:
