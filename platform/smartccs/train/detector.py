@@ -23,6 +23,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from smartccs import layout
 from smartccs.adaptation.stain import REFERENCE_KEY, stain_reference
 from smartccs.batches import manifests_sha256, resolve_batches
+from smartccs.data.tile_sampler import TileSampler, box_centres, centred_on
 from smartccs.data.tiles import StreamConfig
 from smartccs.errors import CCSError
 from smartccs.ids import Id, SlideKey
@@ -45,12 +46,9 @@ from smartccs.taxonomy import ABNORMAL_CLASSES
 from smartccs.train.detector_data import (
     TARGET_COLUMNS,
     AugmentConfig,
-    TileSampler,
     assign,
     augment,
     batch_targets,
-    box_centres,
-    centred_on,
     flip_rotate_boxes,
     label_budget,
     tile_targets,
