@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     from smartccs.deploy.commands import add_parser as add_deploy_parser
 
     add_deploy_parser(sub)  # ccs deploy policy|rayservice|sizing (docs/deploy.md)
+    from smartccs.models.commands import add_parser as add_models_parser
+
+    add_models_parser(sub)  # ccs models import (docs/models.md)
     return parser
 
 

@@ -29,8 +29,10 @@ WEIGHTS_NAME = "weights.safetensors"
 CARD_NAME = "card.json"
 LATEST_NAME = "LATEST"
 
-Task = Literal["encoder", "detector", "classifier", "adapted"]
-"""``adapted``: a center's test-time-adapted state (smartccs.adaptation.state)."""
+Task = Literal["encoder", "detector", "classifier", "adapted", "slide_head", "prototypes"]
+"""``adapted``: a center's test-time-adapted state (smartccs.adaptation.state). ``slide_head``
+and ``prototypes``: an imported Smart-CCS MeanMIL head and its TTA prototype bank
+(smartccs.models.importer)."""
 
 
 class Architecture(BaseModel):

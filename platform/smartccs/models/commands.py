@@ -1,0 +1,69 @@
+"""``ccs models import``: published weights into the store (registered by smartccs.cli).
+
+Kept apart from cli.py so the main CLI only registers it; the work is in
+smartccs.models.importer, imported only when the command runs (docs/models.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from smartccs.models.zoo import ZOO
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from smartccs.models.importer import import_models
+    from smartccs.models.zoo import zoo_entry
+    from smartccs.store import open_store
+
+    done = import_models(
+        open_store(uri=args.store),
+        encoder=Path(args.encoder) if args.encoder else None,
+        kind=zoo_entry(args.encoder_kind),
+        mil=Path(args.mil) if args.mil else None,
+        prototypes=Path(args.prototypes) if args.prototypes else None,
+        name=args.name,
+    )
+    if args.json:
+        print(json.dumps({"imported": [d.model_dump() for d in done]}, indent=2))
+    else:
+        for d in done:
+            print(f"{d.role}: {d.ref}  (from {d.source}, sha256 {d.sha256[:12]})")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``models`` and its actions to the ``ccs`` sub-command set."""
+    p = sub.add_parser("models", help="published models: import them into the store")
+    actions = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    q = actions.add_parser(
+        "import",
+        help="import a published encoder, Smart-CCS MeanMIL head and/or TTA prototype bank",
+    )
+    q.add_argument(
+        "--store",
+        default=None,
+        help="store URI: local path or s3://bucket/prefix (default: $CCS_STORE or ./ccs-data)",
+    )
+    q.add_argument("--encoder", metavar="FILE", help="encoder weights (.pth / .bin)")
+    q.add_argument(
+        "--encoder-kind",
+        default="smart-ccs-vitl14",
+        metavar="KIND",
+        help=f"what the encoder file is: {', '.join(ZOO)}, or a .json file of a kind "
+        "(default: smart-ccs-vitl14, the reference's CCS_vitL_100M.pth); also the encoder "
+        "the head and the bank are checked against",
+    )
+    q.add_argument("--mil", metavar="FILE", help="the reference's MeanMIL.pth slide head")
+    q.add_argument("--prototypes", metavar="FILE", help="the reference's proto_bank.pth")
+    q.add_argument(
+        "--name",
+        default=None,
+        help="model name: the encoder is NAME, the head NAME-meanmil, the bank "
+        "NAME-prototypes (default: the encoder kind, or smart-ccs without --encoder)",
+    )
+    q.add_argument("--json", action="store_true", help="print what was imported as JSON")
+    q.set_defaults(func=cmd_import)

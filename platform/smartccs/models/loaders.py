@@ -1,0 +1,90 @@
+"""Imported models as ready-to-run modules: ``load_encoder`` and ``load_slide_head``.
+
+Each is built from its card alone (timm with ``pretrained=False``, weights from the store) and
+returned in eval mode. The encoder maps (B, 3, H, W) pixels, already normalised with the card's
+mean/std, to (B, D) embeddings by the rule its source defines; the slide head maps a slide's
+(N, D) cell embeddings to its 7 grade logits (smartccs.taxonomy.GRADES).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from smartccs.errors import StoreError
+from smartccs.models.artifacts import ModelCard, Task, load_model, require_model
+from smartccs.models.refs import ModelRef
+from smartccs.models.slide_head import (
+    MeanMILHead,
+    MeanMILShape,
+    PrototypeBank,
+    prototype_tensors,
+)
+from smartccs.models.zoo import EmbeddingRule, build_network
+from smartccs.store import Store, open_store
+from smartccs.taxonomy import GRADES
+
+
+class Encoder(nn.Module):
+    """A timm ViT and the rule that turns its tokens into one embedding."""
+
+    def __init__(self, backbone: nn.Module, rule: EmbeddingRule, card: ModelCard):
+        super().__init__()
+        self.backbone = backbone
+        self.rule = rule
+        self.card = card
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.card.head["embed_dim"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)  # after the final norm
+        cls = tokens[:, 0]
+        if self.rule == "cls":
+            return cls
+        patches = tokens[:, int(self.backbone.num_prefix_tokens) :]  # registers excluded
+        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
+
+
+def _card_and_weights(store_uri: str | Store, ref: str, task: Task) -> tuple[ModelCard, dict]:
+    store = store_uri if isinstance(store_uri, Store) else open_store(uri=store_uri)
+    parsed = ModelRef.parse(ref)
+    card = require_model(store, parsed.name, parsed.version or "latest", task)
+    return load_model(store, card.name, str(card.version))
+
+
+def load_encoder(store_uri: str | Store, ref: str) -> Encoder:
+    """The encoder ``ref`` (``name`` or ``name/version``) of the store, in eval mode."""
+    card, state = _card_and_weights(store_uri, ref, "encoder")
+    rule = card.head.get("embedding")
+    if rule not in ("cls", "cls+mean-patch"):
+        raise StoreError(f"encoder {card.name}/{card.version} was not imported (no embedding)")
+    backbone = build_network(card.architecture)
+    backbone.load_state_dict(state, strict=True)
+    return Encoder(backbone, rule, card).eval()
+
+
+def load_slide_head(store_uri: str | Store, ref: str) -> MeanMILHead:
+    """The MeanMIL slide head ``ref`` of the store, in eval mode; ``.card`` holds its card."""
+    card, state = _card_and_weights(store_uri, ref, "slide_head")
+    shape = MeanMILShape.model_validate(
+        {k: card.head[k] for k in MeanMILShape.model_fields if k in card.head}
+    )
+    head = MeanMILHead(shape)
+    head.load_state_dict(state, strict=True)
+    head.card = card
+    return head.eval()
+
+
+def load_prototypes(
+    store_uri: str | Store, ref: str
+) -> tuple[PrototypeBank, dict[int, torch.Tensor]]:
+    """The prototype bank ``ref``: its header and, per grade index, its (k, D) prototypes."""
+    card, state = _card_and_weights(store_uri, ref, "prototypes")
+    bank = PrototypeBank.model_validate(
+        {k: card.head[k] for k in PrototypeBank.model_fields if k in card.head}
+    )
+    if bank.n_classes != len(GRADES):
+        raise StoreError(f"prototypes {card.name}/{card.version}: {bank.n_classes} classes")
+    return bank, prototype_tensors(state, bank)
