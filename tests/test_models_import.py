@@ -21,8 +21,9 @@ from smartccs.errors import CCSError
 from smartccs.models import load_encoder, load_prototypes, load_slide_head
 from smartccs.models.artifacts import Architecture, Normalization, load_card
 from smartccs.models.dinov2_keys import to_timm
+from smartccs.models.encoder import build_from
 from smartccs.models.importer import import_models
-from smartccs.models.zoo import ZOO, ZooEntry, build_network
+from smartccs.models.zoo import ZOO, ZooEntry
 from smartccs.store import Store, StoreConfig
 from smartccs.taxonomy import GRADES
 from tests.cli import assert_one_line_error, run_ccs
@@ -49,7 +50,7 @@ def tiny_kind(layout: str = "dinov2-teacher-chunked") -> ZooEntry:
 
 def source_network(seed: int = 0) -> torch.nn.Module:
     """A tiny DINOv2-style ViT with every tensor random (LayerScale too, so no block is ~0)."""
-    net = build_network(TINY)
+    net = build_from(TINY)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
@@ -303,7 +304,7 @@ def test_ccs_models_import_prints_the_refs_and_both_ref_forms_load(tmp_path):
 def test_every_zoo_kind_builds_with_its_stated_embedding_width(name):
     entry = ZOO[name]
     with torch.device("meta"):
-        net = build_network(entry.architecture)
+        net = build_from(entry.architecture)
     width = int(net.num_features) * (2 if entry.embedding == "cls+mean-patch" else 1)
     assert width == entry.embed_dim
     assert int(net.patch_embed.img_size[0]) == entry.input_px
@@ -322,7 +323,7 @@ def test_the_published_vit_l_layouts_fill_the_network_exactly(kind):
     global indices, and Meta's dinov2_vitl14_pretrain.pth with its 37x37 grid."""
     entry = ZOO[kind]
     with torch.device("meta"):
-        target = {k: v.shape for k, v in build_network(entry.architecture).state_dict().items()}
+        target = {k: v.shape for k, v in build_from(entry.architecture).state_dict().items()}
         state = {k: torch.empty(s) for k, s in target.items()}
         state["mask_token"] = torch.empty(1, 1024)
         if entry.layout == "dinov2":

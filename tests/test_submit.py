@@ -19,6 +19,7 @@ from test_pretrain import toy_config
 from smartccs.errors import CCSError
 from smartccs.models.artifacts import list_versions, load_model
 from smartccs.models.encoder import PRODUCTION_ENCODER
+from smartccs.models.zoo import ZOO
 from smartccs.submit import (
     CONFIG_ENV,
     CONFIG_MAX_BYTES,
@@ -285,7 +286,11 @@ def test_ccs_submit_no_wait_prints_the_job_and_how_to_follow_it(ray_job_address,
 def test_pretrain_prod_config_validates():
     raw = yaml.safe_load((REPO / "jobs/configs/pretrain-prod.yaml").read_text())
     cfg = PretrainConfig.model_validate(raw)
-    assert cfg.encoder == PRODUCTION_ENCODER
+    # continued from Meta's DINOv2 as the reference is: the ViT-L/14 the import registers
+    assert cfg.init_from == "dinov2-vitl14"
+    kind = ZOO[cfg.init_from].architecture
+    assert kind.timm_name == PRODUCTION_ENCODER.timm_name
+    assert kind.kwargs["img_size"] == cfg.crops.global_size
     assert (cfg.crops.global_size, cfg.crops.local_size, cfg.dino.out_dim) == (224, 98, 65536)
     assert cfg.scaling.num_workers == 8 and cfg.scaling.use_gpu
     assert cfg.store.uri.startswith("s3://")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from smartccs.errors import CCSError
 from smartccs.models.artifacts import Architecture
 
 DEMO_ENCODER = Architecture(
@@ -45,9 +46,34 @@ def build_encoder(arch: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 
+CLASS_KWARGS = ("mlp_layer", "act_layer")
+"""timm kwargs whose value is a class: a card stores it by name (JSON), resolved at build."""
+
+
+def _resolve_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the class-valued entries stored by name turned into the classes."""
+    from timm import layers
+
+    known = {
+        "SwiGLUPacked": layers.SwiGLUPacked,
+        "SwiGLU": layers.SwiGLU,
+        "GluMlp": layers.GluMlp,
+        "Mlp": layers.Mlp,
+        "SiLU": torch.nn.SiLU,
+        "GELU": torch.nn.GELU,
+    }
+    out = dict(kwargs)
+    for key in CLASS_KWARGS:
+        if key in out and isinstance(out[key], str):
+            if out[key] not in known:
+                raise CCSError(f"{key} {out[key]!r}: unknown; use one of {', '.join(known)}")
+            out[key] = known[out[key]]
+    return out
+
+
 def build_from(architecture: Architecture) -> nn.Module:
-    """The encoder a config or a model card describes."""
-    return build_encoder(architecture.timm_name, **architecture.kwargs)
+    """The encoder a config or a model card describes (trained here or imported)."""
+    return build_encoder(architecture.timm_name, **_resolve_kwargs(architecture.kwargs))
 
 
 def input_size(model: nn.Module) -> int:

@@ -19,9 +19,10 @@ from smartccs.errors import CCSError
 from smartccs.ids import validate_id
 from smartccs.models.artifacts import ModelCard, new_version, save_model
 from smartccs.models.dinov2_keys import to_timm
+from smartccs.models.encoder import build_from
 from smartccs.models.refs import ModelRef
 from smartccs.models.slide_head import meanmil_state, prototype_state
-from smartccs.models.zoo import ZOO, ZooEntry, build_network
+from smartccs.models.zoo import ZOO, ZooEntry
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
 
@@ -80,7 +81,7 @@ def prepare_encoder(path: Path, entry: ZooEntry, name: str) -> tuple[ModelCard, 
     """The card and timm state dict of an encoder file of kind ``entry``."""
     raw, source = read_checkpoint(path)
     with torch.device("meta"):
-        model = build_network(entry.architecture)
+        model = build_from(entry.architecture)
     target = {k: v.shape for k, v in model.state_dict().items()}
     try:
         state, conversion = to_timm(raw, entry.layout, target)

@@ -13,6 +13,7 @@ from torch import nn
 
 from smartccs.errors import StoreError
 from smartccs.models.artifacts import ModelCard, Task, load_model, require_model
+from smartccs.models.encoder import build_from
 from smartccs.models.refs import ModelRef
 from smartccs.models.slide_head import (
     MeanMILHead,
@@ -20,7 +21,7 @@ from smartccs.models.slide_head import (
     PrototypeBank,
     prototype_tensors,
 )
-from smartccs.models.zoo import EmbeddingRule, build_network
+from smartccs.models.zoo import EmbeddingRule
 from smartccs.store import Store, open_store
 from smartccs.taxonomy import GRADES
 
@@ -60,7 +61,7 @@ def load_encoder(store_uri: str | Store, ref: str) -> Encoder:
     rule = card.head.get("embedding")
     if rule not in ("cls", "cls+mean-patch"):
         raise StoreError(f"encoder {card.name}/{card.version} was not imported (no embedding)")
-    backbone = build_network(card.architecture)
+    backbone = build_from(card.architecture)
     backbone.load_state_dict(state, strict=True)
     return Encoder(backbone, rule, card).eval()
 

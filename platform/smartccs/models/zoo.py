@@ -4,14 +4,14 @@ Each kind says which timm network holds the weights, how the published file lays
 pixels are normalised and how the network's tokens become one embedding. Everything is plain
 JSON so that it can be written into a model card: the two keyword arguments timm needs as
 classes (``mlp_layer``, ``act_layer``) are stored by name and resolved when the network is
-built (:func:`resolve_kwargs`). No kind is ever downloaded: the user brings the file.
+built (smartccs.models.encoder.build_from). No kind is ever downloaded: the user brings the file.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,8 +28,6 @@ the teacher's weights under ``["teacher"]["backbone."]`` with blocks in FSDP chu
 EmbeddingRule = Literal["cls", "cls+mean-patch"]
 """``cls``: the class token after the final norm. ``cls+mean-patch``: that, concatenated with
 the mean of the patch tokens (register tokens excluded), as Virchow2's card defines it."""
-
-_CLASS_KWARGS = ("mlp_layer", "act_layer")
 
 
 class CropGeometry(BaseModel):
@@ -195,35 +193,6 @@ ZOO: dict[str, ZooEntry] = {
     ]
 }
 """The known kinds, by name."""
-
-
-def resolve_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with the class-valued entries stored by name turned into the classes."""
-    import torch
-    from timm import layers
-
-    known = {
-        "SwiGLUPacked": layers.SwiGLUPacked,
-        "SwiGLU": layers.SwiGLU,
-        "GluMlp": layers.GluMlp,
-        "Mlp": layers.Mlp,
-        "SiLU": torch.nn.SiLU,
-        "GELU": torch.nn.GELU,
-    }
-    out = dict(kwargs)
-    for key in _CLASS_KWARGS:
-        if key in out and isinstance(out[key], str):
-            if out[key] not in known:
-                raise CCSError(f"{key} {out[key]!r}: unknown; use one of {', '.join(known)}")
-            out[key] = known[out[key]]
-    return out
-
-
-def build_network(architecture: Architecture) -> Any:
-    """The headless timm network an imported card describes (random weights, no download)."""
-    from smartccs.models.encoder import build_encoder
-
-    return build_encoder(architecture.timm_name, **resolve_kwargs(architecture.kwargs))
 
 
 def zoo_entry(kind: str) -> ZooEntry:

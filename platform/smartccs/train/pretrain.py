@@ -27,14 +27,19 @@ from smartccs.data.tiles import (
     slide_rows,
     tile_stream,
 )
+from smartccs.errors import CCSError, StoreError
 from smartccs.ids import Id
 from smartccs.models.artifacts import (
     Architecture,
     ModelCard,
     config_sha256,
+    load_card,
+    load_model,
+    require_model,
     save_model,
 )
 from smartccs.models.encoder import DEMO_ENCODER, build_from, embed_dim
+from smartccs.models.refs import ModelRef
 from smartccs.store import Store
 from smartccs.train.dino import (
     DinoConfig,
@@ -70,6 +75,13 @@ class PretrainConfig(RunFields):
     )
     model_name: Id = "encoder"
     encoder: Architecture = DEMO_ENCODER
+    init_from: str | None = Field(
+        default=None,
+        description="an encoder of the store ('name' or 'name/version', pinned at job start) "
+        "that teacher and student start from, as the reference starts from Meta's DINOv2 "
+        "(`ccs models import` brings one in): its card's architecture replaces `encoder`, and "
+        "with crops.normalization 'auto' its normalisation is the run's",
+    )
     crops: MultiCropConfig = MultiCropConfig()
     dino: DinoConfig = DinoConfig()
     ibot: IbotConfig = Field(
@@ -92,13 +104,18 @@ class PretrainConfig(RunFields):
 
     @model_validator(mode="after")
     def _crops_fit_encoder(self) -> PretrainConfig:
-        img = self.encoder.kwargs.get("img_size")
-        if img is not None and img != self.crops.global_size:
-            raise ValueError(
-                f"crops.global_size {self.crops.global_size} must equal the encoder's img_size "
-                f"{img}"
-            )
+        # with init_from, `encoder` is replaced by that encoder's when the run is planned,
+        # and the crops are checked against it there
+        if self.init_from is None and (why := _crops_misfit(self.crops, self.encoder)):
+            raise ValueError(why)
         return self
+
+
+def _crops_misfit(crops: MultiCropConfig, encoder: Architecture) -> str | None:
+    img = encoder.kwargs.get("img_size")
+    if img is not None and img != crops.global_size:
+        return f"crops.global_size {crops.global_size} must equal the encoder's img_size {img}"
+    return None
 
 
 class PretrainResult(BaseModel):
@@ -111,8 +128,12 @@ class PretrainResult(BaseModel):
     run_path: str
 
 
-def _build(cfg: PretrainConfig) -> tuple[MultiCropNet, MultiCropNet]:
+def _build(cfg: PretrainConfig, init: bool = True) -> tuple[MultiCropNet, MultiCropNet]:
     backbone = build_from(cfg.encoder)
+    if init and cfg.init_from:  # the teacher is a copy of the student: both start from these
+        ref = ModelRef.parse(cfg.init_from)
+        _, state = load_model(Store(cfg.store), ref.name, ref.version or "latest")
+        backbone.load_state_dict(state, strict=True)
     head = DINOHead(embed_dim(backbone), cfg.dino)
     student = MultiCropNet(backbone, head, mask_token=cfg.ibot.enabled)
     return student, make_teacher(student)
@@ -233,15 +254,59 @@ def training_dataset(store: Store, cfg: PretrainConfig, refs: list[BatchRef]):
 
 def plan_pretrain(cfg: PretrainConfig) -> PretrainConfig:
     """The run as given, once its batches resolve (each named one committed, or with none named
-    at least one committed batch): what the job checks before Ray starts."""
-    resolve_batches(Store(cfg.store), cfg.batches)
-    return cfg
+    at least one committed batch) and the encoder it starts from is pinned: what the job checks
+    before Ray starts."""
+    store = Store(cfg.store)
+    resolve_batches(store, cfg.batches)
+    return _pin_init(store, cfg) if cfg.init_from else cfg
+
+
+def _pin_init(store: Store, cfg: PretrainConfig) -> PretrainConfig:
+    """``init_from`` pinned to its version, with that encoder's architecture (and, when the
+    run's is 'auto', normalisation): continuing a network means feeding it what it knows."""
+    assert cfg.init_from is not None
+    ref = ModelRef.parse(cfg.init_from)
+    try:
+        card = require_model(store, ref.name, ref.version or "latest", "encoder")
+    except StoreError as exc:
+        raise CCSError(
+            f"{cfg.run_name}: init_from: {exc}. Bring a published encoder in first: ccs models "
+            f"import --store {store.uri()} --encoder FILE --encoder-kind KIND (docs/models.md)"
+        ) from None
+    # local views are smaller than global ones: the ViT must take both sizes (its weights are
+    # the same either way; at the card's own size nothing is resampled)
+    kwargs = card.architecture.kwargs | {"dynamic_img_size": True}
+    update: dict[str, Any] = {
+        "init_from": f"{card.name}/{card.version}",
+        "encoder": card.architecture.model_copy(update={"kwargs": kwargs}),
+    }
+    if cfg.crops.normalization == "auto":
+        update["crops"] = cfg.crops.model_copy(update={"normalization": card.normalization})
+    log.info("%s starts from encoder %s (%s)", cfg.run_name, update["init_from"],
+             card.architecture.timm_name)  # fmt: skip
+    planned = cfg.model_copy(update=update)
+    if why := _crops_misfit(planned.crops, planned.encoder):
+        raise CCSError(f"{cfg.run_name}: init_from {planned.init_from}: {why}")
+    return planned
+
+
+def _lineage(store: Store, cfg: PretrainConfig) -> dict[str, Any]:
+    """What an encoder continued from another keeps of it on its card: where it started, how
+    its embedding is taken and the crops it was made for (so ``load_encoder`` loads it too)."""
+    if not cfg.init_from:
+        return {}
+    ref = ModelRef.parse(cfg.init_from)
+    source = load_card(store, ref.name, ref.version or "latest")
+    kept = {k: source.head[k] for k in ("embedding", "embed_dim", "crop") if k in source.head}
+    return kept | {"init_from": {"name": source.name, "version": source.version}}
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Train (or resume) the run, then save the teacher encoder as a model artifact."""
     store = Store(cfg.store)
     refs = resolve_batches(store, cfg.batches)
+    if cfg.init_from:
+        cfg = _pin_init(store, cfg)  # as the job's check does; kept as pinned
     ds = training_dataset(store, cfg, refs)
     if cfg.crops.normalization == "auto":
         norm = resolve_normalization(store, cfg.run_name, ds, cfg.normalization_tiles)
@@ -249,13 +314,14 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     fitted = fit(cfg, train_loop, {"train": ds})
     state, metrics = fitted.state, fitted.metrics
     loss = float(metrics.get("loss", float("nan")))
-    _, teacher = _build(cfg)
+    _, teacher = _build(cfg, init=False)
     teacher.load_state_dict(state["teacher"])
     config = cfg.model_dump(mode="json", exclude={"store"})
     card = ModelCard(
         name=cfg.model_name,
         architecture=cfg.encoder,
         task="encoder",
+        head=_lineage(store, cfg),
         tiling=cfg.stream.tiling,
         normalization=cfg.crops.normalization,
         training_config=config,
