@@ -1,15 +1,15 @@
 """Model artifacts in the store and the networks they hold.
 
-``load_encoder``, ``load_slide_head`` and ``load_prototypes`` (smartccs.models.loaders) are
-reached lazily: importing this package must not import torch (the service's HTTP ingress
-imports it without needing any model).
+``load_encoder``, ``load_slide_head``, ``load_prototypes`` and ``load_cell_detector``
+(smartccs.models.loaders) are reached lazily: importing this package must not import torch
+(the service's HTTP ingress imports it without needing any model).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-_LAZY = ("load_encoder", "load_slide_head", "load_prototypes")
+_LAZY = ("load_encoder", "load_slide_head", "load_prototypes", "load_cell_detector")
 __all__ = list(_LAZY)
 
 

@@ -29,10 +29,14 @@ WEIGHTS_NAME = "weights.safetensors"
 CARD_NAME = "card.json"
 LATEST_NAME = "LATEST"
 
-Task = Literal["encoder", "detector", "classifier", "adapted", "slide_head", "prototypes"]
+Task = Literal[
+    "encoder", "detector", "classifier", "adapted", "slide_head", "prototypes", "cell_detector"
+]
 """``adapted``: a center's test-time-adapted state (smartccs.adaptation.state). ``slide_head``
 and ``prototypes``: an imported Smart-CCS MeanMIL head and its TTA prototype bank
-(smartccs.models.importer)."""
+(smartccs.models.importer). ``cell_detector``: the reference's imported Deformable DETR
+(smartccs.models.deformable_detr), a task of its own because ``detector`` cards are built by
+smartccs.models.detector.build_detector, which the screening engine trusts them to be."""
 
 
 class Architecture(BaseModel):

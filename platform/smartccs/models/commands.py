@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smartccs.models.zoo import ZOO
+
+if TYPE_CHECKING:
+    from smartccs.models.deformable_detr import DetrShape
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -18,12 +22,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     from smartccs.models.zoo import zoo_entry
     from smartccs.store import open_store
 
+    shape = _read_shape(Path(args.detector_shape)) if args.detector_shape else None
     done = import_models(
         open_store(uri=args.store),
         encoder=Path(args.encoder) if args.encoder else None,
         kind=zoo_entry(args.encoder_kind),
         mil=Path(args.mil) if args.mil else None,
         prototypes=Path(args.prototypes) if args.prototypes else None,
+        detector=Path(args.detector) if args.detector else None,
+        detector_shape=shape,
         name=args.name,
     )
     if args.json:
@@ -34,6 +41,23 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_shape(path: Path) -> DetrShape:
+    """A detector shape from a .json file, or one error line naming the file."""
+    from pydantic import ValidationError
+
+    from smartccs.errors import CCSError
+    from smartccs.models.deformable_detr import DetrShape
+
+    try:
+        return DetrShape.model_validate_json(path.read_text())
+    except OSError as exc:
+        raise CCSError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "file"
+        raise CCSError(f"{path}: not a detector shape ({where}: {first['msg']})") from None
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``models`` and its actions to the ``ccs`` sub-command set."""
     p = sub.add_parser("models", help="published models: import them into the store")
@@ -41,7 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     q = actions.add_parser(
         "import",
-        help="import a published encoder, Smart-CCS MeanMIL head and/or TTA prototype bank",
+        help="import a published encoder, Smart-CCS MeanMIL head, TTA prototype bank and/or "
+        "Det-cell detector",
     )
     q.add_argument(
         "--store",
@@ -60,10 +85,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--mil", metavar="FILE", help="the reference's MeanMIL.pth slide head")
     q.add_argument("--prototypes", metavar="FILE", help="the reference's proto_bank.pth")
     q.add_argument(
+        "--detector",
+        metavar="FILE",
+        help="the reference's Det-cell Deformable-DETR checkpoint (bare or {'model': ...})",
+    )
+    q.add_argument(
+        "--detector-shape",
+        metavar="FILE",
+        default=None,
+        help="a .json DetrShape for --detector (default: the reference's ResNet-50, 256-d, "
+        "6+6 layers, 300 queries, 4 levels)",
+    )
+    q.add_argument(
         "--name",
         default=None,
         help="model name: the encoder is NAME, the head NAME-meanmil, the bank "
-        "NAME-prototypes (default: the encoder kind, or smart-ccs without --encoder)",
+        "NAME-prototypes, the detector NAME-detector (default: the encoder kind, or smart-ccs "
+        "without --encoder)",
     )
     q.add_argument("--json", action="store_true", help="print what was imported as JSON")
     q.set_defaults(func=cmd_import)

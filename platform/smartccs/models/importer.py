@@ -17,7 +17,15 @@ from pydantic import BaseModel, ConfigDict
 
 from smartccs.errors import CCSError
 from smartccs.ids import validate_id
-from smartccs.models.artifacts import ModelCard, new_version, save_model
+from smartccs.models.artifacts import (
+    Architecture,
+    ModelCard,
+    Normalization,
+    new_version,
+    save_model,
+)
+from smartccs.models.deformable_detr import REFERENCE_SHAPE, DetectorSpec, DetrShape, target_shapes
+from smartccs.models.detr_keys import to_transformers
 from smartccs.models.dinov2_keys import to_timm
 from smartccs.models.encoder import build_from
 from smartccs.models.refs import ModelRef
@@ -26,9 +34,13 @@ from smartccs.models.zoo import ZOO, ZooEntry
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
 
-Role = Literal["encoder", "slide_head", "prototypes"]
+Role = Literal["encoder", "slide_head", "prototypes", "cell_detector"]
 SMART_CCS = ZOO["smart-ccs-vitl14"]
 REFERENCE = "github.com/hjiangaz/Smart-CCS (Cls-WSI)"
+DETECTOR_SOURCE = (
+    "the Det-cell detector checkpoint of the Smart-CCS release (github.com/hjiangaz/Smart-CCS, "
+    "Google Drive link in Det-cell/README.md)"
+)
 
 
 class SourceFile(BaseModel):
@@ -151,6 +163,39 @@ def prepare_prototypes(
     return card, state
 
 
+def prepare_cell_detector(path: Path, name: str, shape: DetrShape) -> tuple[ModelCard, dict]:
+    """The card and transformers state dict of a reference Deformable-DETR checkpoint.
+
+    Task ``cell_detector``, not ``detector``: the engine builds every ``detector`` card with
+    smartccs.models.detector.build_detector, so this one must not pass for one;
+    ``head["implementation"]`` names the network that runs it."""
+    raw, source = read_checkpoint(path)
+    try:
+        state, conversion = to_transformers(raw, target_shapes(shape))
+    except CCSError as exc:
+        raise CCSError(f"{path}: {exc} (read as Deformable DETR, {shape.backbone})") from None
+    source = source.model_copy(update={"provenance": DETECTOR_SOURCE, "licence": SMART_CCS.licence})
+    spec = DetectorSpec()
+    card = ModelCard(
+        name=name,
+        version=new_version(),
+        architecture=Architecture(timm_name=shape.backbone),
+        task="cell_detector",
+        classes=list(spec.classes),
+        head={
+            "implementation": "transformers-deformable-detr",
+            "detr": shape.model_dump(),
+            "spec": spec.model_dump(mode="json"),
+            "conversion": conversion.model_dump(mode="json"),
+            "source": source.model_dump(mode="json"),
+        },
+        tiling=SMART_CCS.tiling,
+        normalization=Normalization(mean=spec.mean, std=spec.std),
+        synthetic=False,
+    )
+    return card, state
+
+
 def _head_card(
     name: str,
     task: Role,
@@ -186,15 +231,19 @@ def import_models(
     kind: ZooEntry = SMART_CCS,
     mil: Path | None = None,
     prototypes: Path | None = None,
+    detector: Path | None = None,
+    detector_shape: DetrShape | None = None,
     name: str | None = None,
 ) -> list[Imported]:
     """Read and check every file given, then save them; returns what was written.
 
-    Models are named ``NAME`` (the encoder), ``NAME-meanmil`` and ``NAME-prototypes``;
+    Models are named ``NAME`` (the encoder), ``NAME-meanmil``, ``NAME-prototypes`` and
+    ``NAME-detector`` (the Det-cell Deformable DETR, of ``detector_shape``, by default the
+    reference's);
     ``NAME`` defaults to the encoder kind's name, or ``smart-ccs`` without an encoder. The
     head and bank cards name the encoder imported with them, if any."""
-    if not (encoder or mil or prototypes):
-        raise CCSError("nothing to import: give --encoder, --mil or --prototypes")
+    if not (encoder or mil or prototypes or detector):
+        raise CCSError("nothing to import: give --encoder, --mil, --prototypes or --detector")
     base = validate_id(name or (kind.name if encoder else "smart-ccs"), "model name")
     prepared: list[tuple[Role, Path, ModelCard, dict]] = []
     enc_ref = None
@@ -209,6 +258,10 @@ def import_models(
         bank_name = validate_id(f"{base}-prototypes")
         card, state = prepare_prototypes(prototypes, kind, bank_name, enc_ref)
         prepared.append(("prototypes", prototypes, card, state))
+    if detector:
+        det_name = validate_id(f"{base}-detector")
+        card, state = prepare_cell_detector(detector, det_name, detector_shape or REFERENCE_SHAPE)
+        prepared.append(("cell_detector", detector, card, state))
     done = []
     for role, path, card, state in prepared:
         version = save_model(store, card, state)

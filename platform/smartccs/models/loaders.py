@@ -1,9 +1,11 @@
-"""Imported models as ready-to-run modules: ``load_encoder`` and ``load_slide_head``.
+"""Imported models as ready-to-run modules: ``load_encoder``, ``load_slide_head``,
+``load_prototypes`` and ``load_cell_detector``.
 
 Each is built from its card alone (timm with ``pretrained=False``, weights from the store) and
 returned in eval mode. The encoder maps (B, 3, H, W) pixels, already normalised with the card's
 mean/std, to (B, D) embeddings by the rule its source defines; the slide head maps a slide's
-(N, D) cell embeddings to its 7 grade logits (smartccs.taxonomy.GRADES).
+(N, D) cell embeddings to its 7 grade logits (smartccs.taxonomy.GRADES); the cell detector maps
+[0, 1] RGB tiles and their level-0 regions to level-0 boxes of the 6 abnormal classes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from smartccs.errors import StoreError
 from smartccs.models.artifacts import ModelCard, Task, load_model, require_model
+from smartccs.models.deformable_detr import CellDetector, DetectorSpec, DetrShape, build_network
 from smartccs.models.encoder import build_from
 from smartccs.models.refs import ModelRef
 from smartccs.models.slide_head import (
@@ -89,3 +92,15 @@ def load_prototypes(
     if bank.n_classes != len(GRADES):
         raise StoreError(f"prototypes {card.name}/{card.version}: {bank.n_classes} classes")
     return bank, prototype_tensors(state, bank)
+
+
+def load_cell_detector(store_uri: str | Store, ref: str) -> CellDetector:
+    """The imported Det-cell detector ``ref`` (``name`` or ``name/version``), in eval mode;
+    ``.detect(tiles, regions)`` gives each tile's level-0 detections, ``.card`` its card."""
+    card, state = _card_and_weights(store_uri, ref, "cell_detector")
+    if card.head.get("implementation") != "transformers-deformable-detr":
+        raise StoreError(f"cell detector {card.name}/{card.version}: unknown implementation")
+    network = build_network(DetrShape.model_validate(card.head["detr"]))
+    network.load_state_dict(state, strict=True)
+    spec = DetectorSpec.model_validate(card.head["spec"])
+    return CellDetector(network, spec, card).eval()
