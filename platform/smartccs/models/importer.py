@@ -9,6 +9,7 @@ model's card carries the source file's sha256 and where it comes from and under 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,46 +122,53 @@ def prepare_encoder(path: Path, entry: ZooEntry, name: str) -> tuple[ModelCard, 
     return card, state
 
 
+def _reference_part(
+    path: Path,
+    entry: ZooEntry,
+    name: str,
+    encoder: ModelRef | None,
+    task: Role,
+    read: Callable[[Any], tuple[dict, BaseModel]],
+    width_error: Callable[[Any], str | None],
+    published: str,
+) -> tuple[ModelCard, dict]:
+    """A reference file over encoder kind ``entry``: read, checked against the encoder's
+    width, carded with its provenance (``read`` gives the tensors and the header)."""
+    raw, source = read_checkpoint(path)
+    try:
+        state, header = read(raw)
+    except CCSError as exc:
+        raise CCSError(f"{path}: {exc}") from None
+    if why := width_error(header):
+        raise CCSError(f"{path}: {why}, the {entry.name} encoder gives {entry.embed_dim}-d")
+    source = source.model_copy(
+        update={"provenance": f"{published}, {REFERENCE}", "licence": SMART_CCS.licence}
+    )
+    return _head_card(name, task, entry, source, header.model_dump(), encoder), state
+
+
 def prepare_slide_head(
     path: Path, entry: ZooEntry, name: str, encoder: ModelRef | None
 ) -> tuple[ModelCard, dict]:
     """The card and state dict of a reference ``MeanMIL.pth`` over encoder kind ``entry``."""
-    raw, source = read_checkpoint(path)
-    try:
-        state, shape = meanmil_state(raw)
-    except CCSError as exc:
-        raise CCSError(f"{path}: {exc}") from None
-    if shape.in_dim != entry.embed_dim:
-        raise CCSError(
-            f"{path}: MeanMIL takes {shape.in_dim}-d cells, the {entry.name} encoder gives "
-            f"{entry.embed_dim}-d"
-        )
-    source = source.model_copy(
-        update={"provenance": f"MeanMIL.pth, {REFERENCE}", "licence": SMART_CCS.licence}
-    )
-    card = _head_card(name, "slide_head", entry, source, shape.model_dump(), encoder)
-    return card, state
+
+    def width_error(shape: Any) -> str | None:
+        return None if shape.in_dim == entry.embed_dim else f"MeanMIL takes {shape.in_dim}-d cells"
+
+    return _reference_part(path, entry, name, encoder, "slide_head", meanmil_state, width_error,
+                           "MeanMIL.pth")  # fmt: skip
 
 
 def prepare_prototypes(
     path: Path, entry: ZooEntry, name: str, encoder: ModelRef | None
 ) -> tuple[ModelCard, dict]:
     """The card and ``class_<i>`` tensors of a reference ``proto_bank.pth``."""
-    raw, source = read_checkpoint(path)
-    try:
-        state, bank = prototype_state(raw)
-    except CCSError as exc:
-        raise CCSError(f"{path}: {exc}") from None
-    if bank.feat_dim != entry.embed_dim:
-        raise CCSError(
-            f"{path}: feat_dim is {bank.feat_dim}, the {entry.name} encoder gives "
-            f"{entry.embed_dim}-d embeddings"
-        )
-    source = source.model_copy(
-        update={"provenance": f"proto_bank.pth, {REFERENCE}", "licence": SMART_CCS.licence}
-    )
-    card = _head_card(name, "prototypes", entry, source, bank.model_dump(), encoder)
-    return card, state
+
+    def width_error(bank: Any) -> str | None:
+        return None if bank.feat_dim == entry.embed_dim else f"feat_dim is {bank.feat_dim}"
+
+    return _reference_part(path, entry, name, encoder, "prototypes", prototype_state,
+                           width_error, "proto_bank.pth")  # fmt: skip
 
 
 def prepare_cell_detector(path: Path, name: str, shape: DetrShape) -> tuple[ModelCard, dict]:
