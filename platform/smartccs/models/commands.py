@@ -9,20 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from smartccs.models.zoo import ZOO
 
-if TYPE_CHECKING:
-    from smartccs.models.deformable_detr import DetrShape
-
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from smartccs.models.deformable_detr import DetrShape
     from smartccs.models.importer import import_models
-    from smartccs.models.zoo import zoo_entry
+    from smartccs.models.zoo import read_json_file, zoo_entry
     from smartccs.store import open_store
 
-    shape = _read_shape(Path(args.detector_shape)) if args.detector_shape else None
+    shape = read_json_file(Path(args.detector_shape), DetrShape) if args.detector_shape else None
     done = import_models(
         open_store(uri=args.store),
         encoder=Path(args.encoder) if args.encoder else None,
@@ -39,23 +36,6 @@ def cmd_import(args: argparse.Namespace) -> int:
         for d in done:
             print(f"{d.role}: {d.ref}  (from {d.source}, sha256 {d.sha256[:12]})")
     return 0
-
-
-def _read_shape(path: Path) -> DetrShape:
-    """A detector shape from a .json file, or one error line naming the file."""
-    from pydantic import ValidationError
-
-    from smartccs.errors import CCSError
-    from smartccs.models.deformable_detr import DetrShape
-
-    try:
-        return DetrShape.model_validate_json(path.read_text())
-    except OSError as exc:
-        raise CCSError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "file"
-        raise CCSError(f"{path}: not a detector shape ({where}: {first['msg']})") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from smartccs.errors import CCSError
+from smartccs.models.state_fill import KeyMapError, StateFill, tensors_of
 
 BACKBONE_PREFIXES = ("backbone.intermediate_getter.", "backbone.0.body.")
 """The reference's (torchvision IntermediateLayerGetter) and upstream Deformable-DETR's."""
@@ -51,10 +51,6 @@ _LAYER = re.compile(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)")
 _QKV = re.compile(r"(model\.decoder\.layers\.\d+\.self_attn)\.in_proj_(weight|bias)")
 
 
-class DetrKeyError(CCSError):
-    """A checkpoint whose tensors do not fill the detector exactly."""
-
-
 class DetrConversion(BaseModel):
     """What a conversion did, for the model card."""
 
@@ -69,19 +65,15 @@ def source_tensors(raw: Any) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict of a checkpoint (bare, or under ``model``) and its backbone layout."""
     if isinstance(raw, Mapping) and "model" in raw and isinstance(raw["model"], Mapping):
         raw = raw["model"]
-    if not isinstance(raw, Mapping) or not raw:
-        raise DetrKeyError(f"not a state dict ({type(raw).__name__})")
-    for key, value in raw.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise DetrKeyError(f"checkpoint[{key!r}] is a {type(value).__name__}, not a tensor")
+    raw = tensors_of(raw, "checkpoint")
     found = [p for p in BACKBONE_PREFIXES if any(k.startswith(p) for k in raw)]
     if len(found) != 1:
-        raise DetrKeyError(
+        raise KeyMapError(
             f"expected the backbone under one of {', '.join(BACKBONE_PREFIXES)}; "
             f"found {', '.join(found) or 'neither'}"
         )
     layout = "smart-ccs" if found[0] == BACKBONE_PREFIXES[0] else "deformable-detr"
-    return dict(raw), layout
+    return raw, layout
 
 
 def hf_name(key: str, backbone_prefix: str) -> str:
@@ -103,15 +95,9 @@ def hf_name(key: str, backbone_prefix: str) -> str:
                 break
         else:  # the encoder's deformable self_attn and the decoder's in_proj keep their names
             if not rest.startswith("self_attn."):
-                raise DetrKeyError(f"unexpected key {key!r}")
+                raise KeyMapError(f"unexpected key {key!r}")
         return f"model.{part}.layers.{index}.{rest}"
-    raise DetrKeyError(f"unexpected key {key!r}")
-
-
-def _place(out: dict, origin: dict, name: str, value: torch.Tensor, key: str) -> None:
-    if name in out:
-        raise DetrKeyError(f"keys {origin[name]!r} and {key!r} both fill {name!r}")
-    out[name], origin[name] = value.clone(), key  # own storage: safetensors refuses shared
+    raise KeyMapError(f"unexpected key {key!r}")
 
 
 def to_transformers(
@@ -120,8 +106,7 @@ def to_transformers(
     """The state dict for a transformers detector of tensor shapes ``target``."""
     source, layout = source_tensors(raw)
     prefix = BACKBONE_PREFIXES[0 if layout == "smart-ccs" else 1]
-    out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
+    fill = StateFill(target, "detector")
     dropped = []
     for key, value in source.items():
         if key.endswith(DROPPED_SUFFIXES):
@@ -130,27 +115,16 @@ def to_transformers(
         name = hf_name(key, prefix)
         if m := _QKV.fullmatch(name):
             if value.shape[0] % 3:
-                raise DetrKeyError(f"{key!r} has shape {tuple(value.shape)}: not 3 packed parts")
+                raise KeyMapError(f"{key!r} has shape {tuple(value.shape)}: not 3 packed parts")
             for part, chunk in zip(("q", "k", "v"), value.chunk(3), strict=True):
-                _place(out, origin, f"{m[1]}.{part}_proj.{m[2]}", chunk, key)
+                fill.put(f"{m[1]}.{part}_proj.{m[2]}", chunk.clone(), key)  # own storage
             continue
-        if name not in target:
-            raise DetrKeyError(f"unexpected key {key!r}: the detector has no {name!r}")
-        _place(out, origin, name, value, key)
-    missing = [k for k in target if k not in out]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DetrKeyError(f"missing tensor {missing[0]!r}{more}")
-    for name, value in out.items():
-        if name not in target:
-            raise DetrKeyError(f"unexpected key {origin[name]!r}: the detector has no {name!r}")
-        if value.shape != target[name]:
-            raise DetrKeyError(
-                f"{origin[name]!r} has shape {tuple(value.shape)}, the detector's {name!r} "
-                f"{tuple(target[name])}"
-            )
-    _check_shared_heads(out, origin)
-    return out, DetrConversion(layout=layout, tensors=len(out), dropped=sorted(dropped))
+        # own storage: safetensors refuses tensors that share one (a tied head saved as such)
+        fill.put(name, value.clone(), key)
+    fill.check_complete()
+    fill.check_shapes()
+    _check_shared_heads(fill.out, fill.origin)
+    return fill.out, DetrConversion(layout=layout, tensors=len(fill.out), dropped=sorted(dropped))
 
 
 def _check_shared_heads(out: Mapping[str, torch.Tensor], origin: Mapping[str, str]) -> None:
@@ -162,7 +136,7 @@ def _check_shared_heads(out: Mapping[str, torch.Tensor], origin: Mapping[str, st
             continue
         first = out[f"{m[1]}.0.{m[3]}"]
         if not torch.equal(value, first):
-            raise DetrKeyError(
+            raise KeyMapError(
                 f"{origin[name]!r} differs from layer 0's: per-layer heads (box refinement) "
                 "are not the reference's shared head"
             )
@@ -187,7 +161,7 @@ def to_reference(
         elif m := re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)", name):
             _inverse_layer(out, m[1], m[2], m[3], value)
         else:
-            raise DetrKeyError(f"no reference name for {name!r}")
+            raise KeyMapError(f"no reference name for {name!r}")
     return out
 
 

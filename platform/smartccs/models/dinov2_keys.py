@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from smartccs.errors import CCSError
+from smartccs.models.state_fill import KeyMapError, StateFill, tensors_of
 from smartccs.models.zoo import Layout
 
 TEACHER_HEADS = ("dino_head.", "ibot_head.")
@@ -35,10 +35,6 @@ _CHUNKED = re.compile(r"blocks\.(\d+)\.(\d+)\.(.+)")
 _PLAIN = re.compile(r"blocks\.(\d+)\.(.+)")
 _RENAMES = (("register_tokens", "reg_token"), (".mlp.w12.", ".mlp.fc1."), (".mlp.w3.", ".mlp.fc2."))
 """DINOv2 -> timm names: register tokens, and the packed SwiGLU FFN of the ViT-g models."""
-
-
-class KeyMapError(CCSError):
-    """A checkpoint whose tensors do not fill the network exactly."""
 
 
 class Conversion(BaseModel):
@@ -61,7 +57,7 @@ def backbone_tensors(raw: Any, layout: Layout) -> tuple[dict[str, torch.Tensor],
                 f"no 'teacher' entry (a DINOv2 training checkpoint has one); found: {found or '-'}"
             )
         raw, kept, dropped = raw["teacher"], {}, []
-        for key, value in _tensors(raw, "teacher").items():
+        for key, value in tensors_of(raw, "teacher").items():
             if key.startswith("backbone."):
                 kept[key.removeprefix("backbone.")] = value
             elif key.startswith(TEACHER_HEADS):
@@ -69,16 +65,7 @@ def backbone_tensors(raw: Any, layout: Layout) -> tuple[dict[str, torch.Tensor],
             else:
                 raise KeyMapError(f"unexpected key teacher[{key!r}] (not backbone. nor a head)")
         return kept, dropped
-    return _tensors(raw, "checkpoint"), []
-
-
-def _tensors(raw: Any, where: str) -> dict[str, torch.Tensor]:
-    if not isinstance(raw, Mapping) or not raw:
-        raise KeyMapError(f"{where} is not a mapping of tensors ({type(raw).__name__})")
-    for key, value in raw.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise KeyMapError(f"{where}[{key!r}] is a {type(value).__name__}, not a tensor")
-    return dict(raw)
+    return tensors_of(raw, "checkpoint"), []
 
 
 def chunk_size(keys: Iterable[str]) -> int:
@@ -135,34 +122,21 @@ def to_timm(
     """The state dict for a timm network of parameter shapes ``target`` from a checkpoint."""
     source, dropped = backbone_tensors(raw, layout)
     size = chunk_size(source)
-    out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
+    fill = StateFill(target, "network")
     for key, value in source.items():
         if layout != "timm" and key in TRAINING_ONLY:
             dropped.append(key)
             continue
-        name = timm_name(key, layout, size)
-        if name not in target:
-            raise KeyMapError(f"unexpected key {key!r}: the network has no {name!r}")
-        if name in out:
-            raise KeyMapError(f"keys {origin[name]!r} and {key!r} both fill {name!r}")
-        out[name], origin[name] = value, key
-    missing = [k for k in target if k not in out]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise KeyMapError(f"missing tensor {missing[0]!r}{more}")
+        fill.put(timm_name(key, layout, size), value, key)
+    fill.check_complete()
+    out = fill.out
     resampled = None
     if layout != "timm" and out["pos_embed"].shape != target["pos_embed"]:
         before = out["pos_embed"].shape[1] - 1
         grid = math.isqrt(target["pos_embed"][1] - 1)
         out["pos_embed"] = resample_grid(out["pos_embed"], grid)
         resampled = f"{math.isqrt(before)}x{math.isqrt(before)} -> {grid}x{grid}"
-    for name, value in out.items():
-        if value.shape != target[name]:
-            raise KeyMapError(
-                f"{origin[name]!r} has shape {tuple(value.shape)}, the network's {name!r} "
-                f"{tuple(target[name])}"
-            )
+    fill.check_shapes()
     report = Conversion(
         layout=layout, tensors=len(out), dropped=sorted(dropped), pos_embed_resampled=resampled
     )

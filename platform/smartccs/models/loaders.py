@@ -10,7 +10,10 @@ mean/std, to (B, D) embeddings by the rule its source defines; the slide head ma
 
 from __future__ import annotations
 
+from typing import TypeVar, get_args
+
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from smartccs.errors import StoreError
@@ -58,11 +61,19 @@ def _card_and_weights(store_uri: str | Store, ref: str, task: Task) -> tuple[Mod
     return load_model(store, card.name, str(card.version))
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _head_fields(card: ModelCard, model: type[M]) -> M:
+    """The header an import wrote among the card's ``head`` entries (next to its source)."""
+    return model.model_validate({k: card.head[k] for k in model.model_fields if k in card.head})
+
+
 def load_encoder(store_uri: str | Store, ref: str) -> Encoder:
     """The encoder ``ref`` (``name`` or ``name/version``) of the store, in eval mode."""
     card, state = _card_and_weights(store_uri, ref, "encoder")
     rule = card.head.get("embedding")
-    if rule not in ("cls", "cls+mean-patch"):
+    if rule not in get_args(EmbeddingRule):
         raise StoreError(f"encoder {card.name}/{card.version} was not imported (no embedding)")
     backbone = build_from(card.architecture)
     backbone.load_state_dict(state, strict=True)
@@ -72,10 +83,7 @@ def load_encoder(store_uri: str | Store, ref: str) -> Encoder:
 def load_slide_head(store_uri: str | Store, ref: str) -> MeanMILHead:
     """The MeanMIL slide head ``ref`` of the store, in eval mode; ``.card`` holds its card."""
     card, state = _card_and_weights(store_uri, ref, "slide_head")
-    shape = MeanMILShape.model_validate(
-        {k: card.head[k] for k in MeanMILShape.model_fields if k in card.head}
-    )
-    head = MeanMILHead(shape)
+    head = MeanMILHead(_head_fields(card, MeanMILShape))
     head.load_state_dict(state, strict=True)
     head.card = card
     return head.eval()
@@ -86,9 +94,7 @@ def load_prototypes(
 ) -> tuple[PrototypeBank, dict[int, torch.Tensor]]:
     """The prototype bank ``ref``: its header and, per grade index, its (k, D) prototypes."""
     card, state = _card_and_weights(store_uri, ref, "prototypes")
-    bank = PrototypeBank.model_validate(
-        {k: card.head[k] for k in PrototypeBank.model_fields if k in card.head}
-    )
+    bank = _head_fields(card, PrototypeBank)
     if bank.n_classes != len(GRADES):
         raise StoreError(f"prototypes {card.name}/{card.version}: {bank.n_classes} classes")
     return bank, prototype_tensors(state, bank)

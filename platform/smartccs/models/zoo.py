@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -195,18 +195,29 @@ ZOO: dict[str, ZooEntry] = {
 """The known kinds, by name."""
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_json_file(path: Path, model: type[M]) -> M:
+    """A ``model`` from a .json file the user gives (a kind, a detector shape), or one error
+    line naming the file and what is wrong."""
+    try:
+        return model.model_validate(json.loads(path.read_text()))
+    except OSError as exc:
+        raise CCSError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise CCSError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    except ValidationError as exc:
+        raise CCSError(f"{path}: {describe_validation_error(exc)}") from None
+
+
 def zoo_entry(kind: str) -> ZooEntry:
     """A kind by name, or a JSON file holding one (a DINOv2 of another size, say)."""
     if kind in ZOO:
         return ZOO[kind]
     path = Path(kind)
     if path.suffix == ".json" and path.is_file():
-        try:
-            return ZooEntry.model_validate(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise CCSError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
-        except ValidationError as exc:
-            raise CCSError(f"{path}: {describe_validation_error(exc)}") from None
+        return read_json_file(path, ZooEntry)
     raise CCSError(
         f"unknown encoder kind {kind!r}: use one of {', '.join(ZOO)} or a .json file of a kind"
     )
