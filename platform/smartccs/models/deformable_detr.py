@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from smartccs.models.artifacts import Normalization
+from smartccs.models.detector import normalize
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 
@@ -53,8 +55,9 @@ class DetectorSpec(BaseModel):
     classes: tuple[str, ...] = ABNORMAL_CLASSES
     short_side: int = 800
     max_size: int = Field(default=1332, description="the reference's val_trans cap")
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    normalization: Normalization = Field(
+        default=Normalization(), description="ImageNet's, as the reference's transforms"
+    )
     score_threshold: float = Field(default=0.2, description="kept if score > this (det_thre)")
     nms_iou: float = Field(default=0.75, description="get_pseudo_labels' NMS threshold")
 
@@ -136,9 +139,7 @@ def preprocess(tiles: torch.Tensor, spec: DetectorSpec) -> torch.Tensor:
     x = tiles.float()
     if (h, w) != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(x, spec.normalization)
 
 
 def to_level0(boxes: torch.Tensor, region: TileRegion) -> torch.Tensor:

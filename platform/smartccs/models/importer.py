@@ -21,7 +21,6 @@ from smartccs.ids import validate_id
 from smartccs.models.artifacts import (
     Architecture,
     ModelCard,
-    Normalization,
     new_version,
     save_model,
 )
@@ -198,7 +197,7 @@ def prepare_cell_detector(path: Path, name: str, shape: DetrShape) -> tuple[Mode
             "source": source.model_dump(mode="json"),
         },
         tiling=SMART_CCS.tiling,
-        normalization=Normalization(mean=spec.mean, std=spec.std),
+        normalization=spec.normalization,
         synthetic=False,
     )
     return card, state
