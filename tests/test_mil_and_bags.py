@@ -10,7 +10,7 @@ from smartccs.data.tiles import NO_TILE
 from smartccs.models.mil import MILConfig, MILHead, pooled_embedding, slide_score
 from smartccs.screening.bags import BagCollector, collect_bags
 from smartccs.screening.cell_rows import TILE_ROW
-from smartccs.screening.cells import crop_cells
+from smartccs.screening.crops import crop_cells
 from smartccs.taxonomy import GRADES
 from smartccs.train.classifier import prototype_bank
 

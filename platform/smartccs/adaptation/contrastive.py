@@ -1,9 +1,12 @@
-"""The reference adaptation (Smart-CCS) on the MIL head, one small step per batch of slides.
+"""The reference adaptation (Smart-CCS) on the slide head, one small step per batch of slides.
 
-A student copy of the head learns, on the batch's own slides, to tell each slide's cells from
+The head is the platform's MIL head or an imported MeanMIL (smartccs.models.bag_heads): each
+says how it sees a slide (``represent``) and its prototypes (``prototype_views``). A student
+copy of the head learns, on the batch's own slides, to tell each slide's cells from
 an augmented view of the same cells (flipped and rotated crops, embedded by the same frozen
 encoder) against the other slides of the batch and the prototype bank (per grade, the mean
-cell embedding of the most confident training slides), while staying consistent with an EMA
+cell embeddings of the most confident training slides: the platform's keeps one per grade, the
+reference's ``proto_bank.pth`` up to ``top_w``), while staying consistent with an EMA
 teacher. Only reliable slides (a confident teacher) enter the loss, a drift bound resets the
 head when it wanders off the source, and the prediction is the mean of student and teacher.
 """
@@ -17,26 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from smartccs.adaptation.config import AdaptConfig
-from smartccs.models.mil import MILHead
+from smartccs.models.bag_heads import BagHead
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.slides import bag_tensors
-
-
-def _represent(head: MILHead, emb: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor):
-    """(B, 6·h) unit vectors: the head's pooled cell tokens per class, the slide as it sees it."""
-    return F.normalize(head.pool(emb, scores, mask).flatten(1), dim=-1)
-
-
-def _prototypes(head: MILHead, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-    """(7, 6·h) the prototype bank seen through the head, or None when the bank is empty."""
-    bank = head.prototypes
-    if not bool(bank.abs().sum() > 0):
-        return None
-    m = mask.to(scores.dtype)
-    typical = (scores * m).sum() / m.sum().clamp_min(1)  # a kept cell's usual score
-    tokens = head.token(torch.cat([bank, typical.expand(len(bank), 1)], dim=-1))
-    per_class = tokens[:, None, :] + head.class_embed[None]  # (7, 6, h)
-    return F.normalize(per_class.flatten(1), dim=-1)
 
 
 def relative_drift(params: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> float:
@@ -50,12 +36,12 @@ def relative_drift(params: dict[str, torch.Tensor], source: dict[str, torch.Tens
     return math.sqrt(num) / max(math.sqrt(den), 1e-12)
 
 
-def _probs(head: MILHead, emb, scores, mask) -> torch.Tensor:
+def _probs(head: BagHead, emb, scores, mask) -> torch.Tensor:
     return torch.softmax(head(emb, scores, mask).float(), dim=-1)
 
 
 def adapt_step(
-    student: MILHead, teacher: MILHead, bags: Sequence[SlideBag], cfg: AdaptConfig
+    student: BagHead, teacher: BagHead, bags: Sequence[SlideBag], cfg: AdaptConfig
 ) -> dict[str, float]:
     """One batch of adaptation on the student, then the teacher's EMA; returns loss terms."""
     c = cfg.smartccs
@@ -75,13 +61,14 @@ def adapt_step(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=c.lr)
     for _ in range(c.steps):
-        z = _represent(student, *view)
-        z_aug = _represent(student, *aug)
+        z = student.represent(*view)
+        z_aug = student.represent(*aug)
         logits = z @ z_aug.T / c.temperature  # (B, B): the positive is on the diagonal
-        protos = _prototypes(student, view[1], view[2])
+        protos = student.prototype_views(view[1], view[2])
         if protos is not None:
-            p_logits = z @ protos.T / c.temperature
-            own = F.one_hot(grade, len(protos)).bool()  # a slide's own grade is no negative
+            views, grades = protos
+            p_logits = z @ views.T / c.temperature
+            own = grade[:, None] == grades[None, :]  # a slide's own grade is no negative
             logits = torch.cat([logits, p_logits.masked_fill(own, float("-inf"))], dim=1)
         target = torch.arange(len(usable))
         nce = F.cross_entropy(logits[reliable], target[reliable])

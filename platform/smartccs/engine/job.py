@@ -18,6 +18,7 @@ from smartccs.engine.config import BatchOutcome, ScreeningConfig
 from smartccs.engine.screen import screen_batches
 from smartccs.errors import CCSError
 from smartccs.models.artifacts import require_model
+from smartccs.screening.slides import check_adaptation
 from smartccs.store import Store, StoreConfig, open_store
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,10 @@ def resolve(cfg: ScreenJobConfig) -> tuple[Store, list[str], ScreeningConfig]:
 def check_screen_job(cfg: ScreenJobConfig) -> ScreenJobConfig:
     """A wrong store, model or batch fails here, in one line, before a Ray starts."""
     store, ids, screening = resolve(cfg)
-    require_model(store, screening.classifier_model, screening.classifier_version, "classifier")
+    card = require_model(
+        store, screening.classifier_model, screening.classifier_version, "classifier"
+    )
+    check_adaptation(store, card, screening.adapt.method)
     resolve_batches(store, ids)
     return cfg
 

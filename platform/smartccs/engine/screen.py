@@ -35,7 +35,12 @@ from smartccs.results.schema import STATUS_REJECTED
 from smartccs.results.tables import write_batch_results
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import on_detector_grid
-from smartccs.screening.slides import SlideClassifier, cells_table, slides_table
+from smartccs.screening.slides import (
+    SlideClassifier,
+    cells_table,
+    check_adaptation,
+    slides_table,
+)
 from smartccs.screening.threshold import (
     AppliedThreshold,
     ThresholdConfig,
@@ -155,6 +160,7 @@ def screen_batches(
     # 'latest' resolved once, as the service does (models.refs.pin)
     ref = pin(store, ModelRef(name=cfg.classifier_model, version=cfg.classifier_version))
     classifier = SlideClassifier(store, ref)
+    check_adaptation(store, classifier.card, cfg.adapt.method)
     log.info(
         "run %s: screening %d slides in %d batches with %s (detector %s), adaptation %s",
         run_id,
@@ -226,6 +232,7 @@ def _stream_batches(
         cfg.stream,
         cfg.scorers,
         classifier.top_k,
+        encoder=classifier.encoder,
         **stream_options,
     )
     for bag in bags:

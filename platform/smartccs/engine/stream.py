@@ -26,16 +26,20 @@ from smartccs.store import Store
 log = logging.getLogger(__name__)
 
 
-def embedding_dim(store: Store, detector: ModelRef) -> int:
-    """Width of the cell embeddings, read off the encoder built on the meta device: no weights
-    are allocated, so asking costs nothing even for ViT-L."""
+def embedding_dim(store: Store, detector: ModelRef, encoder: ModelRef | None = None) -> int:
+    """Width of the cell embeddings of ``encoder`` (default: the detector's): an imported
+    encoder's card says it; otherwise it is read off the network built on the meta device, so
+    no weights are allocated and asking costs nothing even for ViT-L."""
     import torch
 
     from smartccs.models.encoder import build_from
 
-    enc = encoder_ref(load_card(store, detector.name, detector.version))
+    enc = encoder or encoder_ref(load_card(store, detector.name, detector.version))
+    card = load_card(store, enc.name, enc.version)
+    if "embed_dim" in card.head:
+        return int(card.head["embed_dim"])
     with torch.device("meta"):
-        return int(build_from(load_card(store, enc.name, enc.version).architecture).num_features)
+        return int(build_from(card.architecture).num_features)
 
 
 def check_resources(stream: StreamConfig, pool: ScorerPool) -> None:
@@ -76,6 +80,7 @@ def cell_stream(
     views: int = 1,
     norms: dict[str, Any] | None = None,
     stain: StainCalibration | None = None,
+    encoder: ModelRef | None = None,
 ):
     """A Ray Dataset of cell rows and tile summary rows (see ``screening.cells``) for ``rows``.
 
@@ -95,6 +100,7 @@ def cell_stream(
         "views": views,
         "norms": {k: np.asarray(v) for k, v in (norms or {}).items()} or None,
         "stain": stain,
+        "encoder": encoder,
     }
     if pool.fused:
         source = plan_stream(rows, store.config, stream)
@@ -127,15 +133,18 @@ def screen_bags(
     views: int = 1,
     norms: dict[str, Any] | None = None,
     stain: StainCalibration | None = None,
+    encoder: ModelRef | None = None,
 ) -> Iterator[SlideBag]:
-    """Each slide's bag as soon as its last tile is scored, then any incomplete ones."""
+    """Each slide's bag as soon as its last tile is scored, then any incomplete ones.
+    ``encoder``: the one the classifier names (default: the detector's own)."""
     ds = cell_stream(
-        store, rows, detector, cells, stream, pool, views=views, norms=norms, stain=stain
-    )
+        store, rows, detector, cells, stream, pool, views=views, norms=norms, stain=stain,
+        encoder=encoder,
+    )  # fmt: skip
     yield from iter_bags(
         ds.iter_batches(batch_size=256, batch_format="numpy"),
         top_k=top_k,
-        dim=embedding_dim(store, detector),
+        dim=embedding_dim(store, detector, encoder),
         expected=_keys(rows),
         views=views,
     )

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from smartccs.models.compose import DEFAULT_THRESHOLD
 from smartccs.models.zoo import ZOO
 
 
@@ -29,6 +30,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         detector=Path(args.detector) if args.detector else None,
         detector_shape=shape,
         name=args.name,
+        threshold=args.threshold,
     )
     if args.json:
         print(json.dumps({"imported": [d.model_dump() for d in done]}, indent=2))
@@ -38,9 +40,47 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from smartccs.models.compose import compose_classifier
+    from smartccs.store import open_store
+
+    ref = compose_classifier(
+        open_store(uri=args.store),
+        name=args.name,
+        encoder=args.encoder,
+        slide_head=args.slide_head,
+        detector=args.detector,
+        prototypes=args.prototypes,
+        threshold=args.threshold,
+    )
+    print(json.dumps({"classifier": ref.label}) if args.json else f"classifier: {ref.label}")
+    return 0
+
+
+def _store_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        default=None,
+        help="store URI: local path or s3://bucket/prefix (default: $CCS_STORE or ./ccs-data)",
+    )
+
+
+def _threshold_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="slide score 1 - P(NILM) from which the composed classifier calls a slide "
+        f"positive (default {DEFAULT_THRESHOLD}; the release has no operating point: choose "
+        "one on labelled slides of your population)",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``models`` and its actions to the ``ccs`` sub-command set."""
-    p = sub.add_parser("models", help="published models: import them into the store")
+    p = sub.add_parser(
+        "models", help="published models: import them into the store, compose a classifier"
+    )
     actions = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
     q = actions.add_parser(
@@ -48,11 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="import a published encoder, Smart-CCS MeanMIL head, TTA prototype bank and/or "
         "Det-cell detector",
     )
-    q.add_argument(
-        "--store",
-        default=None,
-        help="store URI: local path or s3://bucket/prefix (default: $CCS_STORE or ./ccs-data)",
-    )
+    _store_flag(q)
     q.add_argument("--encoder", metavar="FILE", help="encoder weights (.pth / .bin)")
     q.add_argument(
         "--encoder-kind",
@@ -83,5 +119,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "NAME-prototypes, the detector NAME-detector (default: the encoder kind, or smart-ccs "
         "without --encoder)",
     )
+    _threshold_flag(q)
     q.add_argument("--json", action="store_true", help="print what was imported as JSON")
     q.set_defaults(func=cmd_import)
+
+    c = actions.add_parser(
+        "compose",
+        help="a slide classifier of the store's imported encoder, MeanMIL head, detector and "
+        "prototype bank, for ccs screen (import composes one when given all three files)",
+    )
+    _store_flag(c)
+    c.add_argument("--name", required=True, help="the classifier's model name")
+    c.add_argument("--encoder", required=True, metavar="REF", help="imported encoder (name[/v])")
+    c.add_argument("--slide-head", required=True, metavar="REF", help="imported MeanMIL head")
+    c.add_argument(
+        "--detector",
+        required=True,
+        metavar="REF",
+        help="cell detector: the imported Deformable DETR or one trained here",
+    )
+    c.add_argument("--prototypes", metavar="REF", help="imported prototype bank (smartccs TTA)")
+    _threshold_flag(c)
+    c.add_argument("--json", action="store_true", help="print the classifier's ref as JSON")
+    c.set_defaults(func=cmd_compose)

@@ -21,9 +21,11 @@ from smartccs.ids import validate_id
 from smartccs.models.artifacts import (
     Architecture,
     ModelCard,
+    load_card,
     new_version,
     save_model,
 )
+from smartccs.models.compose import DEFAULT_THRESHOLD, check_threshold, compose_classifier
 from smartccs.models.deformable_detr import REFERENCE_SHAPE, DetectorSpec, DetrShape, target_shapes
 from smartccs.models.detr_keys import to_transformers
 from smartccs.models.dinov2_keys import to_timm
@@ -34,7 +36,7 @@ from smartccs.models.zoo import ZOO, ZooEntry
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
 
-Role = Literal["encoder", "slide_head", "prototypes", "cell_detector"]
+Role = Literal["encoder", "slide_head", "prototypes", "cell_detector", "classifier"]
 SMART_CCS = ZOO["smart-ccs-vitl14"]
 REFERENCE = "github.com/hjiangaz/Smart-CCS (Cls-WSI)"
 DETECTOR_SOURCE = (
@@ -241,6 +243,7 @@ def import_models(
     detector: Path | None = None,
     detector_shape: DetrShape | None = None,
     name: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> list[Imported]:
     """Read and check every file given, then save them; returns what was written.
 
@@ -248,9 +251,12 @@ def import_models(
     ``NAME-detector`` (the Det-cell Deformable DETR, of ``detector_shape``, by default the
     reference's);
     ``NAME`` defaults to the encoder kind's name, or ``smart-ccs`` without an encoder. The
-    head and bank cards name the encoder imported with them, if any."""
+    head and bank cards name the encoder imported with them, if any. With an encoder, a head
+    and a detector, the classifier ``NAME-classifier`` that screens with them is composed too
+    (smartccs.models.compose; called positive from ``threshold``)."""
     if not (encoder or mil or prototypes or detector):
         raise CCSError("nothing to import: give --encoder, --mil, --prototypes or --detector")
+    check_threshold(threshold)
     base = validate_id(name or (kind.name if encoder else "smart-ccs"), "model name")
     prepared: list[tuple[Role, Path, ModelCard, dict]] = []
     enc_ref = None
@@ -278,6 +284,25 @@ def import_models(
                 ref=f"{card.name}/{version}",
                 source=str(path),
                 sha256=card.head["source"]["sha256"],
+            )
+        )
+    refs = {d.role: d.ref for d in done}
+    if {"encoder", "slide_head", "cell_detector"} <= set(refs):
+        composed = compose_classifier(
+            store,
+            name=validate_id(f"{base}-classifier"),
+            encoder=refs["encoder"],
+            slide_head=refs["slide_head"],
+            detector=refs["cell_detector"],
+            prototypes=refs.get("prototypes"),
+            threshold=threshold,
+        )
+        done.append(
+            Imported(
+                role="classifier",
+                ref=composed.label,
+                source="composed of the models above",
+                sha256=str(load_card(store, composed.name, composed.version).weights_sha256),
             )
         )
     return done

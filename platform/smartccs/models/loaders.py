@@ -19,7 +19,7 @@ from torch import nn
 from smartccs.errors import StoreError
 from smartccs.models.artifacts import ModelCard, Task, load_model, require_model
 from smartccs.models.deformable_detr import CellDetector, DetectorSpec, DetrShape, build_network
-from smartccs.models.encoder import build_from
+from smartccs.models.encoder import build_from, input_size
 from smartccs.models.refs import ModelRef
 from smartccs.models.slide_head import (
     MeanMILHead,
@@ -72,12 +72,23 @@ def _head_fields(card: ModelCard, model: type[M]) -> M:
 def load_encoder(store_uri: str | Store, ref: str) -> Encoder:
     """The encoder ``ref`` (``name`` or ``name/version``) of the store, in eval mode."""
     card, state = _card_and_weights(store_uri, ref, "encoder")
-    rule = card.head.get("embedding")
-    if rule not in get_args(EmbeddingRule):
+    if card.head.get("embedding") not in get_args(EmbeddingRule):
         raise StoreError(f"encoder {card.name}/{card.version} was not imported (no embedding)")
+    net, _, _ = cell_encoder(card, state)
+    return net.eval()
+
+
+def cell_encoder(card: ModelCard, state: dict) -> tuple[nn.Module, int, int]:
+    """The network that embeds cell crops for an encoder card, its input side in pixels and
+    its embedding's width: an imported encoder by its source's embedding rule, one trained
+    here (whose timm head is its embedding) as timm returns it."""
     backbone = build_from(card.architecture)
     backbone.load_state_dict(state, strict=True)
-    return Encoder(backbone, rule, card).eval()
+    rule = card.head.get("embedding")
+    if rule in get_args(EmbeddingRule):
+        encoder = Encoder(backbone, rule, card)
+        return encoder, int(card.head["input_px"]), encoder.embed_dim
+    return backbone, input_size(backbone), int(backbone.num_features)
 
 
 def load_slide_head(store_uri: str | Store, ref: str) -> MeanMILHead:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -74,6 +75,28 @@ class MILHead(nn.Module):
         logits = logits.masked_fill(m == 0, -1e4)
         weights = torch.softmax(logits, dim=2) * m
         return (tokens * weights).sum(2)
+
+    def represent(
+        self, embeddings: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, 6·h) unit vectors: the pooled cell tokens per class, the slide as the head sees
+        it (what smartccs adaptation contrasts)."""
+        return F.normalize(self.pool(embeddings, scores, mask).flatten(1), dim=-1)
+
+    def prototype_views(
+        self, scores: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prototype bank seen as ``represent`` sees a slide, (7, 6·h), and each one's
+        grade; None while the bank is empty. A prototype is a mean cell embedding, so it is
+        given the score a kept cell of these slides usually has."""
+        bank = self.prototypes
+        if not bool(bank.abs().sum() > 0):
+            return None
+        m = mask.to(scores.dtype)
+        typical = (scores * m).sum() / m.sum().clamp_min(1)
+        tokens = self.token(torch.cat([bank, typical.expand(len(bank), 1)], dim=-1))
+        per_class = tokens[:, None, :] + self.class_embed[None]  # (7, 6, h)
+        return F.normalize(per_class.flatten(1), dim=-1), torch.arange(len(bank))
 
     def forward(
         self, embeddings: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -64,6 +65,58 @@ class MeanMILHead(nn.Module):
         if cells.dim() not in (2, 3) or cells.shape[-2] == 0:
             raise ValueError(f"expected (N, D) or (B, N, D) with N >= 1, got {tuple(cells.shape)}")
         return self.cell_logits(cells).mean(dim=-2)
+
+
+EMPTY_BAG_LOGIT = -30.0
+"""The abnormal grades' logit for a slide with no detected abnormal cell (NILM's is 0)."""
+
+
+class MeanMILBag(nn.Module):
+    """MeanMIL over a slide's bag, the screening engine's input: (B, 6, K, D) embeddings of the
+    top-K cells per abnormal class with their (B, 6, K) scores and mask -> (B, 7) logits, the
+    mean of the kept cells' logits, as the reference averages over its up to 6·K cells.
+
+    A slide on which the detector found no abnormal cell has nothing to average: it is called
+    NILM (the reference would embed one blank crop instead, an artefact of its loader). The
+    reference's prototype bank rides along as buffers, for smartccs adaptation."""
+
+    def __init__(self, shape: MeanMILShape, n_prototypes: int = 0):
+        super().__init__()
+        self.mil = MeanMILHead(shape)
+        self.register_buffer("prototypes", torch.zeros(n_prototypes, shape.in_dim))
+        self.register_buffer("prototype_grades", torch.zeros(n_prototypes, dtype=torch.long))
+
+    def forward(
+        self, embeddings: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(embeddings.dtype)
+        n = m.sum((-3, -2))  # (B, 1)
+        mean = (self.mil.cell_logits(embeddings) * m).sum((-3, -2)) / n.clamp_min(1)
+        empty = torch.full_like(mean, EMPTY_BAG_LOGIT)
+        empty[..., GRADES.index("NILM")] = 0.0
+        return torch.where(n > 0, mean, empty)
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mil.head[1](self.mil.head[0](x)), dim=-1)
+
+    def represent(
+        self, embeddings: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, hidden) unit vectors: the slide's mean cell embedding through the head's hidden
+        layer. The reference projects the same mean, and its prototypes, through a fresh
+        128-d MLP trained during adaptation; the head's own hidden layer plays that part here,
+        so a center's adapted state is the head's state alone."""
+        m = mask.unsqueeze(-1).to(embeddings.dtype)
+        pooled = (embeddings * m).sum((-3, -2)) / m.sum((-3, -2)).clamp_min(1)
+        return self._hidden(pooled)
+
+    def prototype_views(
+        self, scores: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The bank's prototypes as ``represent`` sees a slide, and each one's grade."""
+        if not len(self.prototypes):
+            return None
+        return self._hidden(self.prototypes), self.prototype_grades
 
 
 def meanmil_state(raw: Any) -> tuple[dict[str, torch.Tensor], MeanMILShape]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smartccs.errors import CCSError, describe_validation_error
 from smartccs.models.artifacts import Architecture, Normalization
+from smartccs.models.cells import CropGeometry
 from smartccs.slide.tiling import TilingConfig
 
 Layout = Literal["timm", "dinov2", "dinov2-teacher-chunked"]
@@ -28,21 +29,6 @@ the teacher's weights under ``["teacher"]["backbone."]`` with blocks in FSDP chu
 EmbeddingRule = Literal["cls", "cls+mean-patch"]
 """``cls``: the class token after the final norm. ``cls+mean-patch``: that, concatenated with
 the mean of the patch tokens (register tokens excluded), as Virchow2's card defines it."""
-
-
-class CropGeometry(BaseModel):
-    """How the reference cuts a detected cell into an encoder input (Cls-WSI/lib/datasets.py):
-    recorded on the card for the screening engine, which does not use it yet."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tile_px: int = Field(default=1200, description="level-0 tiles the boxes are given in")
-    pad: Literal["black-square"] = "black-square"
-    resize_px: int = Field(default=244, description="shorter side after padding")
-    crop_px: int = Field(default=224, description="centre crop fed to the encoder")
-    top_k: int = Field(default=100, description="highest-scoring cells kept per abnormal class")
-    classes: tuple[int, ...] = Field(default=(1, 2, 3, 4, 5, 6), description="detector labels")
-    max_cells: int = Field(default=600, description="top_k times the number of classes")
 
 
 class ZooEntry(BaseModel):

@@ -24,8 +24,8 @@ import torch
 
 from smartccs.errors import CCSError
 from smartccs.metrics.operating_point import OperatingPoint
-from smartccs.models.artifacts import ModelCard, load_model
-from smartccs.models.mil import MILConfig, MILHead
+from smartccs.models.artifacts import ModelCard, load_card, load_model
+from smartccs.models.bag_heads import BagHead, build_bag_head
 from smartccs.models.refs import ModelRef
 from smartccs.results.schema import (
     CELLS,
@@ -60,7 +60,7 @@ def bag_tensors(
 
 
 @torch.no_grad()
-def predict(head: MILHead, bags: Sequence[SlideBag], batch: int = 64) -> np.ndarray:
+def predict(head: BagHead, bags: Sequence[SlideBag], batch: int = 64) -> np.ndarray:
     """(N, 7) grade probabilities."""
     head.eval()
     out = []
@@ -75,15 +75,14 @@ class SlideClassifier:
 
     def __init__(self, store: Store, ref: ModelRef):
         card, state = load_model(store, ref.name, ref.version)
-        if card.task != "classifier" or not {"mil", "dim", "detector"} <= set(card.head):
+        head = {"meanmil", "top_k"} if card.head.get("kind") == "meanmil" else {"mil"}
+        if card.task != "classifier" or not {*head, "dim", "detector", "encoder"} <= set(card.head):
             raise CCSError(f"model {ref.name}/{card.version} is not a slide classifier")
         self.card: ModelCard = card
         self.ref = ModelRef(name=card.name, version=str(card.version))
-        self.mil = MILConfig.model_validate(card.head["mil"])
         self.dim = int(card.head["dim"])
-        self.head = MILHead(self.dim, self.mil)
-        self.head.load_state_dict(state)
-        self.head.eval()
+        self.head = build_bag_head(card, state)
+        self._top_k = int(card.head["top_k"] if "top_k" in card.head else card.head["mil"]["top_k"])
         self.detector = ModelRef.model_validate(card.head["detector"])
         self.encoder = ModelRef.model_validate(card.head["encoder"])
         self.cells = CellConfig.model_validate(card.head["cells"])
@@ -98,10 +97,23 @@ class SlideClassifier:
 
     @property
     def top_k(self) -> int:
-        return self.mil.top_k
+        """Cells kept per abnormal class per slide."""
+        return self._top_k
 
     def predict(self, bags: list[SlideBag]) -> np.ndarray:
         return predict(self.head, bags)
+
+
+def check_adaptation(store: Store, classifier: ModelCard, method: str) -> None:
+    """Refuse a method the classifier's detector cannot take, naming both: tent adapts the
+    normalisation layers of the platform's own detectors, not an imported Deformable DETR
+    (smartccs adaptation works on the slide head and takes any detector)."""
+    det = ModelRef.model_validate(classifier.head["detector"])
+    if method == "tent" and load_card(store, det.name, det.version).task == "cell_detector":
+        raise CCSError(
+            f"{classifier.name}/{classifier.version}'s detector {det.label} is an imported "
+            "Deformable DETR, which tent does not adapt: use --adapt smartccs or none"
+        )
 
 
 def estimated_squamous(bag: SlideBag) -> int:
