@@ -4,10 +4,14 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+VIEWER := viewer/node_modules/.installed
+BROWSER := /usr/bin/chromedriver
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
 .PHONY: demo test lint format bench env clean
 
-env: $(STAMP)
+env: $(STAMP) $(VIEWER)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +20,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, torchvision, timm, ray, openslide; print('environment ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'ray', ray.__version__, 'openslide', openslide.__library_version__)"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The review workstation's viewer (OpenSeadragon) from the npm registry, never committed.
+$(VIEWER): viewer/package.json viewer/package-lock.json
+	command -v npm >/dev/null || ($(APT) update -qq && $(APT) install -y -qq nodejs npm)
+	cd viewer && npm ci --no-audit --no-fund --loglevel=error
+	touch $(VIEWER)
+
+# Debian's Chromium and its driver, for the browser test of the review workstation.
+$(BROWSER):
+	$(APT) update -qq && $(APT) install -y -qq chromium chromium-driver
+
+demo: $(STAMP) $(VIEWER)
 	$(BIN)/ccs demo
 
-test: $(STAMP)
+test: $(STAMP) $(VIEWER) $(BROWSER)
 	$(BIN)/ruff check platform jobs tests bench serve research
 	$(BIN)/ruff format --check platform jobs tests bench serve research
 	$(BIN)/python -m pytest
@@ -36,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/synth_memory.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache ccs-data ccs-cohort bench/out
+	rm -rf $(VENV) viewer/node_modules .pytest_cache .ruff_cache ccs-data ccs-cohort bench/out

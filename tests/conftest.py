@@ -22,7 +22,7 @@ from ray_head import TRAIN_TIMING_ENV
 from smartccs.faults import FAULTS_ENV
 from smartccs.store import Store, StoreConfig
 
-pytest_plugins = ["vendor_fixtures", "service_fixtures", "toy_study"]
+pytest_plugins = ["vendor_fixtures", "service_fixtures", "toy_study", "review_fixtures"]
 
 # Property tests stay quick in the default run; HYPOTHESIS_PROFILE=thorough digs deeper.
 # No deadline: on a shared 2-core machine a slow example is not a failure.

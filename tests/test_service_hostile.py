@@ -263,7 +263,9 @@ def test_only_digests_are_kept_and_no_token_is_stored_or_logged(service, screene
     token, digest = new_token()
     with pytest.raises(CCSError, match="needs a sha256 hex digest"):
         TokenBook({"c1": token})
-    assert vars(TokenBook({"c1": digest})) == {"_digests": {"c1": digest}}
+    with pytest.raises(CCSError, match="needs a sha256 hex digest"):
+        TokenBook({}, {token: ("c1", "Dr. X")})  # a reviewer's token, not its digest
+    assert vars(TokenBook({"c1": digest})) == {"_digests": {"c1": digest}, "_reviewers": {}}
     assert set(args["tokens"].values()) == {token_digest(t) for t in tokens.values()}
     secrets = [t.encode() for t in tokens.values()]
     for key in store.list(""):

@@ -127,15 +127,17 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     center = validate_id(args.center, "center")
     token, digest = new_token()
+    who = {"center": center} | ({"name": args.reviewer} if args.reviewer else {})
     if args.json:
-        print(json.dumps({"center": center, "token": token, "digest": digest}))
+        print(json.dumps(who | {"token": token, "digest": digest}))
         return 0
     print(token)  # alone on stdout, so TOKEN=$(ccs token CENTER) holds just the token
-    print(
-        f"{center}'s token is on stdout: give it to the center (it is stored nowhere)",
-        file=sys.stderr,
-    )
-    print(f"service config entry (tokens:):  {center}: {digest}", file=sys.stderr)
+    whose = f"{args.reviewer}'s ({center})" if args.reviewer else f"{center}'s"
+    print(f"{whose} token is on stdout: give it to them (it is stored nowhere)", file=sys.stderr)
+    if args.reviewer:
+        print(f"service config entry (reviewers:):  {digest}: {json.dumps(who)}", file=sys.stderr)
+    else:
+        print(f"service config entry (tokens:):  {center}: {digest}", file=sys.stderr)
     return 0
 
 
@@ -323,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(TOKEN=$(ccs token CENTER)), its service config entry on stderr",
     )
     p.add_argument("center")
+    p.add_argument(
+        "--reviewer",
+        metavar="NAME",
+        help="a cytologist's token for the review workstation: their sign-offs carry NAME",
+    )
     p.add_argument("--json", action="store_true", help="print {center, token, digest} on stdout")
     p.set_defaults(func=cmd_token)
 
@@ -406,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels",
         required=True,
         help="ground truth: RESULTS itself (or another store root) for the manifests' grades, "
+        "'reviews' for each slide's current review in RESULTS (unsatisfactory ones left out), "
         "or a CSV/Parquet file with center,batch,slide_id,grade",
     )
     p.add_argument("--out", required=True, help="report folder (report.html, metrics.json)")
@@ -426,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     from smartccs.models.commands import add_parser as add_models_parser
 
     add_models_parser(sub)  # ccs models import (docs/models.md)
+    from smartccs.results.review_commands import add_parser as add_reviews_parser
+
+    add_reviews_parser(sub)  # ccs reviews export-labels (docs/results.md)
     return parser
 
 

@@ -25,7 +25,13 @@ from smartccs.evaluation.report import (
     slide_outcomes,
     threshold_text,
 )
-from smartccs.evaluation.truth import TruthError, slide_truth, truth_from_file
+from smartccs.evaluation.truth import (
+    REVIEWS_SOURCE,
+    TruthError,
+    review_truth,
+    slide_truth,
+    truth_from_file,
+)
 from smartccs.labels import SlideBoxes, has_cell_labels, load_cell_labels
 from smartccs.metrics.operating_point import OperatingPoint
 from smartccs.models.artifacts import load_card
@@ -62,10 +68,14 @@ def load_truth(
     store: Store, labels: str | None, partitions: Sequence[tuple[str, str]]
 ) -> tuple[pa.Table, Store | None, str]:
     """``(truth, truth store or None, description)``: the manifests' grades of ``store`` (when
-    ``labels`` is None or names the same store root), of another store root, or a CSV/Parquet
-    file (local, or an ``s3://`` object read with the results store's S3 settings)."""
+    ``labels`` is None or names the same store root), the current reviews in ``store``
+    (``labels`` is ``reviews``), the manifests of another store root, or a CSV/Parquet file
+    (local, or an ``s3://`` object read with the results store's S3 settings)."""
     if labels is None:
         return slide_truth(store, partitions), store, f"manifests in {store.uri()}"
+    if labels == REVIEWS_SOURCE:
+        where = f"reviews in {store.uri('results', 'reviews')}"
+        return review_truth(store, partitions), store, where
     if _is_file_uri(labels):
         if urlparse(labels).scheme in ("s3", "s3a"):
             parent = str(PurePosixPath(urlparse(labels).path).parent)
@@ -225,10 +235,11 @@ def run_evaluation(
     and only the batches classifier ``model``, ``name[/version]``, screened) against ground
     truth, write the report into ``out_dir`` and return the evaluation.
 
-    ``labels``: None or the store's own root for the manifests' grades, another store root,
-    or a CSV/Parquet truth file (``smartccs.evaluation.truth``). Cell annotations come from the
-    truth store's ``labels/`` (the results store's when truth is a file), where present. Each
-    batch's partition holds its latest committed run; which batches are evaluated when several
+    ``labels``: None or the store's own root for the manifests' grades, ``reviews`` for the
+    store's current reviews, another store root, or a CSV/Parquet truth file
+    (``smartccs.evaluation.truth``). Cell annotations come from the truth store's ``labels/``
+    (the results store's when truth is a file or the reviews), where present. Each batch's
+    partition holds its latest committed run; which batches are evaluated when several
     classifiers screened them: :func:`select_model`.
     """
     cfg = cfg or EvaluationConfig()
@@ -310,7 +321,9 @@ class EvaluationJobConfig(BaseModel):
     store: StoreConfig = StoreConfig()
     out: str = Field(default="./ccs-evaluation", description="report folder (driver's disk)")
     labels: str | None = Field(
-        default=None, description="truth: null (the store's manifests), a store root, or a file"
+        default=None,
+        description="truth: null (the store's manifests), 'reviews' (its current reviews), a "
+        "store root, or a file",
     )
     centers: list[str] = Field(default_factory=list, description="empty: every center")
     batches: list[str] = Field(default_factory=list, description="empty: every batch")

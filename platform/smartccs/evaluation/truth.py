@@ -1,7 +1,8 @@
 """Slide-level ground truth for an evaluation: one grade per (center, batch, slide_id).
 
-Two sources, one table (:data:`TRUTH_SCHEMA`): the ground-truth grades that committed batch
-manifests carry (``SlideEntry.grade``), or a CSV/Parquet file a pathology team hands over with
+Three sources, one table (:data:`TRUTH_SCHEMA`): the ground-truth grades that committed batch
+manifests carry (``SlideEntry.grade``), the store's cytologists' sign-offs (each slide's current
+review, ``smartccs.results.reviews``), or a CSV/Parquet file a pathology team hands over with
 columns ``center, batch, slide_id, grade``. A file is checked row by row, and the first bad row
 is one :class:`TruthError` naming the file, the row (1-based, the header not counted) and the
 field.
@@ -21,11 +22,15 @@ import pyarrow.parquet as pq
 from smartccs.batches import load_batch
 from smartccs.errors import CCSError, InvalidIdError
 from smartccs.ids import validate_id
+from smartccs.results.reviews import current_reviews
+from smartccs.results.schema import UNSATISFACTORY
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
 
 log = logging.getLogger(__name__)
 
+REVIEWS_SOURCE = "reviews"
+"""The ``labels`` value that makes the store's reviews the truth (:func:`review_truth`)."""
 TRUTH_COLUMNS = ("center", "batch", "slide_id", "grade")
 TRUTH_SCHEMA = pa.schema([pa.field(c, pa.string(), nullable=False) for c in TRUTH_COLUMNS])
 
@@ -63,6 +68,33 @@ def slide_truth(store: Store, partitions: Iterable[tuple[str, str]]) -> pa.Table
                 ungraded,
                 len(ref.manifest.slides),
             )
+    return _table(rows)
+
+
+def review_truth(store: Store, partitions: Iterable[tuple[str, str]]) -> pa.Table:
+    """Each slide's current review category, as its grade, for the batches ``partitions``.
+
+    A slide signed out unsatisfactory has no grade: it is left out (logged), like a slide
+    without one in its manifest; so is a slide nobody reviewed.
+    """
+    wanted = set(partitions)
+    current = current_reviews(store, centers={c for c, _ in wanted}, batches={b for _, b in wanted})
+    rows = []
+    unsatisfactory = 0
+    columns = (current[c].to_pylist() for c in ("center", "batch", "slide_id", "category"))
+    for center, batch, slide_id, category in zip(*columns, strict=True):
+        if (center, batch) not in wanted:
+            continue
+        if category == UNSATISFACTORY:
+            unsatisfactory += 1
+        else:
+            rows.append((center, batch, slide_id, category))
+    if unsatisfactory:
+        log.warning(
+            "%d reviewed slide(s) signed out %s are left out of the evaluation",
+            unsatisfactory,
+            UNSATISFACTORY,
+        )
     return _table(rows)
 
 

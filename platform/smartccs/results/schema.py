@@ -5,13 +5,16 @@ directory names (``results/<table>/center=<c>/batch=<b>/``), not in the files, w
 DuckDB, pandas, pyarrow, Spark and Athena all expect. A reader that must know the version finds
 it in each file's metadata (``smartccs.schema_version``) and in the partition's commit record.
 Adding a nullable column bumps the minor version; anything else bumps the major one.
+
+The ``reviews`` table (cytologists' sign-offs, ``smartccs.results.reviews``) is defined last,
+with a version of its own.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from smartccs.taxonomy import GRADES
+from smartccs.taxonomy import ABNORMAL_CLASSES, GRADES
 
 SCHEMA_VERSION = "1.1"
 TABLES = ("slides", "cells")
@@ -109,3 +112,54 @@ CELLS = pa.schema(
 )
 
 SCHEMAS: dict[str, pa.Schema] = {"slides": SLIDES, "cells": CELLS}
+
+REVIEWS_TABLE = "reviews"
+REVIEWS_SCHEMA_VERSION = "1.0"
+"""The ``reviews`` table's own version: cytologists' sign-offs are appended, never rewritten,
+so its files outlive any number of slides/cells versions and are versioned apart from them."""
+
+UNSATISFACTORY = "unsatisfactory"
+REVIEW_CATEGORIES = (*GRADES, UNSATISFACTORY)
+"""What a cytologist signs a slide out as: one of the 7 grades, or unsatisfactory for
+evaluation (Bethesda), which is no grade at all."""
+
+NOT_A_CELL = "not_a_cell"
+CORRECTION_VERDICTS = (*ABNORMAL_CLASSES, NOT_A_CELL)
+"""A reviewer's verdict on one cell the model kept: the abnormal class it really is (the
+model's own class to confirm it), or not a cell at all (debris, an overlap, a stain artefact)."""
+
+CORRECTION = pa.struct(
+    [
+        pa.field("cell_class", pa.string(), nullable=False),
+        pa.field("rank", pa.int16(), nullable=False),
+        pa.field("x0", pa.float64(), nullable=False),
+        pa.field("y0", pa.float64(), nullable=False),
+        pa.field("x1", pa.float64(), nullable=False),
+        pa.field("y1", pa.float64(), nullable=False),
+        pa.field("verdict", pa.string(), nullable=False),
+    ]
+)
+"""One corrected row of the ``cells`` table: its class, rank and level-0 box as the reviewer
+saw them, and the reviewer's verdict."""
+
+REVIEWS = pa.schema(
+    [
+        pa.field("review_id", pa.string(), nullable=False),
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("reviewer", pa.string(), nullable=False),
+        pa.field("reviewed_at", _UTC, nullable=False),
+        pa.field(
+            "category", pa.string(), nullable=False, metadata={"doc": "a grade or unsatisfactory"}
+        ),
+        pa.field("comment", pa.string()),
+        pa.field("corrections", pa.list_(CORRECTION)),
+        pa.field("run_id", pa.string(), metadata={"doc": "the screening run reviewed"}),
+        pa.field("classifier", pa.string()),
+        pa.field("detector", pa.string()),
+        pa.field("encoder", pa.string()),
+        pa.field("adaptation", pa.string()),
+        pa.field("score", pa.float32(), metadata={"doc": "the slide score the reviewer saw"}),
+    ],
+    metadata={"smartccs.table": REVIEWS_TABLE, "smartccs.schema_version": REVIEWS_SCHEMA_VERSION},
+)
+"""One row per sign-off, appended as a file of its own (``smartccs.results.reviews``)."""

@@ -8,13 +8,14 @@ batches by center, batch and batch id, and the store's layout is the operator's 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -26,11 +27,15 @@ from smartccs.adaptation.config import Method
 from smartccs.batches import is_committed
 from smartccs.ids import Id
 from smartccs.results.tables import ResultsError, read_table
+from smartccs.review.api import add_review_routes
 from smartccs.service.auth import TokenBook
 from smartccs.service.config import ServiceConfig
 from smartccs.service.records import BatchQueue, BatchRecord, batch_id, is_batch_id
 from smartccs.service.routes import BATCHES
 from smartccs.store import open_store
+
+if TYPE_CHECKING:
+    from smartccs.slide.deepzoom import DeepZoomSlides
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +176,18 @@ class Service:
         self.cfg = cfg
         self.store = open_store(cfg.store)
         self.queue = BatchQueue(self.store, cfg.lease_s)
-        self.tokens = TokenBook.load(cfg.tokens, cfg.tokens_source)
+        reviewers = {d: (r.center, r.name) for d, r in cfg.reviewers.items()}
+        self.tokens = TokenBook.load(cfg.tokens, cfg.tokens_source, reviewers)
         self.wake = wake or (lambda: None)
+
+    @functools.cached_property
+    def slides(self) -> DeepZoomSlides:
+        """Deep Zoom of the store's committed slides (the review workstation's viewer),
+        opened on first use through the bounded local slide cache."""
+        from smartccs.slide.cache import SlideCache
+        from smartccs.slide.deepzoom import DeepZoomSlides
+
+        return DeepZoomSlides(self.store, SlideCache.from_env())
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -342,4 +357,5 @@ def create_app() -> FastAPI:
     def batch_results(bid: str, center: CenterOf):
         return _batch_results(bid, center)
 
+    add_review_routes(app, _service, _center)
     return app

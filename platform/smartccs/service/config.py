@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 
 from smartccs.adaptation.config import AdaptConfig
 from smartccs.engine.config import ScreeningConfig
+from smartccs.ids import Id
 from smartccs.store import StoreConfig
 
 
@@ -20,6 +21,16 @@ def _bare_base(url: HttpUrl) -> HttpUrl:
 
 
 PublicUrl = Annotated[HttpUrl, AfterValidator(_bare_base)]
+
+
+class Reviewer(BaseModel):
+    """Whose sign-offs a reviewer token records: the center it reads and the name each review
+    row carries (from here, never from the page)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    center: Id
+    name: str = Field(min_length=1, max_length=120, pattern=r"^[^\x00-\x1f]+$")
 
 
 class ServiceConfig(BaseModel):
@@ -38,6 +49,12 @@ class ServiceConfig(BaseModel):
     screening: ScreeningConfig = ScreeningConfig(adapt=AdaptConfig(method="smartccs"))
     tokens: dict[str, str] = Field(
         default_factory=dict, description="center -> sha256 of its bearer token"
+    )
+    reviewers: dict[str, Reviewer] = Field(
+        default_factory=dict,
+        description="sha256 of a cytologist's token -> their center and name: the token reads "
+        "that center's batches as the center's own does, and signs slides out in the review "
+        "workstation under that name (`ccs token CENTER --reviewer NAME`)",
     )
     tokens_source: str | None = Field(
         default=None,
