@@ -64,6 +64,27 @@ def test_a_slide_gives_its_view_cells_and_tiles(review_site):
         assert crop.status_code == 200 and Image.open(io.BytesIO(crop.content)).size[0] > 0
 
 
+def test_the_heatmap_layer_covers_the_slide_on_its_batch_s_scale(review_site):
+    from smartccs.review.heatmap import GRID_MPP, batch_scale
+
+    a, _ = review_site.centers
+    batch, slide = _first_slide(review_site, a)
+    url = f"{review_site.base}/review/v1/slides/{batch}/{slide}"
+    detail = requests.get(url, headers=review_site.auth("A")).json()
+    vmax = batch_scale(review_site.store, a, batch)
+    assert (
+        detail["heatmap"]["vmax"] == pytest.approx(vmax) and "batch" in detail["heatmap"]["scope"]
+    )
+    png = requests.get(f"{url}/heatmap.png", headers=review_site.auth("A"))
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(png.content))
+    view = detail["view"]
+    want = round(view["slide_width"] * view["mpp"] / GRID_MPP)
+    assert image.mode == "RGBA" and abs(image.size[0] - want) <= 1
+    other = requests.get(f"{url}/heatmap.png", headers=review_site.auth("B-reviewer"))
+    assert other.status_code == 404
+
+
 @pytest.mark.parametrize(
     "path",
     [

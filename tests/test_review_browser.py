@@ -93,6 +93,9 @@ def test_a_cytologist_reviews_a_slide_in_the_browser(review_site, browser):
     wait.until(
         lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .cell img[src^='blob:']")) > 0
     )
+    browser.find_element(By.ID, "show-heatmap").click()
+    wait.until(lambda d: d.execute_script("return state.viewer.world.getItemCount()") == 2)
+    assert "one scale for the slides of batch" in browser.find_element(By.ID, "heatmap-scale").text
     _shot(browser, "slide")
 
     before = browser.execute_script(

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from smartccs.evaluation.report import OVERALL, ConfusionMatrix, RocCurve, threshold_text
+from smartccs.metrics.cell_density import DENSITY_CMAP, density_map, density_rgba
 from smartccs.slide.foreground import slide_at_mpp
 from smartccs.slide.reader import Slide
 from smartccs.taxonomy import ABNORMAL_CLASSES
@@ -150,25 +151,6 @@ def confusion_figure(
     return _save(fig, path)
 
 
-def _gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian smoothing with zero padding (numpy only)."""
-    if sigma <= 0:
-        return a
-    radius = max(1, math.ceil(3 * sigma))
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    k /= k.sum()
-    out = a.astype(np.float64)
-    for axis in (0, 1):
-        padded = np.pad(out, [(radius, radius) if ax == axis else (0, 0) for ax in (0, 1)])
-        acc = np.zeros_like(out)
-        n = out.shape[axis]
-        for j, w in enumerate(k):
-            acc += w * (padded[j : j + n] if axis == 0 else padded[:, j : j + n])
-        out = acc
-    return out
-
-
 def _boxes(cells: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     if cells.num_rows == 0:
         return np.zeros((0, 4)), np.zeros(0)
@@ -182,48 +164,22 @@ def _boxes(cells: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return b, cells["score"].to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-def cell_density(
-    shape: tuple[int, int],
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    px_per_level0: float,
-    sigma_px: float,
-) -> np.ndarray:
-    """Score-weighted 2D histogram of box centres on a ``shape`` (h, w) grid whose pixel is
-    ``1 / px_per_level0`` level-0 pixels, Gaussian-smoothed by ``sigma_px`` grid pixels."""
-    h, w = shape
-    hist = np.zeros((h, w))
-    if len(boxes):
-        cx = (boxes[:, 0] + boxes[:, 2]) / 2 * px_per_level0
-        cy = (boxes[:, 1] + boxes[:, 3]) / 2 * px_per_level0
-        ix = np.clip(cx.astype(np.int64), 0, w - 1)
-        iy = np.clip(cy.astype(np.int64), 0, h - 1)
-        np.add.at(hist, (iy, ix), scores)
-    return _gaussian_blur(hist, sigma_px)
-
-
-def _heatmap_grid(slide: Slide, mpp: float) -> tuple[float, int, int]:
-    """The heatmap's µm/px (see ``MIN_THUMB_PX``) and its (h, w), as ``slide_at_mpp`` makes it."""
+def _heatmap_mpp(slide: Slide, mpp: float) -> float:
+    """The heatmap's µm/px: ``mpp``, made finer for a small slide (``MIN_THUMB_PX``) and
+    coarser for a large one (``MAX_THUMB_PX``), as ``slide_at_mpp`` makes its thumbnail."""
     info = slide.info
     longest_um = max(info.width, info.height) * info.mpp
-    mpp = max(min(mpp, longest_um / MIN_THUMB_PX), longest_um / MAX_THUMB_PX, info.mpp)
-    return (
-        mpp,
-        max(1, math.ceil(info.height * info.mpp / mpp)),
-        max(1, math.ceil(info.width * info.mpp / mpp)),
-    )
+    return max(min(mpp, longest_um / MIN_THUMB_PX), longest_um / MAX_THUMB_PX, info.mpp)
 
 
 def heatmap_density(
     slide: Slide, cells: pa.Table, mpp: float = 12.0, sigma_um: float = 80.0
 ) -> tuple[np.ndarray, float]:
     """Score-weighted abnormal cells per mm² on the heatmap's grid, and the grid's µm/px."""
-    mpp, h, w = _heatmap_grid(slide, mpp)
+    mpp = _heatmap_mpp(slide, mpp)
     boxes, scores = _boxes(cells)
-    px_area_mm2 = (mpp / 1000.0) ** 2
-    return cell_density(
-        (h, w), boxes, scores, slide.info.mpp / mpp, sigma_um / mpp
-    ) / px_area_mm2, mpp
+    info = slide.info
+    return density_map(info.width, info.height, info.mpp, boxes, scores, mpp, sigma_um), mpp
 
 
 def slide_heatmap(
@@ -252,10 +208,8 @@ def slide_heatmap(
     if vmax is None or vmax <= 0:
         vmax = float(density.max()) if density.size and density.max() > 0 else 1.0
     norm = Normalize(0.0, vmax)
-    cmap = colormaps["inferno"]
-    overlay = cmap(norm(density))
-    level = np.clip(density / vmax, 0.0, 1.0)
-    overlay[..., 3] = np.where(level < 0.01, 0.0, 0.8 * level**0.75)  # empty glass stays clear
+    cmap = colormaps[DENSITY_CMAP]
+    overlay = density_rgba(density, vmax)
 
     w_mm, h_mm = w * mpp / 1000.0, h * mpp / 1000.0
     aspect = h / max(w, 1)

@@ -27,6 +27,8 @@ from smartccs.errors import CCSError
 from smartccs.ids import validate_id
 from smartccs.results.reviews import Review, ReviewSubmission, append_review
 from smartccs.results.schema import NOT_A_CELL, REVIEW_CATEGORIES
+from smartccs.review.heatmap import UNIT as HEATMAP_UNIT
+from smartccs.review.heatmap import batch_scale, heatmap_png
 from smartccs.review.worklist import (
     NotFound,
     slide_cells,
@@ -91,6 +93,10 @@ def add_review_routes(app: FastAPI, service: Callable[[], Any], center_of: Calla
     def get_cell(batch: str, slide_id: str, cell_class: str, rank: int, center: Center):
         return _cell_crop(service(), center, batch, slide_id, cell_class, rank)
 
+    @router.get("/v1/slides/{batch}/{slide_id}/heatmap.png")
+    def get_heatmap(batch: str, slide_id: str, center: Center) -> Response:
+        return _heatmap(service(), center, batch, slide_id)
+
     @router.post("/v1/batches/{batch}/reviews", status_code=201)
     def sign_off(
         batch: str,
@@ -139,8 +145,23 @@ def _slide_detail(svc: Any, center: str, batch: str, slide_id: str) -> dict[str,
         "slide": jsonable_encoder(row),
         "view": view.model_dump(mode="json"),
         "cells": [c.model_dump() for c in slide_cells(svc.store, center, batch, slide_id)],
+        "heatmap": {
+            "vmax": batch_scale(svc.store, center, batch),
+            "unit": HEATMAP_UNIT,
+            "scope": f"one scale for the slides of batch {batch}",
+        },
         "reviews": jsonable_encoder(slide_reviews(svc.store, center, batch, slide_id)),
     }
+
+
+def _heatmap(svc: Any, center: str, batch: str, slide_id: str) -> Response:
+    """The slide's heatmap layer on its batch's scale (``review.heatmap``)."""
+    with _as_404():
+        row = slide_row(svc.store, center, batch, slide_id)
+        view = svc.slides.describe(center, batch, slide_id)
+    size = (view.slide_width, view.slide_height)
+    data = heatmap_png(svc.store, center, batch, slide_id, size, row["slide_mpp"] or view.mpp)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
 
 def _cell_crop(

@@ -114,6 +114,22 @@ function drawBoxes(viewer, view, cells) {
   }
 }
 
+async function toggleHeatmap(batch, slide, view, heatmap) {
+  const on = $("show-heatmap").checked;
+  $("heatmap-legend").hidden = !on;
+  $("heatmap-scale").textContent = `0 – ${heatmap.vmax.toPrecision(2)} ${heatmap.unit}; ${heatmap.scope}`;
+  if (state.heatmap) { state.viewer.world.removeItem(state.heatmap); state.heatmap = null; }
+  if (!on) return;
+  const blob = await (await api(`/slides/${batch}/${slide}/heatmap.png`)).blob();
+  // the layer covers the whole slide from its level-0 origin; the image starts at the bounds
+  state.viewer.addTiledImage({
+    tileSource: { type: "image", url: URL.createObjectURL(blob) },
+    x: -view.bounds_x / view.width, y: -view.bounds_y / view.width,
+    width: view.slide_width / view.width,
+    success: (e) => { state.heatmap = e.item; },
+  });
+}
+
 function centreOn(viewer, view, c, item) {
   const r = imageRect(viewer, view, c);
   viewer.viewport.panTo(new OpenSeadragon.Point(r.x + r.width / 2, r.y + r.height / 2));
@@ -178,6 +194,7 @@ async function openSlide(batch, slide) {
     (s.positive ? " · positive" : "");
   $("category").innerHTML = state.me.categories.map((c) => `<option>${c}</option>`).join("");
   if (state.viewer) state.viewer.destroy();
+  state.heatmap = null;
   const base = `${API}/slides/${batch}/${slide}/tiles`;
   state.viewer = OpenSeadragon({
     id: "viewer",
@@ -196,6 +213,9 @@ async function openSlide(batch, slide) {
   state.viewer.addHandler("animation", () => scaleBar(state.viewer, view.mpp));
   state.viewer.addHandler("open", () => scaleBar(state.viewer, view.mpp));
   $("show-boxes").onchange = () => drawBoxes(state.viewer, view, cells);
+  $("show-heatmap").checked = false;
+  $("heatmap-legend").hidden = true;
+  $("show-heatmap").onchange = () => toggleHeatmap(batch, slide, view, data.heatmap);
   renderGallery(batch, slide, view, cells);
   renderHistory(data.reviews);
   state.signoffKey = newKey();
