@@ -13,8 +13,11 @@ being screened. The total size is bounded; the least recently used entries are e
 Concurrency across processes uses ``fcntl`` locks: one per entry (a second process asking
 for the same slide waits for the first download instead of starting another) and one for
 eviction (space is reserved, as a full-size sparse temp file, under that lock, so concurrent
-downloads cannot overshoot the bound). Deleting an entry another process has open is safe on
-Linux: its reads continue on the unlinked file.
+downloads cannot overshoot the bound). Deleting an entry another process has open is not
+always safe: OpenSlide 4 reopens TIFF-based files (SVS, generic TIFF) by path on every read,
+so a handle to an evicted entry fails its next read that its own tile cache does not answer
+(the review viewer, smartccs.slide.deepzoom, reopens through the cache and retries; the
+screening reader counts such tiles as failed). Keep the bound well above the slides in flight.
 """
 
 from __future__ import annotations
