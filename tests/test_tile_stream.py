@@ -125,3 +125,22 @@ def test_two_scans_of_one_specimen_give_the_same_physical_grid(tmp_path, local_s
             if r["slide_id"] == sid
         }
     assert grids["at025"] and grids["at025"] == grids["at050"]
+
+
+def test_a_slide_evicted_from_the_cache_is_reopened_not_read_through_a_dead_handle(
+    tiny_cohort, tmp_path, s3_store
+):
+    """OpenSlide 4 rereads a TIFF-based slide by path on every read: a handle whose cache
+    file was evicted (another download needed the room) would fail its next read. The
+    reader's open slides reopen through the cache instead."""
+    from smartccs.data.tiles import _SlideHandles
+
+    [ref] = upload_cohort(tiny_cohort, s3_store, centers=1)
+    row = slide_rows([ref])[0]
+    handles = _SlideHandles(s3_store.config, stream_config(tmp_path))
+    first = handles.get(row)
+    want = first.read_rgb(0, 0, 0, 64, 64)
+    first.path.unlink()  # what the cache's eviction does
+    again = handles.get(row)
+    assert again is not first and again.path.exists()
+    assert np.array_equal(again.read_rgb(0, 0, 0, 64, 64), want)

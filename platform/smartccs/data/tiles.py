@@ -91,8 +91,14 @@ class _SlideHandles:
         self._open: OrderedDict[str, Slide] = OrderedDict()
 
     def get(self, row: dict[str, Any]) -> Slide:
+        """The slide open, through the cache. A handle whose cache file was evicted since is
+        reopened (downloaded again): OpenSlide 4 rereads TIFF-based slides by path, so the
+        old handle's next read would fail."""
         key = row["key"]
         slide = self._open.get(key)
+        if slide is not None and not slide.path.exists():
+            self._open.pop(key).close()
+            slide = None
         if slide is not None:
             self._open.move_to_end(key)
             return slide

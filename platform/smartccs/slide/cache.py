@@ -17,7 +17,8 @@ downloads cannot overshoot the bound). Deleting an entry another process has ope
 always safe: OpenSlide 4 reopens TIFF-based files (SVS, generic TIFF) by path on every read,
 so a handle to an evicted entry fails its next read that its own tile cache does not answer
 (the review viewer, smartccs.slide.deepzoom, reopens through the cache and retries; the
-screening reader counts such tiles as failed). Keep the bound well above the slides in flight.
+screening reader reopens a slide whose file is gone before it reads, and counts a tile that
+still fails as failed). Keep the bound well above the slides in flight.
 """
 
 from __future__ import annotations
