@@ -78,7 +78,7 @@ def test_an_appended_review_reads_back_as_one_row_with_its_partition_and_correct
 ):
     written = review("r1", corrections=[correction("HSIL")])
     key = append_review(any_store, written)
-    assert key == "results/reviews/center=c1/batch=b1/20261121T093000000000-r1.parquet"
+    assert key == "results/reviews/center=c1/batch=b1/r1.parquet"
     assert review_files(any_store) == [key]
     table = read_reviews(any_store)
     assert table.column_names == ["center", "batch", *REVIEWS.names]
@@ -99,6 +99,21 @@ def test_a_retried_append_of_the_same_review_id_adds_no_row(any_store: Store):
     assert append_review(any_store, again) == first
     assert append_review(any_store, review("r1")) == first
     assert review_files(any_store) == [first]
+    assert read_reviews(any_store).num_rows == 1
+
+
+def test_retries_racing_each_other_still_write_one_row(any_store: Store):
+    """Retries of one sign-off arriving at once, each stamped by the server at its own time,
+    land on the review id's one name: create-if-absent lets exactly one write."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    copies = [
+        review("r9").model_copy(update={"reviewed_at": T0 + timedelta(milliseconds=i)})
+        for i in range(8)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda r: append_review(any_store, r), copies))
+    assert len(keys) == 1 and review_files(any_store) == list(keys)
     assert read_reviews(any_store).num_rows == 1
 
 

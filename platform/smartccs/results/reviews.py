@@ -71,11 +71,9 @@ SUPERSEDE_IOU = 0.5
 """A reviewed box replaces an annotation of the same slide it overlaps this much: the
 reviewer's verdict on that cell is the latest word (``not_a_cell`` removes it)."""
 
-_STAMP = "%Y%m%dT%H%M%S%f"
 _ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _FILE_RE = re.compile(
-    rf"center=(?P<center>{_ID})/batch=(?P<batch>{_ID})/\d{{8}}T\d{{12}}-(?P<review_id>{_ID})"
-    r"\.parquet"
+    rf"center=(?P<center>{_ID})/batch=(?P<batch>{_ID})/(?P<review_id>{_ID})\.parquet"
 )
 """A review file's key relative to the table's folder; staging files (``.name.tmp-<hex>``)
 do not match."""
@@ -186,35 +184,24 @@ class Review(ReviewSubmission):
 
 # --- writes ---------------------------------------------------------------------------------
 def review_key(review: Review) -> str:
-    """Where ``review`` is stored: its file name sorts by time, then names the review."""
-    folder = layout.results(REVIEWS_TABLE, review.center, review.batch)
-    return f"{folder}/{review.reviewed_at.strftime(_STAMP)}-{review.review_id}.parquet"
-
-
-def _written(store: Store, review: Review) -> str | None:
-    """The key of ``review.review_id``'s file in its partition, if it was written before."""
-    base = f"results/{REVIEWS_TABLE}/"
-    for key in store.list(layout.results(REVIEWS_TABLE, review.center, review.batch)):
-        m = _FILE_RE.fullmatch(key.removeprefix(base))
-        if m and m["review_id"] == review.review_id:
-            return key
-    return None
+    """Where ``review`` is stored: named by its id alone, so a retry (the same id, stamped
+    again by the server) lands on the same key and create-if-absent makes it one file,
+    however the retries race."""
+    return (
+        f"{layout.results(REVIEWS_TABLE, review.center, review.batch)}/{review.review_id}.parquet"
+    )
 
 
 def append_review(store: Store, review: Review) -> str:
     """Append one sign-off to the reviews table; the key of its file.
 
-    A ``review_id`` already written in the partition returns that file's key and writes
-    nothing, so a retried submission is still one row.
-    """
-    found = _written(store, review)
-    if found is not None:
-        return found
+    Written create-if-absent in one atomic step: a ``review_id`` already written (a retried
+    submission) keeps its file and adds no row."""
     key = review_key(review)
     store.check_key(key)
     data = review.model_dump()
     row = pa.Table.from_pylist([{name: data[name] for name in REVIEWS.names}], schema=REVIEWS)
-    store.put_if_absent(key, _to_parquet(row))  # False: this very review, written meanwhile
+    store.put_if_absent(key, _to_parquet(row))  # False: this very review, written before
     return key
 
 
@@ -266,12 +253,11 @@ def _read_file(store: Store, center: str, batch: str, key: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=_output_schema(REVIEWS))
 
 
-def _one_per(table: pa.Table, columns: tuple[str, ...], *, last: bool) -> pa.Table:
-    """The first (or last) row of each value of ``columns``, in the table's order."""
+def _latest_per(table: pa.Table, columns: tuple[str, ...]) -> pa.Table:
+    """The last row of each value of ``columns``, in the table's order."""
     chosen: dict[tuple, int] = {}
     for i, key in enumerate(zip(*(table[c].to_pylist() for c in columns), strict=True)):
-        if last or key not in chosen:
-            chosen[key] = i
+        chosen[key] = i
     return table.take(pa.array(sorted(chosen.values()), pa.int64()))  # typed: none may be chosen
 
 
@@ -279,24 +265,21 @@ def read_reviews(
     store: Store, centers: Iterable[str] | None = None, batches: Iterable[str] | None = None
 ) -> pa.Table:
     """Every review of the selected partitions, oldest first: ``center``, ``batch``, then the
-    schema's columns. A ``review_id`` written twice by racing retries is one row, the first."""
+    schema's columns (one file per review: a review is never two rows, ``review_key``)."""
     files = _review_files(store, centers, batches)
     if not files:
         return _output_schema(REVIEWS).empty_table()
     with ThreadPoolExecutor(_READERS) as pool:
         parts = list(pool.map(lambda f: _read_file(store, *f), files))
     order = [(c, "ascending") for c in ("reviewed_at", "center", "batch", "review_id")]
-    table = pa.concat_tables(parts).sort_by(order)
-    return _one_per(table, ("center", "batch", "review_id"), last=False)
+    return pa.concat_tables(parts).sort_by(order)
 
 
 def current_reviews(
     store: Store, centers: Iterable[str] | None = None, batches: Iterable[str] | None = None
 ) -> pa.Table:
     """Each reviewed slide's current review: the latest row of its (center, batch, slide_id)."""
-    return _one_per(
-        read_reviews(store, centers, batches), ("center", "batch", "slide_id"), last=True
-    )
+    return _latest_per(read_reviews(store, centers, batches), ("center", "batch", "slide_id"))
 
 
 # --- reviewed cells as cell labels ----------------------------------------------------------
