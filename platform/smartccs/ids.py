@@ -16,7 +16,9 @@ def batch_key(center: str, batch: str) -> str:
     return f"{center}/{batch}"
 
 
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+"""An id's characters (``validate_id`` also refuses ``..``), for patterns that embed one."""
+_ID_RE = re.compile(ID_PATTERN)
 """Matched with ``fullmatch``: ``$`` would also accept a trailing newline."""
 
 

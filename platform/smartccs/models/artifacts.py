@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,8 @@ from smartccs.errors import AlreadyCommittedError, CCSError, StoreError
 from smartccs.ids import Id, validate_id
 from smartccs.slide.tiling import TilingConfig
 from smartccs.store import Store
+
+M = TypeVar("M", bound=BaseModel)
 
 WEIGHTS_NAME = "weights.safetensors"
 CARD_NAME = "card.json"
@@ -79,6 +81,11 @@ class ModelCard(BaseModel):
     created_at: str = Field(default="", description="ISO 8601 UTC; set by save_model if empty")
     synthetic: bool = Field(description="trained on synthetic data: results say nothing clinical")
     weights_sha256: str | None = Field(default=None, description="set by save_model")
+
+    def head_fields(self, model: type[M]) -> M:
+        """The header an import wrote among the ``head`` entries (next to its source), as
+        ``model`` (a MeanMIL shape, a prototype bank's header)."""
+        return model.model_validate({k: self.head[k] for k in model.model_fields if k in self.head})
 
 
 class _Commit(BaseModel):

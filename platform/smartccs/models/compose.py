@@ -60,8 +60,9 @@ def _detector(store: Store, label: str) -> tuple[ModelRef, ModelCard]:
     return ModelRef(name=card.name, version=str(card.version)), card
 
 
-def _check(enc: ModelCard, head: ModelCard, bank: ModelCard | None) -> int:
-    """The embedding width every part agrees on, or the error naming the two that differ."""
+def _check(enc: ModelCard, head: ModelCard, bank: ModelCard | None) -> tuple[int, Any]:
+    """The embedding width every part agrees on and the head's MeanMIL shape, or the error
+    naming the two that differ."""
     from smartccs.models.slide_head import MeanMILShape
 
     kind, dim = enc.head.get("kind"), enc.head.get("embed_dim")
@@ -75,31 +76,26 @@ def _check(enc: ModelCard, head: ModelCard, bank: ModelCard | None) -> int:
                 f"{part.task} {part.name}/{part.version} goes with {part.head.get('encoder_kind')}"
                 f" embeddings, encoder {enc.name}/{enc.version} is {kind}"
             )
-    shape = MeanMILShape.model_validate(_meanmil_shape(head))
+    shape = head.head_fields(MeanMILShape)
     if shape.in_dim != dim:
         raise CCSError(f"{head.name}/{head.version} takes {shape.in_dim}-d cells, not {dim}-d")
-    return int(dim)
-
-
-def _meanmil_shape(head: ModelCard) -> dict[str, Any]:
-    """The MeanMIL sizes an import wrote among the head card's entries."""
-    from smartccs.models.slide_head import MeanMILShape
-
-    return {k: head.head[k] for k in MeanMILShape.model_fields}
+    return int(dim), shape
 
 
 def _bank_tensors(card: ModelCard | None, state: dict, dim: int) -> dict[str, Any]:
     """The bank's prototypes stacked (P, D) and each one's grade index (P,); none without."""
     import torch
 
-    from smartccs.models.slide_head import PrototypeBank
+    from smartccs.models.slide_head import PrototypeBank, prototype_tensors
 
     if card is None:
         return {"prototypes": torch.zeros(0, dim), "prototype_grades": torch.zeros(0).long()}
-    bank = PrototypeBank.model_validate({k: card.head[k] for k in PrototypeBank.model_fields})
-    rows = [state[f"class_{c}"] for c in range(bank.n_classes)]
-    grades = [torch.full((len(t),), c, dtype=torch.long) for c, t in enumerate(rows)]
-    return {"prototypes": torch.cat(rows).float(), "prototype_grades": torch.cat(grades)}
+    by_grade = prototype_tensors(state, card.head_fields(PrototypeBank))
+    grades = [torch.full((len(t),), c, dtype=torch.long) for c, t in by_grade.items()]
+    return {
+        "prototypes": torch.cat(list(by_grade.values())).float(),
+        "prototype_grades": torch.cat(grades),
+    }
 
 
 def compose_classifier(
@@ -124,7 +120,7 @@ def compose_classifier(
     if prototypes:
         bank_ref, _ = _card(store, prototypes, "prototypes")
         bank, bank_state = load_model(store, bank_ref.name, bank_ref.version)
-    dim = _check(enc, head, bank)
+    dim, shape = _check(enc, head, bank)
     geometry = CropGeometry.model_validate(enc.head.get("crop") or {})
     weights = {f"mil.{k}": v for k, v in head_state.items()}
     weights |= _bank_tensors(bank, bank_state, dim)
@@ -136,7 +132,7 @@ def compose_classifier(
         classes=list(GRADES),
         head={
             "kind": "meanmil",
-            "meanmil": _meanmil_shape(head),
+            "meanmil": shape.model_dump(),
             "dim": dim,
             "top_k": geometry.top_k,
             "detector": det_ref.model_dump(),

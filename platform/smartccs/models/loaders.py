@@ -10,10 +10,9 @@ mean/std, to (B, D) embeddings by the rule its source defines; the slide head ma
 
 from __future__ import annotations
 
-from typing import TypeVar, get_args
+from typing import get_args
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 
 from smartccs.errors import StoreError
@@ -61,14 +60,6 @@ def _card_and_weights(store_uri: str | Store, ref: str, task: Task) -> tuple[Mod
     return load_model(store, card.name, str(card.version))
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def _head_fields(card: ModelCard, model: type[M]) -> M:
-    """The header an import wrote among the card's ``head`` entries (next to its source)."""
-    return model.model_validate({k: card.head[k] for k in model.model_fields if k in card.head})
-
-
 def load_encoder(store_uri: str | Store, ref: str) -> Encoder:
     """The encoder ``ref`` (``name`` or ``name/version``) of the store, in eval mode."""
     card, state = _card_and_weights(store_uri, ref, "encoder")
@@ -94,7 +85,7 @@ def cell_encoder(card: ModelCard, state: dict) -> tuple[nn.Module, int, int]:
 def load_slide_head(store_uri: str | Store, ref: str) -> MeanMILHead:
     """The MeanMIL slide head ``ref`` of the store, in eval mode; ``.card`` holds its card."""
     card, state = _card_and_weights(store_uri, ref, "slide_head")
-    head = MeanMILHead(_head_fields(card, MeanMILShape))
+    head = MeanMILHead(card.head_fields(MeanMILShape))
     head.load_state_dict(state, strict=True)
     head.card = card
     return head.eval()
@@ -105,7 +96,7 @@ def load_prototypes(
 ) -> tuple[PrototypeBank, dict[int, torch.Tensor]]:
     """The prototype bank ``ref``: its header and, per grade index, its (k, D) prototypes."""
     card, state = _card_and_weights(store_uri, ref, "prototypes")
-    bank = _head_fields(card, PrototypeBank)
+    bank = card.head_fields(PrototypeBank)
     if bank.n_classes != len(GRADES):
         raise StoreError(f"prototypes {card.name}/{card.version}: {bank.n_classes} classes")
     return bank, prototype_tensors(state, bank)
@@ -114,7 +105,11 @@ def load_prototypes(
 def load_cell_detector(store_uri: str | Store, ref: str) -> CellDetector:
     """The imported Det-cell detector ``ref`` (``name`` or ``name/version``), in eval mode;
     ``.detect(tiles, regions)`` gives each tile's level-0 detections, ``.card`` its card."""
-    card, state = _card_and_weights(store_uri, ref, "cell_detector")
+    return cell_detector(*_card_and_weights(store_uri, ref, "cell_detector"))
+
+
+def cell_detector(card: ModelCard, state: dict) -> CellDetector:
+    """The imported Deformable DETR a ``cell_detector`` card and its weights describe."""
     if card.head.get("implementation") != "transformers-deformable-detr":
         raise StoreError(f"cell detector {card.name}/{card.version}: unknown implementation")
     network = build_network(DetrShape.model_validate(card.head["detr"]))

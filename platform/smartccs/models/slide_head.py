@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from smartccs.errors import CCSError
+from smartccs.models.mil import pooled_embedding
 from smartccs.taxonomy import GRADES
 
 BANK_KEYS = frozenset({"proto_bank", "n_classes", "top_w", "feat_dim"})
@@ -106,9 +107,7 @@ class MeanMILBag(nn.Module):
         layer. The reference projects the same mean, and its prototypes, through a fresh
         128-d MLP trained during adaptation; the head's own hidden layer plays that part here,
         so a center's adapted state is the head's state alone."""
-        m = mask.unsqueeze(-1).to(embeddings.dtype)
-        pooled = (embeddings * m).sum((-3, -2)) / m.sum((-3, -2)).clamp_min(1)
-        return self._hidden(pooled)
+        return self._hidden(pooled_embedding(embeddings, mask))
 
     def prototype_views(
         self, scores: torch.Tensor, mask: torch.Tensor

@@ -42,7 +42,7 @@ from pydantic import (
 
 from smartccs import layout
 from smartccs.batches import BatchRef, load_batch
-from smartccs.ids import Id
+from smartccs.ids import ID_PATTERN, Id
 from smartccs.labels import (
     BOX_COLUMNS,
     REQUIRED,
@@ -71,7 +71,7 @@ SUPERSEDE_IOU = 0.5
 """A reviewed box replaces an annotation of the same slide it overlaps this much: the
 reviewer's verdict on that cell is the latest word (``not_a_cell`` removes it)."""
 
-_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_ID = ID_PATTERN
 _FILE_RE = re.compile(
     rf"center=(?P<center>{_ID})/batch=(?P<batch>{_ID})/(?P<review_id>{_ID})\.parquet"
 )

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from smartccs.data.tiles import STATUS_OK, StreamConfig, TileReader
 from smartccs.faults import fault_point
@@ -132,10 +131,7 @@ class CellScorer:
             boxes = found.boxes[:n]  # tile pixels at the detector's tiling
             tile = torch.from_numpy(batch["image"][i]).permute(2, 0, 1).float() / 255
             if self.cells.crop is not None:  # the reference's cut of the box itself
-                crop = crop_boxes(tile, boxes, self.cells.crop)
-                if crop.shape[-1] != self.embed_px:
-                    crop = F.interpolate(crop, size=(self.embed_px, self.embed_px),
-                                         mode="bilinear", antialias=True)  # fmt: skip
+                crop = crop_boxes(tile, boxes, self.cells.crop, self.embed_px)
             else:
                 centres = (boxes[:, :2] + boxes[:, 2:]) / 2
                 crop = crop_cells(tile, centres, self.crop_px, self.embed_px)

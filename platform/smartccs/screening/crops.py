@@ -36,8 +36,11 @@ def crop_cells(
     return batch
 
 
-def crop_boxes(tile: torch.Tensor, boxes: torch.Tensor, geometry: CropGeometry) -> torch.Tensor:
-    """The reference's crops (N, 3, crop_px, crop_px) of (N, 4) xyxy boxes in tile pixels.
+def crop_boxes(
+    tile: torch.Tensor, boxes: torch.Tensor, geometry: CropGeometry, out_px: int | None = None
+) -> torch.Tensor:
+    """The reference's crops (N, 3, out_px, out_px) of (N, 4) xyxy boxes in tile pixels
+    (``out_px``: the encoder's input, when it is not the geometry's ``crop_px``).
 
     As Cls-WSI/lib/datasets.py does with PIL: the box's corner is moved inside the tile and its
     size cut at the far edge, the pixels between the rounded corners are pasted centred on a
@@ -64,6 +67,8 @@ def crop_boxes(tile: torch.Tensor, boxes: torch.Tensor, geometry: CropGeometry) 
             align_corners=False,
         )[0]
         out[n] = resized[:, lo : lo + geometry.crop_px, lo : lo + geometry.crop_px]
+    if out_px is not None and out_px != geometry.crop_px:
+        out = F.interpolate(out, size=(out_px, out_px), mode="bilinear", antialias=True)
     return out
 
 

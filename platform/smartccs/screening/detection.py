@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from smartccs.errors import CCSError
-from smartccs.models.artifacts import ModelCard, load_card, load_model
+from smartccs.models.artifacts import load_model
 from smartccs.models.detector import build_detector, preprocess
+from smartccs.models.loaders import cell_detector
 from smartccs.models.norms import apply_norms
 from smartccs.models.refs import ModelRef
 from smartccs.store import Store
@@ -48,19 +49,15 @@ class TileDetector:
         norms: dict[str, np.ndarray] | None = None,
     ):
         self.device = device
-        self.card: ModelCard
-        if load_card(store, ref.name, ref.version).task == "cell_detector":
-            from smartccs.models.loaders import load_cell_detector
-
+        self.card, state = load_model(store, ref.name, ref.version)
+        if self.imported:
             if norms:
                 raise CCSError(
                     f"{ref.label} is an imported Deformable DETR: tent adapts only the "
                     "platform's own detectors"
                 )
-            self.network = load_cell_detector(store, ref.label)
-            self.card = self.network.card
+            self.network: torch.nn.Module = cell_detector(self.card, state)
         else:
-            self.card, state = load_model(store, ref.name, ref.version)
             self.network = build_detector(self.card)
             self.network.load_state_dict(state)
             if norms:  # a center's adapted normalisation layers (tent)
@@ -96,12 +93,11 @@ class TileDetector:
         h, w = tiles.shape[-2:]
         with autocast(self.device):  # the tile itself as the region: boxes in tile pixels
             found = self.network.detect(tiles.to(self.device), [(0.0, 0.0, w, h)] * len(tiles))
-        out = []
-        for det in found:
-            index = [ABNORMAL_CLASSES.index(c) for c in det.labels]
-            classes = torch.tensor(index, dtype=torch.long)
-            scores = torch.tensor(det.scores, dtype=torch.float32)
-            order = scores.argsort(descending=True)
-            boxes = torch.tensor(det.boxes, dtype=torch.float32).reshape(-1, 4)
-            out.append(Found(classes[order], scores[order], boxes[order]))
-        return out
+        return [
+            Found(
+                torch.tensor([ABNORMAL_CLASSES.index(c) for c in det.labels], dtype=torch.long),
+                torch.tensor(det.scores, dtype=torch.float32),
+                torch.tensor(det.boxes, dtype=torch.float32).reshape(-1, 4),
+            )
+            for det in found  # best first already (deformable_detr.decode)
+        ]
