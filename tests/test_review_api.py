@@ -71,7 +71,10 @@ def test_the_heatmap_layer_covers_the_slide_on_its_batch_s_scale(review_site):
     batch, slide = _first_slide(review_site, a)
     url = f"{review_site.base}/review/v1/slides/{batch}/{slide}"
     detail = requests.get(url, headers=review_site.auth("A")).json()
-    vmax = batch_scale(review_site.store, a, batch)
+    tables = (
+        read_table(review_site.store, t, centers=[a], batches=[batch]) for t in ("slides", "cells")
+    )
+    vmax = batch_scale(*tables)
     assert (
         detail["heatmap"]["vmax"] == pytest.approx(vmax) and "batch" in detail["heatmap"]["scope"]
     )
@@ -142,8 +145,13 @@ def test_a_reviewer_signs_off_and_the_row_names_them_and_what_they_reviewed(revi
         url, json=body | {"reviewer": "someone else"}, headers=review_site.auth("A-reviewer")
     )
     assert forged.status_code == 422, "the name comes from the token, never the page"
-    r = requests.post(url, json=body, headers=review_site.auth("A-reviewer"))
+    keyed = review_site.auth("A-reviewer") | {"Idempotency-Key": "k-" + slide}
+    r = requests.post(url, json=body, headers=keyed)
     assert r.status_code == 201, r.text
+    again = requests.post(url, json=body, headers=keyed)
+    assert again.status_code == 201, "a retry of the same sign-off is the same review"
+    other = requests.post(url, json=body | {"category": "HSIL"}, headers=keyed)
+    assert other.status_code == 409, "a reused key with another sign-off is refused, not dropped"
     rows = [
         x
         for x in read_reviews(review_site.store, centers=[a]).to_pylist()

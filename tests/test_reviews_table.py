@@ -102,6 +102,16 @@ def test_a_retried_append_of_the_same_review_id_adds_no_row(any_store: Store):
     assert read_reviews(any_store).num_rows == 1
 
 
+def test_a_review_id_reused_for_another_sign_off_is_refused_not_dropped(any_store: Store):
+    from smartccs.results.reviews import ReviewConflict
+
+    first = append_review(any_store, review("r1", category="HSIL"))
+    with pytest.raises(ReviewConflict, match="'r1' already holds another sign-off"):
+        append_review(any_store, review("r1", category="NILM"))
+    assert review_files(any_store) == [first]
+    assert read_reviews(any_store)["category"].to_pylist() == ["HSIL"]
+
+
 def test_retries_racing_each_other_still_write_one_row(any_store: Store):
     """Retries of one sign-off arriving at once, each stamped by the server at its own time,
     land on the review id's one name: create-if-absent lets exactly one write."""

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from smartccs.evaluation.report import OVERALL, ConfusionMatrix, RocCurve, threshold_text
-from smartccs.metrics.cell_density import DENSITY_CMAP, density_map, density_rgba
+from smartccs.metrics.cell_density import DENSITY_CMAP, cell_boxes, density_map, density_rgba
 from smartccs.slide.foreground import slide_at_mpp
 from smartccs.slide.reader import Slide
 from smartccs.taxonomy import ABNORMAL_CLASSES
@@ -151,19 +151,6 @@ def confusion_figure(
     return _save(fig, path)
 
 
-def _boxes(cells: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    if cells.num_rows == 0:
-        return np.zeros((0, 4)), np.zeros(0)
-    b = np.stack(
-        [
-            cells[c].to_numpy(zero_copy_only=False).astype(np.float64)
-            for c in ("x0", "y0", "x1", "y1")
-        ],
-        axis=1,
-    )
-    return b, cells["score"].to_numpy(zero_copy_only=False).astype(np.float64)
-
-
 def _heatmap_mpp(slide: Slide, mpp: float) -> float:
     """The heatmap's µm/px: ``mpp``, made finer for a small slide (``MIN_THUMB_PX``) and
     coarser for a large one (``MAX_THUMB_PX``), as ``slide_at_mpp`` makes its thumbnail."""
@@ -177,7 +164,7 @@ def heatmap_density(
 ) -> tuple[np.ndarray, float]:
     """Score-weighted abnormal cells per mm² on the heatmap's grid, and the grid's µm/px."""
     mpp = _heatmap_mpp(slide, mpp)
-    boxes, scores = _boxes(cells)
+    boxes, scores = cell_boxes(cells)
     info = slide.info
     return density_map(info.width, info.height, info.mpp, boxes, scores, mpp, sigma_um), mpp
 
@@ -245,7 +232,7 @@ def cell_gallery(
     crop titled with its class and score."""
     info = slide.info
     side = max(8, round(crop_um / info.mpp))
-    boxes, scores = _boxes(cells)
+    boxes, scores = cell_boxes(cells)
     classes = np.asarray(cells["cell_class"].to_pylist() if cells.num_rows else [], dtype=object)
     present = [c for c in ABNORMAL_CLASSES if (classes == c).any()]
     if not present:

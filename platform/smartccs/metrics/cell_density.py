@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 
 DENSITY_CMAP = "inferno"
 
@@ -53,6 +54,17 @@ def cell_density(
         iy = np.clip(cy.astype(np.int64), 0, h - 1)
         np.add.at(hist, (iy, ix), scores)
     return _gaussian_blur(hist, sigma_px)
+
+
+def cell_boxes(cells: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) level-0 xyxy boxes and (N,) scores of ``cells`` rows (the ``cells`` table's)."""
+    if cells.num_rows == 0:
+        return np.zeros((0, 4)), np.zeros(0)
+    cols = [cells[c].to_numpy(zero_copy_only=False) for c in ("x0", "y0", "x1", "y1")]
+    return (
+        np.stack(cols, axis=1).astype(np.float64),
+        cells["score"].to_numpy(zero_copy_only=False).astype(np.float64),
+    )
 
 
 def density_map(

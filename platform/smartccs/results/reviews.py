@@ -1,20 +1,16 @@
 """The ``reviews`` table: cytologists' sign-offs, one Parquet file per review, append-only.
 
 A cytologist signs a slide out in the workstation; each sign-off is one row, written as a file
-of its own, ``results/reviews/center=<c>/batch=<b>/<reviewed_at>-<review_id>.parquet``
-(``reviewed_at`` as ``YYYYmmddTHHMMSSffffff``, UTC). Nothing is ever replaced or deleted: the
-history of a slide is its rows, and the latest is the current one (:func:`current_reviews`).
-Each file is written create-if-absent in one atomic step (one S3 PUT; locally a hidden staging
-file linked into place), so a crash leaves nothing a reader would read, and a retried write of
-a ``review_id`` already in its partition finds that file and adds no row. The folder is plain
-Hive-partitioned Parquet like slides and cells: DuckDB, polars, pandas and pyarrow read it as is.
+of its own, ``results/reviews/center=<c>/batch=<b>/<review_id>.parquet``. Nothing is ever
+replaced or deleted: the history of a slide is its rows, and the latest (``reviewed_at``) is the
+current one (:func:`current_reviews`). Each file is written create-if-absent in one atomic step
+(one S3 PUT; locally a hidden staging file linked into place), so a crash leaves nothing a
+reader would read, and retries of one sign-off, however they race, are one file and one row.
+The folder is plain Hive-partitioned Parquet like slides and cells: DuckDB, polars, pandas and
+pyarrow read it as is.
 
 :class:`ReviewSubmission` is what the workstation posts; :class:`Review` is the row, the
 submission plus what the server knows (who, when, the id, which run was reviewed).
-
-Honest limit: two writes of one ``review_id`` racing each other (a retried POST arriving while
-the first is still being written) can both land; :func:`read_reviews` keeps the first, but a
-reader that globs the files sees both.
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ from pydantic import (
 
 from smartccs import layout
 from smartccs.batches import BatchRef, load_batch
+from smartccs.errors import CCSError
 from smartccs.ids import ID_PATTERN, Id
 from smartccs.labels import (
     BOX_COLUMNS,
@@ -192,16 +189,33 @@ def review_key(review: Review) -> str:
     )
 
 
+_SIGN_OFF = {"slide_id", "reviewer", "category", "comment", "corrections"}
+"""What makes two writes of one review id the same sign-off (the server's stamps aside)."""
+
+
+class ReviewConflict(CCSError):
+    """A review id already holds another sign-off (an ``Idempotency-Key`` used twice)."""
+
+
 def append_review(store: Store, review: Review) -> str:
     """Append one sign-off to the reviews table; the key of its file.
 
-    Written create-if-absent in one atomic step: a ``review_id`` already written (a retried
-    submission) keeps its file and adds no row."""
+    Written create-if-absent in one atomic step. A ``review_id`` already written with the same
+    sign-off (a retried submission, stamped again by the server) keeps its file and adds no
+    row; one written with another sign-off is a ``ReviewConflict``, never a silent drop."""
     key = review_key(review)
     store.check_key(key)
     data = review.model_dump()
     row = pa.Table.from_pylist([{name: data[name] for name in REVIEWS.names}], schema=REVIEWS)
-    store.put_if_absent(key, _to_parquet(row))  # False: this very review, written before
+    if store.put_if_absent(key, _to_parquet(row)):
+        return key
+    (row,) = _read_file(store, review.center, review.batch, key).to_pylist()
+    stored = Review.model_validate({k: v for k, v in row.items() if v is not None})
+    if stored.model_dump(include=_SIGN_OFF) != review.model_dump(include=_SIGN_OFF):
+        raise ReviewConflict(
+            f"review id {review.review_id!r} already holds another sign-off of batch "
+            f"{review.batch!r}: send a new id for a new sign-off"
+        )
     return key
 
 

@@ -25,12 +25,14 @@ from fastapi.staticfiles import StaticFiles
 
 from smartccs.errors import CCSError
 from smartccs.ids import validate_id
-from smartccs.results.reviews import Review, ReviewSubmission, append_review
+from smartccs.results.reviews import Review, ReviewConflict, ReviewSubmission, append_review
 from smartccs.results.schema import NOT_A_CELL, REVIEW_CATEGORIES
 from smartccs.review.heatmap import UNIT as HEATMAP_UNIT
 from smartccs.review.heatmap import batch_scale, heatmap_png
 from smartccs.review.worklist import (
     NotFound,
+    batch_rows,
+    of_slide,
     slide_cells,
     slide_reviews,
     slide_row,
@@ -137,16 +139,18 @@ def _me(svc: Any, center: str, creds: HTTPAuthorizationCredentials | None) -> di
 
 def _slide_detail(svc: Any, center: str, batch: str, slide_id: str) -> dict[str, Any]:
     with _as_404():
-        row = slide_row(svc.store, center, batch, slide_id)
+        slides = batch_rows(svc.store, center, batch, "slides")
+        row = slide_row(slides, slide_id)
         view = svc.slides.describe(center, batch, slide_id)
+    cells = batch_rows(svc.store, center, batch, "cells")
     return {
         "center": center,
         "batch": batch,
         "slide": jsonable_encoder(row),
         "view": view.model_dump(mode="json"),
-        "cells": [c.model_dump() for c in slide_cells(svc.store, center, batch, slide_id)],
+        "cells": [c.model_dump() for c in slide_cells(cells, slide_id)],
         "heatmap": {
-            "vmax": batch_scale(svc.store, center, batch),
+            "vmax": batch_scale(slides, cells),
             "unit": HEATMAP_UNIT,
             "scope": f"one scale for the slides of batch {batch}",
         },
@@ -157,10 +161,12 @@ def _slide_detail(svc: Any, center: str, batch: str, slide_id: str) -> dict[str,
 def _heatmap(svc: Any, center: str, batch: str, slide_id: str) -> Response:
     """The slide's heatmap layer on its batch's scale (``review.heatmap``)."""
     with _as_404():
-        row = slide_row(svc.store, center, batch, slide_id)
+        slides = batch_rows(svc.store, center, batch, "slides")
+        row = slide_row(slides, slide_id)
         view = svc.slides.describe(center, batch, slide_id)
-    size = (view.slide_width, view.slide_height)
-    data = heatmap_png(svc.store, center, batch, slide_id, size, row["slide_mpp"] or view.mpp)
+    cells = batch_rows(svc.store, center, batch, "cells")
+    size, mpp = (view.slide_width, view.slide_height), row["slide_mpp"] or view.mpp
+    data = heatmap_png(of_slide(cells, slide_id), size, mpp, batch_scale(slides, cells))
     return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
 
 
@@ -169,12 +175,8 @@ def _cell_crop(
 ) -> Response:
     """A kept cell with some of its surroundings, as a JPEG for the gallery."""
     with _as_404():
-        slide_row(svc.store, center, batch, slide_id)  # the center's, committed, screened
-        cell = next(
-            (c for c in slide_cells(svc.store, center, batch, slide_id)
-             if (c.cell_class, c.rank) == (cell_class, rank)),
-            None,
-        )  # fmt: skip
+        cells = slide_cells(batch_rows(svc.store, center, batch, "cells"), slide_id)
+        cell = next((c for c in cells if (c.cell_class, c.rank) == (cell_class, rank)), None)
         if cell is None:
             raise NotFound(f"no {cell_class} cell of rank {rank} on slide {slide_id!r}")
         data = svc.slides.region(center, batch, slide_id, (cell.x0, cell.y0, cell.x1, cell.y1))
@@ -205,7 +207,7 @@ def _sign_off(
         except ValueError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     with _as_404():
-        row = slide_row(svc.store, center, batch, body.slide_id)
+        row = slide_row(batch_rows(svc.store, center, batch, "slides"), body.slide_id)
     review = Review(
         **body.model_dump(),
         center=center,
@@ -215,7 +217,10 @@ def _sign_off(
         review_id=review_id,
         **{k: row.get(k) for k in REVIEWED_FIELDS},
     )
-    append_review(svc.store, review)
+    try:
+        append_review(svc.store, review)
+    except ReviewConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return review.model_dump(mode="json")
 
 

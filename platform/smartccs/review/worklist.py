@@ -95,28 +95,39 @@ def worklist(store: Store, center: str) -> list[WorkItem]:
     return sorted(items, key=lambda i: (i.screened_at, i.batch, i.slide_id), reverse=True)
 
 
-def slide_row(store: Store, center: str, batch: str, slide_id: str) -> dict[str, Any]:
-    """The slide's committed ``slides`` row, or NotFound (never another center's)."""
-    for name, value in (("batch", batch), ("slide", slide_id)):
-        try:
-            validate_id(value, name)
-        except ValueError:
-            raise NotFound(f"no {name} {value!r}") from None
+def batch_rows(store: Store, center: str, batch: str, table: str) -> pa.Table:
+    """The committed rows of result ``table`` for the center's ``batch``, or NotFound for an
+    id that is no id, or a batch that is not the center's committed one."""
+    try:
+        validate_id(batch, "batch")
+    except ValueError:
+        raise NotFound(f"no batch {batch!r}") from None
     if not is_committed(store, center, batch):
         raise NotFound(f"no committed batch {batch!r} of {center}")
-    rows = read_table(store, "slides", centers=[center], batches=[batch])
-    rows = rows.filter(pc.equal(rows["slide_id"], slide_id)).to_pylist()
+    return read_table(store, table, centers=[center], batches=[batch])
+
+
+def of_slide(rows: pa.Table, slide_id: str) -> pa.Table:
+    """The rows of one slide."""
+    return rows.filter(pc.equal(rows["slide_id"], slide_id))
+
+
+def slide_row(slides: pa.Table, slide_id: str) -> dict[str, Any]:
+    """The slide's row among a batch's ``slides`` rows, or NotFound."""
+    rows = of_slide(slides, slide_id).to_pylist()
     if not rows:
-        raise NotFound(f"no screened slide {slide_id!r} in batch {batch!r} of {center}")
+        raise NotFound(f"no screened slide {slide_id!r} in this batch")
     return rows[0]
 
 
-def slide_cells(store: Store, center: str, batch: str, slide_id: str) -> list[CellBox]:
-    """The slide's kept cells, by class in taxonomy order, best first."""
-    cells = read_table(store, "cells", centers=[center], batches=[batch])
-    cells = cells.filter(pc.equal(cells["slide_id"], slide_id)).to_pylist()
+def slide_cells(cells: pa.Table, slide_id: str) -> list[CellBox]:
+    """The slide's kept cells among a batch's ``cells`` rows, by class in taxonomy order,
+    best first."""
     order = {c: i for i, c in enumerate(ABNORMAL_CLASSES)}
-    boxes = [CellBox(**{k: c[k] for k in CellBox.model_fields}) for c in cells]
+    boxes = [
+        CellBox(**{k: c[k] for k in CellBox.model_fields})
+        for c in of_slide(cells, slide_id).to_pylist()
+    ]
     return sorted(boxes, key=lambda b: (order.get(b.cell_class, len(order)), b.rank))
 
 
