@@ -18,24 +18,16 @@ from pydantic import ValidationError
 
 from smartccs import __version__
 from smartccs.adaptation.config import ADAPTIVE_METHODS, METHODS
+from smartccs.cli_flags import add_store_flag
 from smartccs.engine.flags import SCREEN_FLAGS
 from smartccs.errors import CCSError, describe_validation_error
 from smartccs.jobrunner import add_flags, flag_overrides
 from smartccs.logs import configure_logging
-from smartccs.store import DEFAULT_STORE_URI, Store, StoreConfig
+from smartccs.store import Store, StoreConfig
 
 log = logging.getLogger("smartccs.cli")
 
 SIZES = ("tiny", "small", "medium", "large")
-
-
-def _store_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--store",
-        default=None,
-        help=f"store URI: local path or s3://bucket/prefix (default: $CCS_STORE or "
-        f"{DEFAULT_STORE_URI}); S3 endpoint and keys from the AWS_* variables",
-    )
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -294,14 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slide", help="local path or s3:// URI")
     p.add_argument("--mpp", type=float, default=None, help="override microns per pixel")
     p.add_argument("--json", action="store_true")
-    _store_arg(p)
+    add_store_flag(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("upload", help="validate a folder of slides and commit it as a batch")
     p.add_argument("dir", help="folder of slides, with or without a manifest.json")
     p.add_argument("--center", required=True)
     p.add_argument("--batch", required=True)
-    _store_arg(p)
+    add_store_flag(p)
     p.add_argument(
         "--submit",
         metavar="URL",
@@ -337,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("history", "rollback"))
     p.add_argument("center")
     p.add_argument("--to", metavar="VERSION", help="rollback: the version to restore")
-    _store_arg(p)
+    add_store_flag(p)
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser(
@@ -346,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cells", help="Parquet: slide_id, class, level-0 x0 y0 x1 y1 per cell")
     p.add_argument("--center", required=True)
     p.add_argument("--batch", required=True)
-    _store_arg(p)
+    add_store_flag(p)
     p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("submit", help="submit a job (jobs/<NAME>.py) to a Ray cluster")
@@ -380,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job: the Smart-CCS study (pretraining, finetuning, screening with and "
         "without adaptation, ablation report) on a synthetic cohort, local Ray and store",
     )
-    _store_arg(p)
+    add_store_flag(p)
     p.add_argument("--config", default=None, help="a StudyConfig YAML (overrides the defaults)")
     p.add_argument("--cohort-dir", default=None, help="where slides are generated (./ccs-cohort)")
     p.add_argument("--centers", type=int, default=None, help="first N built-in centers (5)")

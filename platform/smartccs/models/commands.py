@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from smartccs.cli_flags import add_store_flag
 from smartccs.models.compose import DEFAULT_THRESHOLD
 from smartccs.models.zoo import ZOO
 
@@ -57,14 +58,6 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--store",
-        default=None,
-        help="store URI: local path or s3://bucket/prefix (default: $CCS_STORE or ./ccs-data)",
-    )
-
-
 def _threshold_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold",
@@ -88,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="import a published encoder, Smart-CCS MeanMIL head, TTA prototype bank and/or "
         "Det-cell detector",
     )
-    _store_flag(q)
+    add_store_flag(q)
     q.add_argument("--encoder", metavar="FILE", help="encoder weights (.pth / .bin)")
     q.add_argument(
         "--encoder-kind",
@@ -128,7 +121,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="a slide classifier of the store's imported encoder, MeanMIL head, detector and "
         "prototype bank, for ccs screen (import composes one when given all three files)",
     )
-    _store_flag(c)
+    add_store_flag(c)
     c.add_argument("--name", required=True, help="the classifier's model name")
     c.add_argument("--encoder", required=True, metavar="REF", help="imported encoder (name[/v])")
     c.add_argument("--slide-head", required=True, metavar="REF", help="imported MeanMIL head")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from smartccs.cli_flags import add_store_flag
+
 
 def _batch(text: str) -> tuple[str, str]:
     center, sep, batch = text.partition("/")
@@ -42,11 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "overlaps at IoU >= 0.5; not_a_cell ones only remove), or written to --out",
     )
     q.add_argument("--batch", required=True, type=_batch, metavar="CENTER/BATCH")
-    q.add_argument(
-        "--store",
-        default=None,
-        help="store URI: local path or s3://bucket/prefix (default: $CCS_STORE or ./ccs-data)",
-    )
+    add_store_flag(q)
     q.add_argument(
         "--out",
         metavar="FILE.parquet",
