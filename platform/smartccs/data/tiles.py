@@ -50,6 +50,13 @@ class StreamConfig(BaseModel):
     readers: int = Field(default=2, ge=1, description="maximum number of reader actors")
     reader_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per reader actor")
     planner_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per planning task")
+    planners: int | None = Field(
+        default=None,
+        ge=1,
+        description="planning tasks at once; null: as many as readers. A plan (a slide's tissue "
+        "grid from its thumbnail) takes well under a second once the slide is local, so this "
+        "many keep the readers fed; an uncapped stage starts a worker process per slide",
+    )
     batch_size: int = Field(default=16, ge=1, description="tiles per reader call")
     open_slides: int = Field(default=2, ge=1, description="slide handles kept open per actor")
     cache_dir: str | None = Field(
@@ -301,6 +308,7 @@ def plan_stream(
     return ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).flat_map(
         plan_slide,
         fn_kwargs={"store_config": store_config, "cfg": cfg, "select": select},
+        compute=ray.data.TaskPoolStrategy(size=cfg.planners or cfg.readers),
         num_cpus=cfg.planner_cpus,
     )
 
