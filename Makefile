@@ -36,7 +36,7 @@ demo: $(STAMP) $(VIEWER)
 test: $(STAMP) $(VIEWER) $(BROWSER)
 	$(BIN)/ruff check platform jobs tests bench serve research
 	$(BIN)/ruff format --check platform jobs tests bench serve research
-	$(BIN)/python tests/suite.py
+	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform jobs tests bench serve research

@@ -37,20 +37,9 @@ for _name, _value in TRAIN_TIMING_ENV.items():
 
 def pytest_itemcollected(item: pytest.Item) -> None:
     """A test on the shared Ray is marked ``ray`` whether or not its module says so, so that
-    ``-m "not ray"`` never starts Ray; one on the toy demo's store is marked ``toy_demo``
-    (tests/suite.py runs those in the session without the shared Ray's other tests)."""
-    names = getattr(item, "fixturenames", ())
-    if "ray_session" in names:
+    ``-m "not ray"`` never starts Ray."""
+    if "ray_session" in getattr(item, "fixturenames", ()):
         item.add_marker(pytest.mark.ray)
-    if "toy_demo" in names:
-        item.add_marker(pytest.mark.toy_demo)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The toy demo's tests last, in their order: in the session that also runs the tests
-    without Ray (tests/suite.py), its Ray starts after the other session's holds the dashboard
-    agent's fixed port, which that session's job server needs (``ray_job_address``)."""
-    items.sort(key=lambda item: item.get_closest_marker("toy_demo") is not None)
 
 
 AGENT_PORT = 52365

@@ -166,3 +166,26 @@ def test_an_autoscaled_cluster_is_judged_on_what_its_config_lets_it_grow_to(monk
     assert _screening_error(monkeypatch, grown, True, actors=8, cpus=4.0, gpus=1.0) is None
     short = _screening_error(monkeypatch, grown, True, actors=9, cpus=4.0, gpus=1.0)
     assert "needs 9 GPUs at once" in short and "can grow to 8 GPUs" in short
+
+
+def test_training_runs_go_side_by_side_only_as_many_as_the_nodes_hold(monkeypatch):
+    """The classifier's fold heads train together (``fit_many``) only while their worker
+    groups all fit: one that does not would not queue but time out waiting for resources."""
+    from smartccs import raycluster
+    from smartccs.train.loop import ScalingFields, runs_at_once
+
+    def on(nodes, autoscaled=False):
+        shapes = [{"CPU": float(c), "GPU": float(g)} for c, g in nodes]
+        monkeypatch.setattr(raycluster, "cluster_nodes", lambda units: (shapes, autoscaled))
+
+    on([(4, 0)])
+    assert runs_at_once(ScalingFields(cpus_per_worker=0.5), 6) == 6
+    assert runs_at_once(ScalingFields(cpus_per_worker=1.5), 6) == 2
+    assert runs_at_once(ScalingFields(cpus_per_worker=3), 6) == 1
+    assert runs_at_once(ScalingFields(num_workers=2, cpus_per_worker=1), 6) == 2
+    on([(8, 1), (8, 1)])
+    gpu = ScalingFields(use_gpu=True, cpus_per_worker=2, gpus_per_worker=1)
+    assert runs_at_once(gpu, 6) == 2, "one GPU per node: two workers at once"
+    assert runs_at_once(ScalingFields(cpus_per_worker=2), 6) == 6, "CPU runs ignore the GPUs"
+    monkeypatch.setattr(raycluster, "cluster_nodes", lambda units: None)
+    assert runs_at_once(gpu, 6) == 6, "an unbounded autoscaler makes room"

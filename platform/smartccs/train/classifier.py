@@ -39,11 +39,12 @@ from smartccs.models.refs import ModelRef, encoder_ref
 from smartccs.screening.bags import SlideBag
 from smartccs.screening.cells import CellConfig
 from smartccs.screening.slides import predict
-from smartccs.splits import SplitConfig, assign_folds, split_rows
+from smartccs.splits import SplitConfig, split_rows
 from smartccs.store import Store
 from smartccs.taxonomy import GRADES
-from smartccs.train.loop import RunFields, fit, optimizer_step, worker_loop
+from smartccs.train.loop import Run, RunFields, fit_many, optimizer_step, worker_loop
 from smartccs.train.selection import batch_ids, check_splits, graded_batches
+from smartccs.train.threshold_folds import out_of_fold_scores, slide_folds
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ def grade_weights(grades: list[int], how: str) -> np.ndarray:
     return np.ones(len(GRADES))
 
 
-def _fit_head(cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], dim: int):
+def _head_run(cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], dim: int) -> Run:
+    """The trainer's run of one MIL head on these bags."""
     import ray
 
     w = grade_weights(grades, cfg.class_weights)
@@ -233,7 +235,7 @@ def _fit_head(cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], di
     def loop(config: dict[str, Any]) -> None:
         train_loop(config | {"_dim": dim, "_weights": w.tolist()})
 
-    return fit(cfg, loop, {"train": ds})
+    return cfg, loop, {"train": ds}
 
 
 def prototype_bank(
@@ -261,29 +263,24 @@ def fold_run(cfg: ClassifierConfig, fold: int) -> ClassifierConfig:
     return cfg.model_copy(update={"run_name": f"{cfg.run_name}-fold{fold}"})
 
 
-def out_of_fold_scores(
-    cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], dim: int
-) -> tuple[np.ndarray, int] | None:
-    """Each slide's score from a head fit without it, and the number of folds; None when the
-    slides cannot fill two folds with both classes."""
-    y = np.asarray(grades) != GRADES.index("NILM")
-    k = min(cfg.threshold_folds, int(y.sum()), int((~y).sum()))
-    if k < 2:
-        return None
-    fold_of = assign_folds(((b.key, a) for b, a in zip(bags, y, strict=True)), k, cfg.split.seed)
-    folds = np.array([fold_of[b.key] for b in bags])
-    out = np.full(len(bags), np.nan)
-    for i in range(k):
-        held = np.flatnonzero(folds == i)
+def _head(dim: int, mil: MILConfig, state: dict[str, Any]) -> MILHead:
+    head = MILHead(dim, mil)
+    head.load_state_dict(state)
+    return head
+
+
+def fold_runs(
+    cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], folds: np.ndarray, dim: int
+) -> list[Run]:
+    """Per fold, the run of a head fit without that fold's slides."""
+    runs = []
+    for i in range(int(folds.max()) + 1):
         fit_on = np.flatnonzero(folds != i)
-        log.info("threshold fold %d of %d: head fit on %d slides, scores %d", i + 1, k,
-                 len(fit_on), len(held))  # fmt: skip
-        fitted = _fit_head(fold_run(cfg, i), [bags[j] for j in fit_on],
-                           [grades[j] for j in fit_on], dim)  # fmt: skip
-        head = MILHead(dim, cfg.mil)
-        head.load_state_dict(fitted.state["model"])
-        out[held] = 1 - predict(head, [bags[j] for j in held])[:, 0]
-    return out, k
+        log.info("threshold fold %d of %d: head fit on %d slides, scores %d", i + 1,
+                 int(folds.max()) + 1, len(fit_on), len(bags) - len(fit_on))  # fmt: skip
+        runs.append(_head_run(fold_run(cfg, i), [bags[j] for j in fit_on],
+                              [grades[j] for j in fit_on], dim))  # fmt: skip
+    return runs
 
 
 def _operating_point(
@@ -465,15 +462,21 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     part = _split_bags(splits, _screened_bags(store, cfg, detector, splits), grade_of)
     dim = int(part["train"][0][0].embeddings.shape[-1])
     pooled = (part["train"][0] + part["val"][0], part["train"][1] + part["val"][1])
-    folds = out_of_fold_scores(cfg, *pooled, dim) if cfg.threshold_folds >= 2 else None
-    if folds is not None:  # every train and val slide chooses; the head learns from all
+    assigned = None
+    if cfg.threshold_folds >= 2:
+        assigned = slide_folds(cfg.threshold_folds, cfg.split.seed, *pooled)
+    runs = [] if assigned is None else fold_runs(cfg, *pooled, assigned[0], dim)
+    if assigned is not None:  # every train and val slide chooses; the head learns from all
         part["train"] = pooled
-    fitted = _fit_head(cfg, *part["train"], dim)
-    head = MILHead(dim, cfg.mil)
-    head.load_state_dict(fitted.state["model"])
+    *fold_fits, fitted = fit_many([*runs, _head_run(cfg, *part["train"], dim)])
+    oof = None
+    if assigned is not None:
+        heads = [_head(dim, cfg.mil, run.state["model"]) for run in fold_fits]
+        oof = (out_of_fold_scores(heads, pooled[0], assigned[0]), assigned[1])
+    head = _head(dim, cfg.mil, fitted.state["model"])
     probs = {name: predict(head, b) for name, (b, _) in part.items()}
     is_abnormal = {name: np.asarray(g) != 0 for name, (_, g) in part.items()}
-    op = _choose_threshold(cfg, folds, pooled[1], is_abnormal["val"], probs["val"])
+    op = _choose_threshold(cfg, oof, pooled[1], is_abnormal["val"], probs["val"])
     threshold = op.threshold
     head.prototypes.copy_(prototype_bank(*part["train"], probs["train"], cfg.prototype_slides, dim))
     test, confusion = None, None

@@ -367,6 +367,44 @@ def fit(
     return FitResult(state=state, metrics=metrics)
 
 
+Run = tuple[RunFields, Callable[[dict[str, Any]], None], dict[str, Any]]
+"""What :func:`fit` takes: the run's config, its worker loop, its datasets."""
+
+
+def fit_many(runs: list[Run]) -> list[FitResult]:
+    """Independent runs (the classifier's fold heads and its own head) side by side, as many
+    at once as the cluster holds their worker groups, results in order.
+
+    A small run is mostly its trainer starting (controller, worker group, data split), which
+    then overlaps instead of adding up. More at once than the nodes hold would not queue: a
+    worker group waits only ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` for its resources.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    at_once = runs_at_once(runs[0][0].scaling, len(runs)) if runs else 1
+    if at_once <= 1:
+        return [fit(*run) for run in runs]
+    log.info("%d training runs, %d at once", len(runs), at_once)
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="fit") as pool:
+        return list(pool.map(lambda run: fit(*run), runs))
+
+
+def runs_at_once(scaling: ScalingFields, wanted: int) -> int:
+    """How many of ``wanted`` runs scaled so can hold their workers on the cluster together
+    (its nodes as :func:`smartccs.raycluster.cluster_nodes` counts them), at least 1."""
+    from smartccs.raycluster import Demand, cluster_nodes, unplaced
+
+    one = {"CPU": scaling.cpus_per_worker, "GPU": scaling.gpus_per_worker * scaling.use_gpu}
+    found = cluster_nodes(wanted * scaling.num_workers)
+    if found is None:  # an autoscaler without bound: it makes room
+        return wanted
+    nodes = found[0]
+    for n in range(wanted, 1, -1):
+        if unplaced([Demand("worker", one, n * scaling.num_workers)], nodes) is None:
+            return n
+    return 1
+
+
 def _run_sha256(cfg: RunFields) -> str:
     # how often a run logs is no part of what it computes: hashed as its former default (1),
     # so that runs finished before it changed still count as finished
