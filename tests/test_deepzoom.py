@@ -361,3 +361,33 @@ def test_a_slide_whose_cache_file_was_evicted_is_read_again_through_the_cache(
         assert [e.size for e in cache.entries()] == [entries[first].bytes]  # downloaded again
         assert slides.open_slides() == [second, first]
         assert cache.total_bytes() <= cache.max_bytes
+
+
+@pytest.mark.s3
+def test_a_slide_being_viewed_counts_as_used_in_the_cache(
+    s3_store: Store, tiny_cohort: Path, tmp_path: Path, monkeypatch
+):
+    """Tiles of a slide kept open are read without asking the cache again; they still mark
+    its file used, so a download evicts a slide nobody looks at first. A local store's own
+    file is never touched."""
+    import os
+
+    for d in sorted(p.parent for p in tiny_cohort.glob("*/manifest.json")):
+        upload_batch(d, center=d.name, batch="b1", store=s3_store, progress=False)
+    first, second = _cohort_slides(s3_store)[:2]
+    cache = SlideCache(tmp_path / "cache", max_bytes=2**30)
+    monkeypatch.setattr(deepzoom, "MARK_USED_EVERY_S", 0.0)
+    with DeepZoomSlides(s3_store, cache, max_open=4) as slides:
+        slides.tile(*first, 12, 0, 0)
+        slides.tile(*second, 12, 0, 0)
+        for entry in cache.entries():
+            os.utime(entry.path, (1, 1))  # both long unused
+        slides.tile(*first, 12, 1, 0)  # the viewer pans the first slide
+        used = {e.path: e.used for e in cache.entries()}
+        assert sorted(used.values())[0] == 1, "the slide nobody looked at stays old"
+        assert max(used.values()) > 1e9, "the slide being viewed was marked used"
+    local = tmp_path / "store-file.svs"
+    local.write_bytes(b"x")
+    os.utime(local, (1, 1))
+    cache.mark_used(local)
+    assert local.stat().st_mtime == 1, "not a cache entry: left alone"

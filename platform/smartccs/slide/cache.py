@@ -123,6 +123,15 @@ class SlideCache:
             self._download(store, key, uri, sha256, size, entry)
         return entry
 
+    def mark_used(self, path: Path) -> None:
+        """Count a read of ``path`` as a use (evicted last) when it is one of this cache's
+        entries: a reader that keeps a slide open (the review viewer) reads it without asking
+        :meth:`local_path` again, and its slide would otherwise age out under screening's
+        downloads while a cytologist pans it. A local store's own files are never touched."""
+        if path.is_relative_to(self.root):
+            with contextlib.suppress(FileNotFoundError):
+                _touch(path)
+
     # --- entries ----------------------------------------------------------------------------
     def _entry(self, name: str) -> Path:
         return self.root / name[:2] / name

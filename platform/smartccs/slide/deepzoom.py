@@ -31,9 +31,10 @@ import io
 import logging
 import operator
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +65,10 @@ MAX_TILE_READ_PIXELS = 2**24
 """A Deep Zoom tile is refused when OpenSlide would decode more pixels than this to make it
 (64 MiB of RGBA): the coarsest zooms of a slide whose pyramid stops at a large level would
 otherwise decode that whole level for one 256 px tile, per request."""
+
+MARK_USED_EVERY_S = 10.0
+"""How often reads of an open slide mark its cache file used (``SlideCache.mark_used``): often
+enough for an eviction to see a slide being viewed as recent, not a file time per tile."""
 
 
 class SlideNotFound(CCSError):
@@ -115,6 +120,7 @@ class _Open:
     path: Path
     users: int = 0
     retired: bool = False
+    used_at: float = field(default_factory=time.monotonic)  # last marked used in the cache
 
 
 class DeepZoomSlides:
@@ -286,6 +292,10 @@ class DeepZoomSlides:
         if slide is not None:
             self._open.move_to_end(key)
             slide.users += 1
+            now = time.monotonic()
+            if now - slide.used_at >= MARK_USED_EVERY_S:
+                slide.used_at = now
+                self.cache.mark_used(slide.path)
         return slide
 
     def _retire(self, slide: _Open) -> None:
