@@ -127,6 +127,7 @@ def bench_slides(n: int, side_px: int) -> Path:
         if path.exists():
             continue
         print(f"writing {path} ...", flush=True)
+        WORK.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=WORK) as tmp:  # no half-written slide is reused
             write_bench_slide(Path(tmp) / path.name, side_px=side_px, seed=seed)
             folder.mkdir(parents=True, exist_ok=True)
