@@ -273,11 +273,11 @@ def fold_runs(
     cfg: ClassifierConfig, bags: list[SlideBag], grades: list[int], folds: np.ndarray, dim: int
 ) -> list[Run]:
     """Per fold, the run of a head fit without that fold's slides."""
-    runs = []
-    for i in range(int(folds.max()) + 1):
+    runs, k = [], int(folds.max()) + 1
+    for i in range(k):
         fit_on = np.flatnonzero(folds != i)
-        log.info("threshold fold %d of %d: head fit on %d slides, scores %d", i + 1,
-                 int(folds.max()) + 1, len(fit_on), len(bags) - len(fit_on))  # fmt: skip
+        log.info("threshold fold %d of %d: head fit on %d slides, scores %d", i + 1, k,
+                 len(fit_on), len(bags) - len(fit_on))  # fmt: skip
         runs.append(_head_run(fold_run(cfg, i), [bags[j] for j in fit_on],
                               [grades[j] for j in fit_on], dim))  # fmt: skip
     return runs
