@@ -6,11 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 from smartccs import layout
 from smartccs.batches import BatchRef, commit_batch, load_batch
 from smartccs.checksums import sha256_file
-from smartccs.data.tiles import NO_TILE, STATUS_ERROR, STATUS_OK, StreamConfig, slide_rows
+from smartccs.data.tiles import (
+    NO_TILE,
+    STATUS_ERROR,
+    STATUS_OK,
+    StreamConfig,
+    plan_stream,
+    slide_rows,
+)
 from smartccs.data.tiles import tile_stream as make_stream
 from smartccs.manifest import Manifest, SlideEntry
 from smartccs.slide.reader import open_slide
@@ -144,3 +152,33 @@ def test_a_slide_evicted_from_the_cache_is_reopened_not_read_through_a_dead_hand
     again = handles.get(row)
     assert again is not first and again.path.exists()
     assert np.array_equal(again.read_rgb(0, 0, 0, 64, 64), want)
+
+
+def test_a_slide_s_plan_reaches_the_actors_in_blocks_of_one_call(
+    tiny_cohort, tmp_path, local_store
+):
+    """One slide's tiles are cut into blocks no bigger than one downstream call, inside the
+    planning tasks (no operator of its own): as one block, a slide goes whole to one scorer."""
+    refs = upload_cohort(tiny_cohort, local_store, centers=1)
+    rows = slide_rows(refs)
+    drop = rows[0]["slide_id"]  # a slide whose every tile the selection drops: no rows, no error
+    ds = plan_stream(
+        rows, local_store.config, stream_config(tmp_path), block_rows=5,
+        select=lambda r: r["slide_id"] != drop,
+    )  # fmt: skip
+    sizes, got = [], []
+    for bundle in ds.iter_internal_ref_bundles():
+        for block, meta in zip(bundle.block_refs, bundle.metadata, strict=True):
+            if not meta.num_rows:  # the dropped slide's empty block
+                continue
+            sizes.append(meta.num_rows)
+            table = ray.get(block)
+            got += zip(table["slide_id"].to_pylist(), table["tile_index"].to_pylist(), strict=True)
+    expected = {(s, i) for s, i, *_ in planned(tiny_cohort, refs) if s != drop}
+    assert sorted(got) == sorted(expected)
+    assert max(sizes) <= 5 and len(sizes) >= len(expected) / 5
+    assert "MapBatches(_plan_batch)->StreamingRepartition" in ds.stats(), "fused into planning"
+    read = make_stream(
+        rows, local_store.config, stream_config(tmp_path), select=lambda r: r["slide_id"] != drop
+    )
+    assert {(r["slide_id"], r["tile_index"]) for r in collect(read)} == expected

@@ -295,22 +295,59 @@ def plan_stream(
     store_config: StoreConfig,
     cfg: StreamConfig | None = None,
     select: Callable[[dict[str, Any]], bool] | None = None,
+    block_rows: int | None = None,
 ):
     """A Ray Dataset of planned tile rows (coordinates, QC thresholds, status), no pixels.
 
     The screening engine reads these itself, inside the actor that runs the detector, so tile
     pixels never enter the object store; :func:`tile_stream` adds the pixels for consumers
-    that want them as a stream.
+    that want them as a stream. A slide's plan leaves its task cut into blocks of
+    ``block_rows`` tiles (default: ``cfg.batch_size``), the most one call downstream takes:
+    as one block, a slide would go whole to a single actor, and one large slide would keep
+    one scorer busy while the others idle.
     """
     import ray
 
     cfg = cfg or StreamConfig()
-    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).flat_map(
-        plan_slide,
+    tasks = {
+        "compute": ray.data.TaskPoolStrategy(size=cfg.planners or cfg.readers),
+        "num_cpus": cfg.planner_cpus,
+    }
+    planned = ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map_batches(
+        _plan_batch,
         fn_kwargs={"store_config": store_config, "cfg": cfg, "select": select},
-        compute=ray.data.TaskPoolStrategy(size=cfg.planners or cfg.readers),
-        num_cpus=cfg.planner_cpus,
+        batch_size=1,  # a slide per call
+        batch_format="pyarrow",
+        **tasks,
     )
+    return _cut_blocks(planned, block_rows or cfg.batch_size, **tasks)
+
+
+def _cut_blocks(ds: Any, rows: int, compute: Any, num_cpus: float) -> Any:
+    """``ds`` with its map tasks' output cut into blocks of at most ``rows`` rows, inside those
+    tasks (Ray Data fuses a non-strict streaming repartition into the ``map_batches`` before
+    it when both ask for the same resources and task cap). ``Dataset.repartition`` takes no
+    resources: its default of one CPU would neither fuse nor fit beside a scorer pool that
+    leaves planning its fraction, so the operator is built here (Ray 2.60's own constructor;
+    ``tests/test_tile_stream.py`` pins that it fuses)."""
+    from ray.data import Dataset
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import StreamingRepartition
+
+    op = StreamingRepartition(
+        target_num_rows_per_block=rows,
+        input_dependencies=[ds._logical_plan.dag],
+        compute=compute,
+        ray_remote_args={"num_cpus": num_cpus},
+    )
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+
+
+def _plan_batch(batch: Any, **kwargs: Any) -> Any:
+    """``plan_slide`` over a batch of slide rows (an Arrow table), as one Arrow table."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([t for row in batch.to_pylist() for t in plan_slide(row, **kwargs)])
 
 
 def tile_stream(

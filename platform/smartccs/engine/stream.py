@@ -103,7 +103,7 @@ def cell_stream(
         "encoder": encoder,
     }
     if pool.fused:
-        source = plan_stream(rows, store.config, stream)
+        source = plan_stream(rows, store.config, stream, block_rows=pool.batch_size)
         kwargs["stream"] = stream
     else:
         source = tile_stream(rows, store.config, stream)
