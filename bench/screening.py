@@ -5,12 +5,14 @@ Everything is measured in one run, on the same planned tiles of the same slides:
 1. raw read: one process, ``read_tile`` over every planned tile (no QC, no Ray);
 2. model forward: one process, ``--cpus`` torch threads (and again with one thread), the
    engine's own ``CellScorer`` on tiles read beforehand (detect, keep the best abnormal
-   cells, crop, embed), batches of 16;
+   cells, crop, embed), batches of 16; and ``--cpus`` one-thread processes doing the same at
+   once on their shares of the tiles, which is what ``--cpus`` scorers could reach alone;
 3. end to end: ``screen_batches`` from call to return (planning, scorer actors, bags, MIL
    head, result tables written), on a Ray already warmed up by one untimed run; fused
    (``--cpus`` scorer actors that read their own tiles) and split (reader actors feeding
    scorer actors through the object store); peak RSS of the driver and every ``ray::``
-   worker process, sampled every 0.2 s, and peak object store use;
+   worker process and of the largest one, sampled every 0.2 s, peak object store use, and
+   the CPU time of every process by its title (where a run's time goes);
 4. sequential baseline, like the reference pipeline: one process extracts every planned tile
    to disk as a JPEG (quality 95), then loads them back and runs the same ``CellScorer``;
 5. with a GPU, the share of time it is busy during each end-to-end run (NVML through
@@ -43,10 +45,8 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from monitor import Monitor
 from PIL import Image
 from slides import write_bench_slide
 
@@ -238,121 +239,6 @@ def tile_batches(planned: list[dict], store: Store, stream: StreamConfig) -> lis
     return batches
 
 
-# -- sampling while a measurement runs -----------------------------------------------------
-
-
-class Monitor:
-    """Background sampling while a measurement runs: memory every 0.2 s, the object store
-    every 0.5 s and, with a GPU, how busy it is every 0.1 s.
-
-    Memory is RSS: this process (the driver, which here also holds the bench's own tiles and
-    models), every descendant titled ``ray::`` (Ray's workers and actors, idle ones
-    included), and every descendant at all (plus GCS, raylet, dashboard). Pages shared
-    between processes (libraries, mapped objects) count once per process, so sums are upper
-    bounds. The object store's bytes in use come from the raylet's memory-info reply (the
-    stats ``ray memory --stats-only`` prints; a private Ray API, about 10 ms a call).
-    """
-
-    def __init__(self, gpu: bool):
-        self.gpu = gpu
-        self.peak = {"driver": 0, "workers": 0, "driver_workers": 0, "all": 0, "store": 0}
-        self.store_sampled = False
-        self.gpu_samples: list[float] = []
-        self.gpu_method: str | None = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def __enter__(self) -> Monitor:
-        targets = [self._memory, self._object_store] + ([self._gpu] if self.gpu else [])
-        self._threads = [threading.Thread(target=t, daemon=True) for t in targets]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-    def _keep(self, key: str, value: int) -> None:
-        self.peak[key] = max(self.peak[key], value)
-
-    def _memory(self) -> None:
-        import psutil  # Ray ships it (ray/thirdparty_files), importable once ray is
-
-        me = psutil.Process()
-        while True:
-            driver = me.memory_info().rss
-            workers = others = 0
-            for p in me.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    rss = p.memory_info().rss
-                    cmd = p.cmdline()
-                    if cmd and cmd[0].startswith("ray::"):
-                        workers += rss
-                    else:
-                        others += rss
-            self._keep("driver", driver)
-            self._keep("workers", workers)
-            self._keep("driver_workers", driver + workers)
-            self._keep("all", driver + workers + others)
-            if self._stop.wait(0.2):
-                return
-
-    def _object_store(self) -> None:
-        if not ray.is_initialized():
-            return
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-        state = get_state_from_address(ray.get_runtime_context().gcs_address)
-        while True:
-            with contextlib.suppress(Exception):  # private API: no figure rather than a crash
-                used = get_memory_info_reply(state).store_stats.object_store_bytes_used
-                self._keep("store", int(used))
-                self.store_sampled = True
-            if self._stop.wait(0.5):
-                return
-
-    def _gpu(self) -> None:
-        try:
-            torch.cuda.utilization()
-        except Exception:  # no pynvml: the same NVML counter through nvidia-smi
-            self._nvidia_smi()
-            return
-        self.gpu_method = "torch.cuda.utilization (NVML), every 0.1 s"
-        while not self._stop.wait(0.1):
-            self.gpu_samples.append(float(torch.cuda.utilization()))
-
-    def _nvidia_smi(self) -> None:
-        self.gpu_method = "nvidia-smi -i 0 --query-gpu=utilization.gpu -lms 100"
-        cmd = ["nvidia-smi", "-i", "0", "--query-gpu=utilization.gpu"]
-        cmd += ["--format=csv,noheader,nounits", "-lms", "100"]
-        smi = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        try:
-            assert smi.stdout is not None
-            for line in smi.stdout:  # a line every 0.1 s, so a stop is seen within that
-                with contextlib.suppress(ValueError):
-                    self.gpu_samples.append(float(line.strip()))
-                if self._stop.is_set():
-                    break
-        finally:
-            smi.terminate()
-            smi.wait()
-
-    def report(self) -> dict[str, Any]:
-        mb = {k: v / 2**20 for k, v in self.peak.items()}
-        return {
-            "peak_rss_mb": mb["driver_workers"],
-            "peak_driver_rss_mb": mb["driver"],
-            "peak_workers_rss_mb": mb["workers"],
-            "peak_all_ray_rss_mb": mb["all"],
-            "peak_object_store_mb": mb["store"] if self.store_sampled else None,
-            "gpu_busy": statistics.fmean(self.gpu_samples) / 100 if self.gpu_samples else None,
-            "gpu_samples": len(self.gpu_samples),
-            "gpu_method": self.gpu_method,
-        }
-
-
 # -- the measurements ----------------------------------------------------------------------
 
 
@@ -398,6 +284,41 @@ def measure_forward(
             n, cells = n + t, cells + c
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return _rates(n, slides, wall, cpu) | {"cells_per_tile": cells / n} | mon.report()
+
+
+def _forward_share(
+    args: tuple[StoreConfig, ModelRef, CellConfig, list[dict], Any],
+) -> tuple[float, float, int]:
+    """One of ``measure_forward_side_by_side``'s processes: its share of the batches through
+    its own one-thread ``CellScorer``, timed from the moment every process is ready."""
+    store_config, detector, cells, batches, ready = args
+    scorer = CellScorer(store_config, detector, cells, threads=1)
+    scorer(batches[0])  # the first call's one-off costs stay out of the timing, as in-process
+    ready.wait()
+    start = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process
+    n = sum(_scored(scorer(b))[0] for b in batches)
+    return start, time.perf_counter(), n
+
+
+def measure_forward_side_by_side(
+    store: Store, classifier: SlideClassifier, batches: list[dict], slides: int, n: int
+) -> dict:
+    """``n`` one-thread processes running the model forward on their shares of the tiles at
+    once, no Ray: what ``n`` single-thread scorers can reach on these cores when nothing else
+    runs, which the bare ``n`` x one-thread figure assumes rather than measures (cores of a
+    virtual machine may share a physical core, caches and memory bandwidth)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a process whose torch threads already run
+    with ctx.Manager() as manager, ctx.Pool(n) as pool, Monitor(False) as mon:
+        ready = manager.Barrier(n)
+        shares = [
+            (store.config, classifier.detector, classifier.cells, batches[i::n], ready)
+            for i in range(n)
+        ]
+        timed = pool.map(_forward_share, shares)
+    wall = max(end for _, end, _ in timed) - min(start for start, _, _ in timed)
+    return _rates(sum(t for _, _, t in timed), slides, wall) | mon.report()
 
 
 def measure_e2e(store: Store, ref: BatchRef, cfg: ScreeningConfig, gpu: bool) -> dict:
@@ -480,17 +401,22 @@ def ratios(med: dict[str, dict], cpus: int) -> dict[str, Any]:
     stages = {k: med[k]["tiles_per_s"] for k in ("read", "forward")}
     slowest = min(stages, key=stages.__getitem__)
     per_core = cpus * med["forward_1thread"]["tiles_per_s"]
+    side = med["forward_side_by_side"]["tiles_per_s"]
     out: dict[str, Any] = {
         "goal": GOAL,
         "slowest_stage": slowest,
         "slowest_stage_tiles_per_s": stages[slowest],
         "forward_1thread_x_cpus_tiles_per_s": per_core,
+        "forward_side_by_side_tiles_per_s": side,
+        "side_by_side_vs_1thread_x_cpus": side / per_core,
     }
     for mode in ("fused", "split"):
         e2e = med[f"e2e_{mode}"]["tiles_per_s"]
         out[f"e2e_{mode}_vs_slowest_stage"] = e2e / stages[slowest]
         out[f"e2e_{mode}_meets_goal"] = e2e / stages[slowest] >= GOAL
         out[f"e2e_{mode}_vs_forward_1thread_x_cpus"] = e2e / per_core
+        out[f"e2e_{mode}_meets_cores_goal"] = e2e / per_core >= GOAL
+        out[f"e2e_{mode}_vs_forward_side_by_side"] = e2e / side
         out[f"e2e_{mode}_vs_sequential"] = e2e / med["sequential"]["tiles_per_s"]
     return out
 
@@ -511,6 +437,7 @@ def print_table(result: dict) -> None:
         "read": "raw read_tile, 1 process",
         "forward": f"model forward, 1 process, {s['cpus']} threads",
         "forward_1thread": "model forward, 1 process, 1 thread",
+        "forward_side_by_side": f"model forward, {s['cpus']} 1-thread processes at once",
         "e2e_fused": f"end to end, fused ({s['fused']['actors']} scorers)",
         "e2e_split": f"end to end, split ({split['readers']} reader + {split['actors']} scorers)",
         "sequential": "sequential: tiles -> JPEG -> model",
@@ -699,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         "read": lambda: measure_read(w.store, w.plans, w.tiling, gpu),
         "forward": lambda: measure_forward(scorer, w.batches, slides, args.cpus, gpu),
         "forward_1thread": lambda: measure_forward(scorer, w.batches, slides, 1, gpu),
+        "forward_side_by_side": lambda: measure_forward_side_by_side(
+            w.store, w.classifier, w.batches, slides, args.cpus
+        ),
         "e2e_fused": lambda: measure_e2e(w.store, w.ref, cfgs["fused"], gpu),
         "e2e_split": lambda: measure_e2e(w.store, w.ref, cfgs["split"], gpu),
         "sequential": lambda: measure_sequential(
