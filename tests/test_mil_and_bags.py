@@ -57,6 +57,18 @@ def test_bags_keep_the_top_k_cells_per_class_in_score_order_across_batches():
     assert "1 of 3 tiles never reached" in bag.error, "the third tile never came"
 
 
+def test_a_long_slide_logs_the_tiles_scored_before_it_completes(monkeypatch, caplog):
+    """A 20 mm slide is minutes of tiles before its one "slide screened" line."""
+    from smartccs.screening import bags as bags_module
+
+    monkeypatch.setattr(bags_module, "TILES_LOG_EVERY_S", 0.0)
+    tiles = [_rows("s1", [0, TILE_ROW], [0.5, np.nan], tile=i, tiles=3) for i in range(3)]
+    with caplog.at_level("INFO", logger="smartccs.screening.bags"):
+        collect_bags(tiles, top_k=2, dim=4)
+    lines = [r.getMessage() for r in caplog.records if "tiles scored" in r.getMessage()]
+    assert [line.split(" tiles scored")[0] for line in lines] == ["1", "2", "3"]
+
+
 def test_a_tile_delivered_twice_counts_once_and_a_slide_completes_with_its_last_tile():
     collector = BagCollector(top_k=4, dim=4)
     t0 = _rows("s1", [0, TILE_ROW], [0.9, np.nan], tile=0, tiles=2)

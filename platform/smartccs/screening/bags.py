@@ -14,6 +14,8 @@ slide completes. A slide whose every row is an error becomes a bag with its reas
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -47,6 +49,12 @@ from smartccs.screening.cell_rows import (
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 N_CLASSES = len(ABNORMAL_CLASSES)
+
+log = logging.getLogger(__name__)
+
+TILES_LOG_EVERY_S = 30.0
+"""How often a line on the tiles scored so far is logged: a 20 mm slide is 16,000 tiles, minutes
+of work before its one "slide screened" line, and a job's log shows no progress bar."""
 
 
 @dataclass
@@ -251,12 +259,21 @@ def iter_bags(
     total_tiles: int | None = None,
     views: int = 1,
 ) -> Iterator[SlideBag]:
-    """Bags in the order slides complete, then the incomplete and missing ones."""
+    """Bags in the order slides complete, then the incomplete and missing ones; a log line
+    on the tiles scored every ``TILES_LOG_EVERY_S``."""
     collector = BagCollector(top_k, dim, views)
+    scored, first, last = 0, None, time.monotonic()
     with tqdm(desc="screening tiles", unit="tile", total=total_tiles, disable=None) as bar:
         for b in batches:
             done, tiles = collector.add(b)
             bar.update(tiles)
+            scored += tiles
+            now = time.monotonic()
+            first = first or now  # the pace from the first scored tiles, not from start-up
+            if now - last >= TILES_LOG_EVERY_S:
+                last = now
+                rate = scored / (now - first) if now > first else 0.0
+                log.info("%d tiles scored, %.1f tiles/s", scored, rate)
             yield from done
     yield from collector.finish(expected)
 
