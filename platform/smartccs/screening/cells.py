@@ -129,7 +129,9 @@ class CellScorer:
             if not n:
                 continue
             boxes = found.boxes[:n]  # tile pixels at the detector's tiling
-            tile = torch.from_numpy(batch["image"][i]).permute(2, 0, 1).float() / 255
+            # split mode's tiles come read-only from Arrow: torch wants its own copy of those
+            pixels = np.require(batch["image"][i], requirements="W")
+            tile = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
             if self.cells.crop is not None:  # the reference's cut of the box itself
                 crop = crop_boxes(tile, boxes, self.cells.crop, self.embed_px)
             else:
