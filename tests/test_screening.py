@@ -31,11 +31,12 @@ from smartccs.models.refs import ModelRef
 from smartccs.results.schema import THRESHOLD_CENTER
 from smartccs.results.tables import read_commit, read_table
 from smartccs.screening.bags import BagCollector
+from smartccs.screening.cell_rows import TILE_ROW
 from smartccs.screening.slides import AdequacyConfig, SlideClassifier
 from smartccs.screening.squamous import count_squamous
 from smartccs.screening.threshold import ThresholdConfig, carried_threshold
 from smartccs.slide.reader import open_slide
-from smartccs.slide.tiling import plan_tiles, read_tile
+from smartccs.slide.tiling import TilingConfig, plan_tiles, read_tile
 from smartccs.store import Store, StoreConfig
 from smartccs.upload import upload_batch
 
@@ -264,6 +265,55 @@ def test_killed_scorer_actor_still_gives_every_tile_exactly_once(
         assert bag.errors == [] and bag.tiles_read == bag.n_tiles == clean[key].n_tiles
         assert bag.n_squamous == clean[key].n_squamous, "no tile counted twice"
         assert bag.mask.sum() == clean[key].mask.sum()
+
+
+def test_a_scorer_s_memory_does_not_grow_with_the_tiles_it_screens(
+    cohort_store: Store, tmp_path, ray_session: str
+):
+    """One scorer actor screens the tiny cohort three times over, cut fine (256 px tiles at
+    0.25 µm/px, some 420 MB of tile pixels). Its RSS, sampled while it runs, rises while its
+    bounded caches fill during the first pass (slide handles, OpenSlide's tile cache, the
+    allocator's pools) and then by far less than the pixels it reads in the next two: what a
+    slide costs a scorer is one call's tiles, whatever the slide's size
+    (``bench/full_slide.py`` screens a 20 mm slide)."""
+    import threading
+
+    import psutil
+
+    fine = TilingConfig(target_mpp=0.25, tile_px=256)
+    names = ("fine-encoder", "fine-detector", "fine-classifier")
+    classifier = SlideClassifier(
+        cohort_store, save_toy_models(cohort_store, names=names, tiling=fine)
+    )
+    rows = slide_rows([r for r in resolve_batches(cohort_store, []) if r.center != "c9"]) * 3
+    cfg = toy_screening(tmp_path)
+    ds = cell_stream(cohort_store, rows, classifier.detector, classifier.cells, cfg.stream,
+                     cfg.scorers)  # fmt: skip
+    tiles, samples, pid = 0, [], []  # samples: (tiles the driver has seen, the scorer's RSS)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            if pid:
+                samples.append((tiles, psutil.Process(pid[0]).memory_info().rss))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if not pid:
+                [scorer] = _scorer_actors(ray_session).values()
+                pid.append(scorer)
+            tiles += int((batch["class_index"] == TILE_ROW).sum())
+    finally:
+        stop.set()
+        sampler.join()
+    assert tiles > 1500, "enough pixels that holding them would show"
+    first_pass = [rss for n, rss in samples if n <= tiles / 3]
+    after = max(n for n, _ in samples if n <= tiles / 3)
+    growth = max(rss for _, rss in samples) - max(first_pass)
+    pixels = (tiles - after) * fine.tile_px**2 * 3
+    assert growth < pixels / 4, f"RSS +{growth / 2**20:.0f} MB over {pixels / 2**20:.0f} MB read"
 
 
 def test_ccs_screen_takes_batch_and_model_uris(cohort_store: Store, tmp_path):

@@ -42,6 +42,7 @@ def save_toy_models(
     names: tuple[str, str, str] = ("encoder", "detector", "classifier"),
     stain_reference: StainReference | None = None,
     operating_point: OperatingPoint | None = None,
+    tiling: TilingConfig = TOY_TILING,
 ) -> ModelRef:
     """Encoder, detector and classifier versions in ``store`` (under ``names``); returns the
     classifier's ref.
@@ -51,7 +52,7 @@ def save_toy_models(
     enc_name, det_name, cls_name = names
     torch.manual_seed(seed)
     enc_card = ModelCard(
-        name=enc_name, architecture=TOY_ENCODER, task="encoder", tiling=TOY_TILING,
+        name=enc_name, architecture=TOY_ENCODER, task="encoder", tiling=tiling,
         synthetic=True,
     )  # fmt: skip
     enc_version = save_model(store, enc_card, build_from(TOY_ENCODER).state_dict())
@@ -65,7 +66,7 @@ def save_toy_models(
             "input_px": 64,
         }
         | ({REFERENCE_KEY: stain_reference.model_dump()} if stain_reference else {}),
-        tiling=TOY_TILING,
+        tiling=tiling,
         training_config={"encoder_model": enc_name, "encoder_version": enc_version},
         synthetic=True,
     )
@@ -86,7 +87,7 @@ def save_toy_models(
             "threshold": threshold,
         }
         | ({"operating_point": operating_point.model_dump(mode="json")} if operating_point else {}),
-        tiling=TOY_TILING,
+        tiling=tiling,
         synthetic=True,
     )
     version = save_model(store, cls_card, MILHead(dim, mil).state_dict())
