@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import shlex
-import statistics
 import sys
 
 import ray
@@ -31,6 +30,7 @@ from screening import (
     bench_slides,
     demo_models,
     measure_e2e,
+    medians,
     pin_cpus,
 )
 
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         print(f"run {rep + 1}/{args.repeats}: one {args.size} slide ({side_px} px) ...", flush=True)
         runs.append(measure_e2e(store, ref, cfg, gpu=False))
-    keys = [k for k, v in runs[0].items() if isinstance(v, int | float)]
-    med = {k: statistics.median(r[k] for r in runs) for k in keys}
+    med = medians(runs)
     result = {
         "command": command,
         "settings": {
