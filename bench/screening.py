@@ -65,10 +65,10 @@ from smartccs.batches import BatchRef, is_committed, load_batch
 from smartccs.data.tiles import STATUS_OK, StreamConfig, TileReader, plan_slide, slide_rows
 from smartccs.engine.config import ScorerPool, ScreeningConfig, new_run_id
 from smartccs.engine.screen import screen_batches
-from smartccs.models.artifacts import ModelCard, load_card, save_model
+from smartccs.models.artifacts import Architecture, ModelCard, load_card, save_model
 from smartccs.models.artifacts import is_committed as model_committed
 from smartccs.models.detector import DETECTION_CLASSES, HeadConfig, build_detector
-from smartccs.models.encoder import DEMO_ENCODER, build_from
+from smartccs.models.encoder import DEMO_ENCODER, PRODUCTION_ENCODER, build_from
 from smartccs.models.mil import MILConfig, MILHead
 from smartccs.models.refs import ModelRef
 from smartccs.raycluster import init_ray
@@ -100,6 +100,21 @@ DEMO = {
 }
 """The demo configs' model sizes (jobs/configs/{pretrain,detector,classifier}-demo.yaml), with
 the detector's score floor lowered to the worst case; a change here makes new versions."""
+
+PROD = DEMO | {
+    "encoder": PRODUCTION_ENCODER.model_dump(mode="json"),
+    "tiling": TilingConfig(target_mpp=0.5, tile_px=448).model_dump(mode="json"),
+    "input_px": 448,
+    "head": HeadConfig(width=256, score_floor=0.001, nms_iou=0.5, max_per_tile=100).model_dump(
+        mode="json"
+    ),
+    "mil": MILConfig(pooling="mean", hidden=256, dropout=0.1, top_k=100).model_dump(mode="json"),
+}
+"""The production configs' sizes (jobs/configs/{detector,classifier,screen}-prod.yaml: ViT-L/14,
+448 px tiles at 0.5 µm/px, head width 256), random weights, the same worst-case floor: what a
+GPU node screens with, for ``--production``."""
+
+SPECS = {"demo": DEMO, "prod": PROD}
 
 log = logging.getLogger("bench.screening")
 
@@ -150,41 +165,43 @@ def bench_batch(store: Store, folder: Path) -> BatchRef:
     return upload_batch(folder, center="bench", batch=batch, store=store, progress=False)
 
 
-def demo_models(store: Store) -> ModelRef:
-    """Encoder, detector and classifier of the demo sizes with random weights (reused while
-    ``DEMO`` is unchanged); returns the classifier's ref, which pins the other two."""
+def demo_models(store: Store, spec: str = "demo") -> ModelRef:
+    """Encoder, detector and classifier of ``SPECS[spec]``'s sizes with random weights (reused
+    while the spec is unchanged); returns the classifier's ref, which pins the other two."""
+    sizes, prefix = SPECS[spec], "bench" if spec == "demo" else f"bench-{spec}"
     with contextlib.suppress(Exception):
-        card = load_card(store, "bench-classifier")
-        if card.training_config.get("bench") == DEMO:
+        card = load_card(store, f"{prefix}-classifier")
+        if card.training_config.get("bench") == sizes:
             return ModelRef(name=card.name, version=str(card.version))
     torch.manual_seed(0)
-    arch = DEMO_ENCODER
-    tiling = TilingConfig.model_validate(DEMO["tiling"])
-    config = {"bench": DEMO}
-    enc = ModelCard(name="bench-encoder", architecture=arch, task="encoder", tiling=tiling,
+    arch = Architecture.model_validate(sizes["encoder"])
+    tiling = TilingConfig.model_validate(sizes["tiling"])
+    config = {"bench": sizes}
+    encoder = build_from(arch)
+    enc = ModelCard(name=f"{prefix}-encoder", architecture=arch, task="encoder", tiling=tiling,
                     training_config=config, synthetic=True)  # fmt: skip
-    enc_version = save_model(store, enc, build_from(arch).state_dict())
+    enc_version = save_model(store, enc, encoder.state_dict())
     det = ModelCard(
-        name="bench-detector",
+        name=f"{prefix}-detector",
         architecture=arch,
         task="detector",
         classes=list(DETECTION_CLASSES),
-        head={"config": DEMO["head"], "input_px": DEMO["input_px"]},
+        head={"config": sizes["head"], "input_px": sizes["input_px"]},
         tiling=tiling,
         training_config=config | {"encoder_model": enc.name, "encoder_version": enc_version},
         synthetic=True,
     )
     det_version = save_model(store, det, build_detector(det).state_dict())
-    mil = MILConfig.model_validate(DEMO["mil"])
-    dim = int(arch.kwargs["embed_dim"])
+    mil = MILConfig.model_validate(sizes["mil"])
+    dim = int(encoder.num_features)
     cls = ModelCard(
-        name="bench-classifier",
+        name=f"{prefix}-classifier",
         architecture=arch,
         task="classifier",
         classes=list(GRADES),
         head={
-            "mil": DEMO["mil"],
-            "cells": DEMO["cells"],
+            "mil": sizes["mil"],
+            "cells": sizes["cells"],
             "detector": {"name": det.name, "version": det_version},
             "encoder": {"name": enc.name, "version": enc_version},
             "dim": dim,
@@ -495,7 +512,7 @@ def workload(args: argparse.Namespace) -> Workload:
     WORK.mkdir(parents=True, exist_ok=True)
     store = Store(StoreConfig(uri=str(WORK / "store")))
     ref = bench_batch(store, bench_slides(args.slides, args.side_px))
-    model = copy_models(store, args.models) if args.models else demo_models(store)
+    model = copy_models(store, args.models) if args.models else demo_models(store, args.sizes)
     classifier = SlideClassifier(store, model)
     tiling = load_card(store, classifier.detector.name, classifier.detector.version).tiling
     stream = StreamConfig(tiling=tiling, batch_size=TILES_PER_CALL, cache_dir=CACHE)
@@ -580,8 +597,9 @@ def settings(
             "classifier": w.model.model_dump(),
             "detector": w.classifier.detector.model_dump(),
             "encoder": w.classifier.encoder.model_dump(),
-            "source": args.models or "random weights, demo sizes (bench/screening.py DEMO)",
-            "demo_spec": None if args.models else DEMO,
+            "source": args.models
+            or f"random weights, {args.sizes} sizes (bench/screening.py {args.sizes.upper()})",
+            "demo_spec": None if args.models else SPECS[args.sizes],
         },
         "repeats": args.repeats,
         "device": torch.cuda.get_device_name(0) if gpu else "no GPU",
@@ -605,6 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-scorers", type=int, default=None, help="default: --cpus")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default=None, help="store URI (or model URI) of trained models")
+    ap.add_argument(
+        "--sizes",
+        choices=sorted(SPECS),
+        default="demo",
+        help="random-weight models: configs' sizes",
+    )
     ap.add_argument("--no-pin", action="store_true", help="do not pin to the first --cpus cores")
     ap.add_argument("--tag", default=None, help="output name: bench/out/screening-<tag>.json")
     args = ap.parse_args(argv)
