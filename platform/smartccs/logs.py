@@ -138,7 +138,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """When to log a progress line and what remains: ``total`` items from ``start``, a line
+    """When to log a progress line and what remains: ``total`` items (None: not known ahead,
+    so no last line and no ETA) from ``start``, a line
     every ``every`` items or ``seconds`` (whichever comes first), and always the first and the
     last; ``eta`` extrapolates the rate since the first item (what came before it, starting
     Ray's actors and reading the first data, is not the pace of the rest).
@@ -149,7 +150,7 @@ class Progress:
 
     def __init__(
         self,
-        total: int,
+        total: int | None,
         every: int | None = None,
         seconds: float | None = None,
         start: int = 0,
@@ -166,7 +167,7 @@ class Progress:
         if self.first is None:
             self.first = (done, now)
         due = (
-            done >= self.total
+            (self.total is not None and done >= self.total)
             or done == self.start + 1
             or (self.every is not None and done % self.every == 0)
             or (self.seconds is not None and now - self.last >= self.seconds)
@@ -177,12 +178,16 @@ class Progress:
 
     def eta(self, done: int) -> str:
         """``ETA 3m05s`` at the rate since the first item; ``done in 4m10s`` at the end."""
-        now = self.clock()
-        if done >= self.total:
-            return f"done in {format_duration(now - self.t0)}"
+        if self.total is not None and done >= self.total:
+            return f"done in {format_duration(self.clock() - self.t0)}"
+        rate = self.rate(done)
+        if self.total is None or rate <= 0:
+            return "ETA ?"
+        return f"ETA {format_duration((self.total - done) / rate)}"
+
+    def rate(self, done: int) -> float:
+        """Items per second since the first item; 0 until a later one is seen."""
         if self.first is None:
-            return "ETA ?"
-        elapsed, n = now - self.first[1], done - self.first[0]
-        if n <= 0 or elapsed <= 0:
-            return "ETA ?"
-        return f"ETA {format_duration((self.total - done) * elapsed / n)}"
+            return 0.0
+        elapsed, n = self.clock() - self.first[1], done - self.first[0]
+        return n / elapsed if n > 0 and elapsed > 0 else 0.0

@@ -15,7 +15,6 @@ slide completes. A slide whose every row is an error becomes a bag with its reas
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from smartccs.data.tiles import NO_TILE, STATUS_OK
 from smartccs.ids import SlideKey
+from smartccs.logs import Progress
 from smartccs.results.schema import STATUS_REJECTED
 from smartccs.screening.cell_rows import (
     AUG_EMBEDDING,
@@ -262,18 +262,14 @@ def iter_bags(
     """Bags in the order slides complete, then the incomplete and missing ones; a log line
     on the tiles scored every ``TILES_LOG_EVERY_S``."""
     collector = BagCollector(top_k, dim, views)
-    scored, first, last = 0, None, time.monotonic()
+    progress, scored = Progress(total_tiles, seconds=TILES_LOG_EVERY_S), 0
     with tqdm(desc="screening tiles", unit="tile", total=total_tiles, disable=None) as bar:
         for b in batches:
             done, tiles = collector.add(b)
             bar.update(tiles)
             scored += tiles
-            now = time.monotonic()
-            first = first or now  # the pace from the first scored tiles, not from start-up
-            if now - last >= TILES_LOG_EVERY_S:
-                last = now
-                rate = scored / (now - first) if now > first else 0.0
-                log.info("%d tiles scored, %.1f tiles/s", scored, rate)
+            if progress.due(scored):  # the pace from the first scored tiles, not start-up
+                log.info("%d tiles scored, %.1f tiles/s", scored, progress.rate(scored))
             yield from done
     yield from collector.finish(expected)
 
