@@ -465,8 +465,9 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     assigned = None
     if cfg.threshold_folds >= 2:
         assigned = slide_folds(cfg.threshold_folds, cfg.split.seed, *pooled)
-    runs = [] if assigned is None else fold_runs(cfg, *pooled, assigned[0], dim)
+    runs: list[Run] = []
     if assigned is not None:  # every train and val slide chooses; the head learns from all
+        runs = fold_runs(cfg, *pooled, assigned[0], dim)
         part["train"] = pooled
     *fold_fits, fitted = fit_many([*runs, _head_run(cfg, *part["train"], dim)])
     oof = None
