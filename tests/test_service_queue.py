@@ -35,6 +35,19 @@ def test_submitting_twice_finds_the_first_record(any_store):
     assert [r.batch_id for r in q.unfinished()] == [first.batch_id]
 
 
+def test_a_resubmission_is_answered_without_a_write(any_store, monkeypatch):
+    """A burst of resubmissions costs reads only: the create-if-absent write (durable, so
+    slow) is left to a batch's first submission."""
+    q = BatchQueue(any_store)
+    q.register(_record("c1", "b1", 1.0))
+    writes = []
+    monkeypatch.setattr(any_store, "put_if_absent", lambda *a, **k: writes.append(a) or True)
+    again, created = q.register(_record("c1", "b1", 2.0))
+    assert not created and again.submitted_at == 1.0 and writes == []
+    _, created = q.register(_record("c1", "b2", 3.0))
+    assert created and len(writes) == 1, "a new batch is still created by put_if_absent"
+
+
 def test_a_claim_is_won_once(any_store):
     q = BatchQueue(any_store)
     record, _ = q.register(_record("c1", "b1", 1.0))

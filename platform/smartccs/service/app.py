@@ -45,11 +45,11 @@ inside the replica, without back-off."""
 class Ingress:
     def __init__(self, screener: DeploymentHandle, config: dict[str, Any]):
         configure_logging(1)
-        self.screener = screener
+        self.wake_screeners = screener.options(method_name="wake")  # built once, not per POST
         bind_service(Service(ServiceConfig.model_validate(config), wake=self._wake))
 
     def _wake(self) -> None:
-        self.screener.wake.remote()  # a nudge; idle workers also poll the queue
+        self.wake_screeners.remote()  # a nudge; idle workers also poll the queue
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, max_ongoing_requests=64)

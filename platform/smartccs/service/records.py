@@ -95,7 +95,13 @@ class BatchQueue:
         return f"{PREFIX}/{bid}.json"
 
     def register(self, record: BatchRecord) -> tuple[BatchRecord, bool]:
-        """Create the record unless the batch was submitted before; (record, created)."""
+        """Create the record unless the batch was submitted before; (record, created).
+
+        A known batch is answered from its record, without a write: most of a burst of
+        submissions are resubmissions, and each create attempt costs a durable write."""
+        known = self.find(record.batch_id)
+        if known is not None:
+            return known, False
         if self.store.put_if_absent(self._key(record.batch_id), record.model_dump_json().encode()):
             return record, True
         return self.get(record.batch_id), False
