@@ -5,7 +5,8 @@ Every center fires its first submission and ``--resubmits`` copies of it at the 
 registrations of the same batch as well as of different ones. Then every batch is followed to
 its end and its results read back. The run reports:
 
-- admission latency of every POST (p50, p99, max) and the HTTP errors, if any;
+- admission latency of every POST (p50, p99, max) and the HTTP errors, if any, and the
+  CPU-seconds each process spent while the POSTs were answered (the client is this process);
 - throughput: slides per second from the first POST until the last batch is done;
 - what was lost or doubled: a batch not done, a batch whose results lack a slide or repeat one,
   two centers given one batch id, a center's copies given different ids, or not exactly one of
@@ -14,13 +15,18 @@ its end and its results read back. The run reports:
 ``run_load`` is what tests/test_faults_service.py runs (8 centers, tiny slides); ``main``
 sets up the bigger run on a local Ray and Serve:
 
-    python bench/load.py --centers 24 --slides 1 --side-px 2000 --resubmits 3 --tag cpu2-24c
+    python bench/load.py --centers 48 --slides 1 --side-px 1000 --resubmits 3 --repeats 3
+
+``--repeats N`` bursts N times against the same service, each burst a fresh batch per center
+once the previous burst's batches are done (so the first burst meets a cold service and the
+others a warm one); the admission figures are the medians of the bursts'.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -32,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
+from monitor import cpu_spent, cpu_times
 
 from smartccs.adaptation.config import METHODS
 from smartccs.service.records import FINAL_STATES
@@ -62,13 +69,16 @@ def run_load(
     timeout_s: float = 600.0,
     poll_s: float = 0.5,
     adapt: str | None = None,
+    measure_cpu: bool = False,
 ) -> dict[str, Any]:
     """Submit every center's batch concurrently, ``1 + resubmits`` times each, follow them all
     to the end and read their results back.
 
     ``batches``: center -> (token, batch, the batch's slide ids); ``adapt``: the submissions'
     adaptation (None: the service's default). Returns the report (module docstring);
-    ``report["lost"]`` and ``report["errors"]`` are empty when nothing went wrong.
+    ``report["lost"]`` and ``report["errors"]`` are empty when nothing went wrong. ``measure_cpu``:
+    add the CPU-seconds each process spent while the POSTs were answered (the client's threads
+    are this process, ``driver``).
     """
     extra = {"adapt": adapt} if adapt else {}
     jobs = [(c, i) for c in batches for i in range(1 + resubmits)]
@@ -92,8 +102,11 @@ def run_load(
         return center, time.perf_counter() - t, r.status_code, body
 
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        before = cpu_times() if measure_cpu else {}
         t0 = time.perf_counter()
         answers = list(pool.map(post, jobs))
+        admitted_s = time.perf_counter() - t0
+        after = cpu_times() if measure_cpu else {}
     errors = [f"{c}: HTTP {code} {body}" for c, _, code, body in answers if code not in (200, 202)]
     ids: dict[str, set[str]] = {c: set() for c in batches}
     new = Counter()
@@ -148,6 +161,8 @@ def run_load(
         "posts": len(jobs),
         "slides": slides,
         "admission": latency_ms([t for _, t, code, _ in answers if code in (200, 202)]),
+        "admission_wall_s": round(admitted_s, 3),
+        "admission_cpu_s_by_process": cpu_spent(before, after) if measure_cpu else None,
         "wall_s": round(wall, 2),
         "slides_per_s": round(slides / wall, 3) if wall else None,
         "attempts": dict(Counter(s.get("attempts") for s in states.values())),
@@ -167,12 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapt", default="smartccs", choices=METHODS)
     ap.add_argument("--workers", type=int, default=1, help="workers_per_replica")
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="bursts, each of a fresh batch")
+    ap.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) instead of its Python proxy",
+    )
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
     command = "python bench/load.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    idle_load = os.getloadavg()  # before this bench starts anything: was the machine quiet?
 
     from screening import OUT, demo_models
-    from service_setup import BATCH, bench_cohort, screening_config, serve_app, upload_cohort
+    from service_setup import bench_cohort, screening_config, serve_app, upload_cohort
 
     from smartccs.raycluster import init_ray
     from smartccs.service.auth import new_token
@@ -181,25 +203,44 @@ def main(argv: list[str] | None = None) -> int:
     folder, centers = bench_cohort(args.cpus, args.slides, args.side_px, args.centers)
     store = Store(tempfile.mkdtemp(prefix="load-", dir=OUT))
     tokens = {c: new_token() for c in centers}
-    slide_ids = upload_cohort(store, folder, centers)  # the same slides under every center
-    batches = {c: (tokens[c][0], BATCH, slide_ids[c]) for c in centers}
+    bursts = []  # one batch name per burst: each registers anew (the same slides)
+    for b in (f"b{i + 1}" for i in range(args.repeats)):
+        slide_ids = upload_cohort(store, folder, centers, b)  # the same slides for every center
+        bursts.append({c: (tokens[c][0], b, slide_ids[c]) for c in centers})
     screening = screening_config(demo_models(store))
+    if args.haproxy:  # read by Serve's controller and proxies: set before Ray starts them
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     init_ray(num_cpus=2 * args.cpus)
 
+    runs, posts_load = [], []
     with serve_app(store, screening, args.adapt, tokens, workers_per_replica=args.workers) as base:
-        report = run_load(base, batches, resubmits=args.resubmits)
+        for batches in bursts:  # the first meets a cold service; the others, a warm one
+            posts_load.append(os.getloadavg())
+            runs.append(run_load(base, batches, resubmits=args.resubmits, measure_cpu=True))
+    report = {k: statistics.median(r["admission"][k] for r in runs) for k in runs[0]["admission"]}
     result = {
         "command": command,
         "cpus": args.cpus,
         "slide_px": args.side_px,
         "adapt": args.adapt,
         "workers_per_replica": args.workers,
-    } | report
+        "ingress": "haproxy" if args.haproxy else "serve-proxy",
+        "load_average_1_5_15min": {
+            "start": [round(v, 2) for v in idle_load],
+            "each_burst": [[round(v, 2) for v in loads] for loads in posts_load],
+            "end": [round(v, 2) for v in os.getloadavg()],
+        },
+        "repeats": len(runs),
+        "admission_median": report,
+        "lost": [f"burst {i + 1}: {x}" for i, r in enumerate(runs) for x in r["lost"]],
+        "errors": [f"burst {i + 1}: {x}" for i, r in enumerate(runs) for x in r["errors"]],
+        "runs": runs,
+    }
     out = OUT / f"load-{args.tag or 'latest'}.json"
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"written {out}")
-    return 1 if report["lost"] or report["errors"] else 0
+    return 1 if result["lost"] or result["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,40 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
+
+
+def _title(p: Any) -> str:
+    """A Ray worker's title (``ray::Class.method``) or a program's name."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split(" ")[0]
+    return Path(cmd[0]).name if cmd else p.name()
+
+
+def cpu_times() -> dict[int, tuple[str, float]]:
+    """CPU-seconds so far of this process (titled ``driver``) and of each descendant, by pid:
+    exact at both ends of a window too short for :class:`Monitor`'s 0.2 s sampling."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            out[p.pid] = ("driver" if p.pid == me.pid else _title(p), t.user + t.system)
+    return out
+
+
+def cpu_spent(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU-seconds by process title between two :func:`cpu_times` (a process born between
+    them counts from zero; one that exited between them is missed)."""
+    spent: dict[str, float] = {}
+    for pid, (title, cpu) in after.items():
+        spent[title] = spent.get(title, 0.0) + cpu - before.get(pid, (title, 0.0))[1]
+    kept = [(k, round(v, 3)) for k, v in spent.items() if v > 0]
+    return dict(sorted(kept, key=lambda kv: -kv[1]))
 
 
 class Monitor:
@@ -71,14 +104,12 @@ class Monitor:
             for p in me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     rss = p.memory_info().rss
-                    cmd = p.cmdline()
-                    if cmd and cmd[0].startswith("ray::"):
+                    title = _title(p)
+                    if title.startswith("ray::"):
                         workers += rss
-                        title = cmd[0].split(" ")[0]
                         self.peak_process = max(self.peak_process, (rss, title))
                     else:
                         others += rss
-                        title = Path(cmd[0]).name if cmd else p.name()
                     self._charge(p, title)
             self._keep("driver", driver)
             self._keep("workers", workers)
@@ -113,6 +144,8 @@ class Monitor:
                 return
 
     def _gpu(self) -> None:
+        import torch
+
         try:
             torch.cuda.utilization()
         except Exception:  # no pynvml: the same NVML counter through nvidia-smi

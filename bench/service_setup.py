@@ -35,12 +35,14 @@ def bench_cohort(cpus: int, slides: int, side_px: int, centers: int) -> tuple[Pa
     return folder, [f"c{i:02d}" for i in range(centers)]
 
 
-def upload_cohort(store: Store, folder: Path, centers: list[str]) -> dict[str, list[str]]:
-    """The same slides of ``folder`` under every center, as batch ``b1`` of ``store``;
-    returns center -> the batch's slide ids."""
+def upload_cohort(
+    store: Store, folder: Path, centers: list[str], batch: str = BATCH
+) -> dict[str, list[str]]:
+    """The same slides of ``folder`` under every center, as ``batch`` of ``store``; returns
+    center -> the batch's slide ids."""
     slide_ids = {}
     for c in centers:
-        ref = upload_batch(folder, center=c, batch=BATCH, store=store, progress=False)
+        ref = upload_batch(folder, center=c, batch=batch, store=store, progress=False)
         slide_ids[c] = [s.slide_id for s in ref.manifest.slides]
     return slide_ids
 

@@ -32,12 +32,15 @@ if TYPE_CHECKING:
 api = create_app()
 
 
-INGRESS_ONGOING = 128
+INGRESS_ONGOING = 1024
 """Requests one Ingress replica takes at once. Each is a short store round trip (admission
-writes a record create-if-absent), run on FastAPI's thread pool; with Serve's default of 5 a
-burst of submissions queued in front of the replica, in the proxy's retry back-off (96 POSTs:
-p50 14.7 s while the replica itself took 434 ms). Above FastAPI's 40 threads a request waits
-inside the replica, without back-off."""
+writes a record create-if-absent), run on FastAPI's thread pool (40 threads): above that a
+request waits inside the replica, in order, without back-off. A request beyond this cap waits
+in the proxy instead, which retries with growing back-off: with Serve's default of 5, 96 POSTs
+took p50 14.7 s while the replica itself took 434 ms; with 128, the 64 POSTs of a 192-POST
+burst beyond it waited up to 10 s at the client while the replica answered every POST within
+2.3 s. So the cap sits well above any burst a center network sends at once; what a waiting
+request holds is its small JSON body."""
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_ONGOING)
