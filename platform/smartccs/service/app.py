@@ -38,7 +38,7 @@ writes a record create-if-absent), run on FastAPI's thread pool (40 threads): ab
 request waits inside the replica, in order, without back-off. A request beyond this cap waits
 in the proxy instead, which retries with growing back-off: with Serve's default of 5, 96 POSTs
 took p50 14.7 s while the replica itself took 434 ms; with 128, the 64 POSTs of a 192-POST
-burst beyond it waited up to 10 s at the client while the replica answered every POST within
+burst beyond it waited up to 12 s at the client while the replica answered every POST within
 2.3 s. So the cap sits well above any burst a center network sends at once; what a waiting
 request holds is its small JSON body."""
 
