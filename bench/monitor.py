@@ -1,6 +1,7 @@
 """Background sampling while a benchmark measurement runs: memory and CPU time of every
 process, the object store and, with a GPU, how busy it is (``bench/screening.py``,
-``bench/full_slide.py``)."""
+``bench/full_slide.py``); and exact CPU time by process around a window too short to sample
+(``bench/load.py``'s bursts)."""
 
 from __future__ import annotations
 

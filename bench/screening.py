@@ -112,7 +112,7 @@ PROD = DEMO | {
 }
 """The production configs' sizes (jobs/configs/{detector,classifier,screen}-prod.yaml: ViT-L/14,
 448 px tiles at 0.5 µm/px, head width 256), random weights, the same worst-case floor: what a
-GPU node screens with, for ``--production``."""
+GPU node screens with, for ``--sizes prod``."""
 
 SPECS = {"demo": DEMO, "prod": PROD}
 
