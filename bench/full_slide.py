@@ -1,16 +1,18 @@
 """A full-size slide screened end to end: tiles, wall time, memory per process, object store.
 
-The slide is the cohort generator's ``medium`` (8 mm, 32,000 px) or ``large`` (20 mm,
-80,000 px) extent at 0.25 µm/px, an HSIL specimen written tile by tile (``bench/slides.py``),
-uploaded as a one-slide batch and screened by ``screen_batches`` with the fused engine and the
-demo-size models of ``bench/screening.py`` (random weights, score floor 0.001: every tile
-sends its full quota of crops to the embedder). Nothing is read ahead: the run starts from
-the committed batch on a running Ray, as the batch job does. Memory is sampled by
-``monitor.Monitor`` (every process, every 0.2 s; the object store every 0.5 s), so the
-largest single process and the object store's peak show whether memory grows with the slide.
+The slide is the cohort generator's ``medium`` (8 mm, 32,000 px) or ``large`` (20 mm, 80,000
+px) extent at 0.25 µm/px (or ``tiny``, 1 mm, for a batch's fixed cost), an HSIL specimen
+written tile by tile (``bench/slides.py``), uploaded as a one-slide batch and screened by
+``screen_batches`` with the fused engine and the demo-size models of ``bench/screening.py``
+(random weights, score floor 0.001: every tile sends its full quota of crops to the embedder).
+Nothing is read ahead: the run starts from the committed batch on a running Ray, as the batch
+job does. Memory is sampled by ``monitor.Monitor`` (every process, every 0.2 s; the object
+store every 0.5 s), so the largest single process and the object store's peak show whether
+memory grows with the slide.
 
     python bench/full_slide.py --size medium --repeats 2
     python bench/full_slide.py --size large --repeats 1 --tag cpu2-large
+    python bench/full_slide.py --size tiny --repeats 3 --tag cpu2-tiny
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import logging
 import shlex
+import statistics
 import sys
 
 import ray
@@ -48,7 +51,7 @@ WORK = OUT / "full_slide"
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=["small", "medium", "large"], default="medium")
+    ap.add_argument("--size", choices=list(SIZES_UM), default="medium")
     ap.add_argument("--cpus", type=int, default=2, help="scorer actors (1 CPU each)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--tag", default=None, help="output name: bench/out/full_slide-<tag>.json")
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {rep + 1}/{args.repeats}: one {args.size} slide ({side_px} px) ...", flush=True)
         runs.append(measure_e2e(store, ref, cfg, gpu=False))
     med = medians(runs)
+    titles = {t for r in runs for t in r["cpu_s_by_process"]}
+    cpu = {t: statistics.median(r["cpu_s_by_process"].get(t, 0.0) for r in runs) for t in titles}
+    cpu = dict(sorted(cpu.items(), key=lambda kv: -kv[1]))
     result = {
         "command": command,
         "settings": {
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": runs,
         "median": med,
+        "cpu_s_by_process_median": cpu,
     }
     print(
         f"\none {args.size} slide, {side_px} px at {MPP} µm/px: {med['tiles']:.0f} tiles in "
@@ -102,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  largest process {med['peak_worker_process_rss_mb']:.0f} MB "
         f"({runs[0]['peak_worker_process']}), driver {med['peak_driver_rss_mb']:.0f} MB, "
         f"driver + workers {med['peak_rss_mb']:.0f} MB, object store peak "
-        f"{med['peak_object_store_mb']:.1f} MB"
+        f"{med['peak_object_store_mb']:.1f} MB\n"
+        "  CPU-s by process: " + ", ".join(f"{t} {v:.1f}" for t, v in cpu.items() if v >= 0.2)
     )
     out = OUT / f"full_slide-{args.tag or args.size}.json"
     out.write_text(json.dumps(result, indent=2))
