@@ -12,6 +12,8 @@ level-0 pixels) are the same. See docs/training.md.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -95,7 +97,7 @@ class CellDetector(nn.Module):
         self.cls_head = nn.Conv2d(w, num_classes, 3, padding=1)
         self.box_head = nn.Conv2d(w, 4, 3, padding=1)
         prior = 0.01  # start every location near "no cell" so the focal loss starts calm
-        nn.init.constant_(self.cls_head.bias, -torch.log(torch.tensor((1 - prior) / prior)).item())
+        nn.init.constant_(self.cls_head.bias, -math.log((1 - prior) / prior))
         nn.init.zeros_(self.box_head.weight)
         nn.init.zeros_(self.box_head.bias)
 

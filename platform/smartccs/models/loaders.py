@@ -19,6 +19,7 @@ from smartccs.errors import StoreError
 from smartccs.models.artifacts import ModelCard, Task, load_model, require_model
 from smartccs.models.deformable_detr import CellDetector, DetectorSpec, DetrShape, build_network
 from smartccs.models.encoder import build_from, input_size
+from smartccs.models.materialize import with_weights
 from smartccs.models.refs import ModelRef
 from smartccs.models.slide_head import (
     MeanMILHead,
@@ -73,8 +74,7 @@ def cell_encoder(card: ModelCard, state: dict) -> tuple[nn.Module, int, int]:
     """The network that embeds cell crops for an encoder card, its input side in pixels and
     its embedding's width: an imported encoder by its source's embedding rule, one trained
     here (whose timm head is its embedding) as timm returns it."""
-    backbone = build_from(card.architecture)
-    backbone.load_state_dict(state, strict=True)
+    backbone = with_weights(lambda: build_from(card.architecture), state)
     rule = card.head.get("embedding")
     if rule in get_args(EmbeddingRule):
         encoder = Encoder(backbone, rule, card)
@@ -112,7 +112,7 @@ def cell_detector(card: ModelCard, state: dict) -> CellDetector:
     """The imported Deformable DETR a ``cell_detector`` card and its weights describe."""
     if card.head.get("implementation") != "transformers-deformable-detr":
         raise StoreError(f"cell detector {card.name}/{card.version}: unknown implementation")
-    network = build_network(DetrShape.model_validate(card.head["detr"]))
-    network.load_state_dict(state, strict=True)
+    shape = DetrShape.model_validate(card.head["detr"])
+    network = with_weights(lambda: build_network(shape), state)
     spec = DetectorSpec.model_validate(card.head["spec"])
     return CellDetector(network, spec, card).eval()
