@@ -9,7 +9,8 @@
 # long as each call follows the last within the machine's idle release. `bench` measures, in
 # one run each: the screening bench with production-size models (ViT-L/14, 448 px tiles,
 # bf16 autocast on CUDA) fused and split, the sequential baseline and the forward alone
-# (bench/screening.py --sizes prod), then the production pretraining step (batched crops,
+# (bench/screening.py --sizes prod), a scorer's start at those sizes (bench/scorer_start.py),
+# then the production pretraining step (batched crops,
 # this commit) and the step before batched crops (commit fc35826, carried as .gpu-old/ by
 # `git archive`, see docs/benchmarks.md), alternated.
 set -euo pipefail
@@ -45,6 +46,9 @@ bench)
   python3 bench/screening.py --sizes prod --cpus 4 --no-pin --side-px 12000 --repeats 3 \
     --tag gpu-prod 2>&1 | tee "$OUT/screening.log"
   cp bench/out/screening-gpu-prod.json "$OUT/"
+  # a scorer's constructor at production sizes (weights read, meta build, moved to the GPU)
+  python3 bench/scorer_start.py --sizes prod --threads 4 --tag gpu-prod 2>&1 | tee "$OUT/scorer_start.log"
+  cp bench/out/scorer_start-gpu-prod.json "$OUT/"
   for round in 1 2; do
     python3 bench/pretrain_throughput.py --device cuda --threads "$cores" --steps 5 \
       --repeats 3 --config jobs/configs/pretrain-prod.yaml 2>&1 | tee "$OUT/pretrain-new-$round.log"
