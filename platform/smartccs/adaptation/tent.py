@@ -19,7 +19,6 @@ from smartccs.adaptation.contrastive import relative_drift
 from smartccs.data.tiles import StreamConfig, sample_tiles
 from smartccs.models.artifacts import load_model
 from smartccs.models.detector import CellDetector, build_detector, preprocess
-from smartccs.models.materialize import with_weights
 from smartccs.models.norms import apply_norms, norm_parameters
 from smartccs.models.refs import ModelRef
 from smartccs.screening.cells import on_detector_grid
@@ -95,7 +94,7 @@ def tent_batch(
     """Tent for one batch of slides: sample its tiles (in the center's calibrated stain),
     adapt from ``norms``; runs anywhere (a Ray task on a scorer's resources in the engine)."""
     card, weights = load_model(Store(store_config), detector_ref.name, detector_ref.version)
-    detector = with_weights(lambda: build_detector(card), weights)
+    detector = build_detector(card, weights)
     stream = on_detector_grid(stream, card)
     tiles = sample_tiles(store_config, rows, stream, cfg.tent.tiles)
     if stain is not None:

@@ -13,6 +13,7 @@ level-0 pixels) are the same. See docs/training.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torchvision.ops import batched_nms
 
 from smartccs.models.artifacts import ModelCard, Normalization
 from smartccs.models.encoder import build_from, patch_grid
+from smartccs.models.materialize import with_weights
 from smartccs.taxonomy import ABNORMAL_CLASSES
 
 NORMAL_SQUAMOUS = "squamous"
@@ -172,10 +174,17 @@ def normalize(x: torch.Tensor, normalization: Normalization) -> torch.Tensor:
     return (x - mean) / std
 
 
-def build_detector(card: ModelCard) -> CellDetector:
-    """The detector a card describes, with untrained weights (load the state dict after)."""
+def build_detector(
+    card: ModelCard, state: Mapping[str, torch.Tensor] | None = None
+) -> CellDetector:
+    """The detector a card describes: holding ``state`` (strict; built without random weights
+    first, ``models.materialize``), or with untrained weights when there is none."""
     head = HeadConfig.model_validate(card.head.get("config", {}))
-    return CellDetector(build_from(card.architecture), head, len(card.classes))
+
+    def build() -> CellDetector:
+        return CellDetector(build_from(card.architecture), head, len(card.classes))
+
+    return build() if state is None else with_weights(build, state)
 
 
 def input_px_of(card: ModelCard) -> int:

@@ -19,7 +19,6 @@ from smartccs.errors import CCSError
 from smartccs.models.artifacts import load_model
 from smartccs.models.detector import build_detector, preprocess
 from smartccs.models.loaders import cell_detector
-from smartccs.models.materialize import with_weights
 from smartccs.models.norms import apply_norms
 from smartccs.models.refs import ModelRef
 from smartccs.store import Store
@@ -59,7 +58,7 @@ class TileDetector:
                 )
             self.network: torch.nn.Module = cell_detector(self.card, state)
         else:
-            self.network = with_weights(lambda: build_detector(self.card), state)
+            self.network = build_detector(self.card, state)
             if norms:  # a center's adapted normalisation layers (tent)
                 apply_norms(self.network, {k: torch.tensor(np.array(v)) for k, v in norms.items()})
         self.network.eval().to(device)

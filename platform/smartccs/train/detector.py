@@ -418,8 +418,7 @@ def finetune_detector(cfg: DetectorConfig) -> DetectorResult:
     train_ds = tiles_dataset(splits["train"], store, cfg.stream, sampler)
     fitted = fit(cfg, train_loop, {"train": train_ds})
     card = detector_card(cfg, encoder)
-    model = build_detector(card)
-    model.load_state_dict(fitted.state["model"])
+    model = build_detector(card, fitted.state["model"])
     report = evaluate_detector(
         model, card, tiles_dataset(splits["test"], store, cfg.stream), labels, cfg.eval_batch_size
     )

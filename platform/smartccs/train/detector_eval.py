@@ -155,8 +155,7 @@ def score_detector(
     one more center without retraining them.
     """
     card, state = load_model(store, name, version)
-    model = build_detector(card)
-    model.load_state_dict(state)
+    model = build_detector(card, state)
     refs = resolve_batches(store, batches)
     labels = load_cell_labels(store, refs)
     stain = held_out_calibrations(card, store, refs, stream) if calibrate_stain else None
